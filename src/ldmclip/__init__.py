@@ -1,0 +1,13 @@
+"""ldmclip: CLIP for people who train latent diffusion models.
+
+Train CLIP, load OpenCLIP / OpenAI / Hugging Face checkpoints with identical numerics, and use the
+text tower to condition latent diffusion models.
+"""
+
+from .models import (CLIP, CLIPConfig, create_model, create_model_and_transforms, get_model_config, get_tokenizer,
+                     list_models)
+
+__version__ = "0.1.0"
+
+__all__ = ["CLIP", "CLIPConfig", "create_model", "create_model_and_transforms", "get_model_config",
+           "get_tokenizer", "list_models", "__version__"]

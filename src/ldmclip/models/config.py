@@ -1,0 +1,117 @@
+"""Model configs as typed data.
+
+The JSON layout is OpenCLIP's ``model_cfg`` layout (``embed_dim``, ``quick_gelu``, ``vision_cfg``,
+``text_cfg``), so the ``model_cfg`` entry of an ``open_clip_config.json`` loads as it is and a config
+saved by ldmclip loads in OpenCLIP.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Keys that OpenCLIP configs may carry and that do not change the architecture we build
+# (or only select the values we already use); accepted and ignored.
+_IGNORED_KEYS = {"timm_model_name", "timm_model_pretrained", "timm_pool", "timm_proj", "timm_proj_bias",
+                 "timm_drop", "timm_drop_path", "custom_text", "cast_dtype", "init_logit_scale",
+                 "input_patchnorm", "global_average_pool", "embed_cls", "output_tokens", "attn_pooler_heads",
+                 "attn_pooler_queries", "pad_id", "tokenizer_kwargs", "hf_tokenizer_name", "proj_type"}
+
+# OpenCLIP options whose non-default values build an architecture ldmclip does not implement.
+_UNSUPPORTED_VALUES = {
+    "attentional_pool": False, "ls_init_value": None, "no_ln_pre": False, "final_ln_after_pool": False,
+    "hf_model_name": None, "act_kwargs": None, "norm_kwargs": None, "proj_bias": False, "attn_mask": True,
+    "output_tokens": False,
+}
+
+
+def _check_keys(section: str, raw: dict[str, Any], known: set[str]) -> dict[str, Any]:
+    kept = {}
+    for key, value in raw.items():
+        if key in known:
+            kept[key] = value
+        elif key in _UNSUPPORTED_VALUES:
+            if value != _UNSUPPORTED_VALUES[key] and not (key == "act_kwargs" and not value):
+                raise ValueError(f"{section}.{key}={value!r} describes an architecture ldmclip does not implement")
+        elif key == "pool_type":
+            expected = "tok" if section == "vision_cfg" else "argmax"
+            if value not in (expected, "eos" if section == "text_cfg" else expected):
+                raise ValueError(f"{section}.pool_type={value!r} is not supported (ldmclip pools with {expected!r})")
+        elif key not in _IGNORED_KEYS:
+            raise ValueError(f"unknown key {section}.{key} in model config; known keys: {sorted(known)}")
+    return kept
+
+
+@dataclass
+class VisionConfig:
+    image_size: int = 224
+    patch_size: int = 16
+    width: int = 768
+    layers: int = 12
+    head_width: int = 64
+    mlp_ratio: float = 4.0
+    patch_dropout: float = 0.0
+
+    @property
+    def heads(self) -> int:
+        return self.width // self.head_width
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+
+@dataclass
+class TextConfig:
+    context_length: int = 77
+    vocab_size: int = 49408
+    width: int = 512
+    heads: int = 8
+    layers: int = 12
+    mlp_ratio: float = 4.0
+
+
+@dataclass
+class CLIPConfig:
+    embed_dim: int = 512
+    vision_cfg: VisionConfig = field(default_factory=VisionConfig)
+    text_cfg: TextConfig = field(default_factory=TextConfig)
+    quick_gelu: bool = False
+    init_logit_bias: float | None = None  # set (e.g. -10) for SigLIP-style models with a logit_bias
+
+    @property
+    def activation(self) -> str:
+        return "quick_gelu" if self.quick_gelu else "gelu"
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "CLIPConfig":
+        raw = dict(raw)
+        if "model_cfg" in raw:  # a whole open_clip_config.json
+            raw = dict(raw["model_cfg"])
+        vision = raw.pop("vision_cfg", {})
+        text = raw.pop("text_cfg", {})
+        if isinstance(vision.get("image_size"), (list, tuple)):
+            height, width = vision["image_size"]
+            if height != width:
+                raise ValueError("only square images are supported (vision_cfg.image_size)")
+            vision = {**vision, "image_size": height}
+        top = _check_keys("model", raw, {f.name for f in dataclasses.fields(cls)} - {"vision_cfg", "text_cfg"})
+        return cls(
+            vision_cfg=VisionConfig(**_check_keys("vision_cfg", vision, {f.name for f in dataclasses.fields(VisionConfig)})),
+            text_cfg=TextConfig(**_check_keys("text_cfg", text, {f.name for f in dataclasses.fields(TextConfig)})),
+            **top,
+        )
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "CLIPConfig":
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        if out["init_logit_bias"] is None:
+            del out["init_logit_bias"]
+        return out

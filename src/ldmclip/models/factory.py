@@ -1,0 +1,159 @@
+"""Model registry and the public constructors (``create_model`` and friends).
+
+A model is named the way OpenCLIP names it, so an OpenCLIP user changes only the import:
+
+- a packaged config name (``ViT-L-14``; see :func:`list_models`);
+- a path to a JSON config file;
+- ``hf-hub:org/repo`` (config and weights from the Hugging Face cache);
+- ``local-dir:/path`` (config and weights from a checkpoint folder).
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import checkpoints
+from .clip import CLIP
+from .config import CLIPConfig
+
+HF_HUB_PREFIX = "hf-hub:"
+LOCAL_DIR_PREFIX = "local-dir:"
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+              # mixed precision keeps fp32 weights; autocast is applied by whoever runs the model
+              "amp": torch.float32, "amp_bf16": torch.float32, "amp_fp16": torch.float32}
+
+
+def _packaged_configs() -> dict[str, Any]:
+    folder = resources.files("ldmclip") / "model_configs"
+    return {entry.name[: -len(".json")]: entry for entry in folder.iterdir() if entry.name.endswith(".json")}
+
+
+def list_models() -> list[str]:
+    """Names of the packaged model configs, sorted."""
+    return sorted(_packaged_configs())
+
+
+def _unknown_model_error(name: str) -> ValueError:
+    return ValueError(
+        f"unknown model {name!r}. Packaged models: {', '.join(list_models())}. "
+        f"You can also pass a path to a JSON config, 'hf-hub:org/repo' or 'local-dir:/path/to/checkpoint'."
+    )
+
+
+def _read_json(path: Path | Any) -> dict[str, Any]:
+    with path.open("r", encoding="utf-8") as f:
+        return json.load(f)
+
+
+def resolve_model(name: str) -> tuple[CLIPConfig, dict[str, Any], Path | None]:
+    """``(model config, preprocess config, checkpoint folder or None)`` for any model name form."""
+    folder: Path | None = None
+    if name.startswith(HF_HUB_PREFIX):
+        folder = checkpoints.resolve_hf_hub(name[len(HF_HUB_PREFIX):])
+    elif name.startswith(LOCAL_DIR_PREFIX):
+        folder = Path(name[len(LOCAL_DIR_PREFIX):]).expanduser()
+        if not folder.is_dir():
+            raise FileNotFoundError(f"'local-dir:' folder not found: {folder}")
+    if folder is not None:
+        cfg, preprocess = checkpoints.read_dir_config(folder)
+        return cfg, preprocess, folder
+    packaged = _packaged_configs()
+    if name in packaged:
+        raw = _read_json(packaged[name])
+    elif name.endswith(".json") and Path(name).is_file():
+        raw = _read_json(Path(name))
+    elif name.endswith(".json"):
+        raise FileNotFoundError(f"model config file not found: {name}")
+    else:
+        raise _unknown_model_error(name)
+    preprocess = dict(raw.pop("preprocess_cfg", None) or {})
+    return CLIPConfig.from_dict(raw), preprocess, None
+
+
+def get_model_config(name: str) -> CLIPConfig:
+    """The :class:`CLIPConfig` of any model name form (see the module docstring)."""
+    return resolve_model(name)[0]
+
+
+def _load_pretrained(model: CLIP, pretrained: str | Path) -> dict[str, Any]:
+    """Load weights into ``model``; returns the preprocess config the checkpoint carries, if any."""
+    pretrained = str(pretrained)
+    if pretrained.startswith(HF_HUB_PREFIX):
+        source = checkpoints.resolve_hf_hub(pretrained[len(HF_HUB_PREFIX):])
+    else:
+        source = Path(pretrained).expanduser()
+    if source.is_dir():
+        _, preprocess = checkpoints.read_dir_config(source)
+        weights = checkpoints.find_weights_in_dir(source)
+    elif source.is_file():
+        preprocess, weights = {}, source
+    else:
+        raise FileNotFoundError(
+            f"pretrained weights not found: {pretrained}. Pass a file (.safetensors/.bin/.pt), a checkpoint "
+            f"folder, or 'hf-hub:org/repo'. (ldmclip has no OpenCLIP-style pretrained tags like 'laion2b_s32b_b82k'; "
+            f"use 'hf-hub:laion/CLIP-ViT-L-14-laion2B-s32B-b82K' instead.)"
+        )
+    checkpoints.load_into_model(model, checkpoints.read_state_dict(weights), source=str(weights))
+    return preprocess
+
+
+def create_model(
+    name: str,
+    pretrained: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    **overrides: Any,
+) -> CLIP:
+    """Build a CLIP model and optionally load weights.
+
+    ``pretrained`` is ``None`` (random init), a weights file, a checkpoint folder, or
+    ``hf-hub:org/repo``. With ``hf-hub:``/``local-dir:`` model names the weights come from the same
+    place unless ``pretrained`` says otherwise. ``precision`` is ``fp32``, ``bf16``/``fp16`` (weights
+    cast) or ``amp``/``amp_bf16``/``amp_fp16`` (fp32 weights, for autocast). ``overrides`` set
+    vision-tower options such as ``patch_dropout=0.5`` or ``image_size=336``.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    cfg, preprocess, folder = resolve_model(name)
+    for key, value in overrides.items():
+        if hasattr(cfg.vision_cfg, key):
+            setattr(cfg.vision_cfg, key, value)
+        else:
+            raise TypeError(f"create_model() got an unknown option {key!r}")
+    model = CLIP(cfg)
+    if pretrained is None and folder is not None:
+        pretrained = folder
+    if pretrained is not None:
+        preprocess = {**preprocess, **_load_pretrained(model, pretrained)}
+    preprocess["size"] = cfg.vision_cfg.image_size
+    model.preprocess_cfg = preprocess
+    return model.to(device=device, dtype=PRECISIONS[precision])
+
+
+def create_model_and_transforms(name: str, pretrained: str | Path | None = None, **kwargs: Any):
+    """``(model, train_transform, eval_transform)``; the transforms use the checkpoint's mean/std."""
+    from ..transforms import PreprocessConfig, image_transform
+
+    model = create_model(name, pretrained=pretrained, **kwargs)
+    pp = PreprocessConfig.from_dict(model.preprocess_cfg)
+    return model, image_transform(pp, is_train=True), image_transform(pp, is_train=False)
+
+
+def get_tokenizer(name: str, context_length: int | None = None, pad_id: int = 0):
+    """The tokenizer of a model name: CLIP BPE with the model's context length.
+
+    A checkpoint folder that carries its own ``vocab.json`` + ``merges.txt`` uses those.
+    ``pad_id=49407`` pads with end-of-text, as Stable Diffusion 1.x does.
+    """
+    from ..tokenizer import CLIPTokenizer, build_tokenizer
+
+    cfg, _, folder = resolve_model(name)
+    length = context_length or cfg.text_cfg.context_length
+    if folder is not None and (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        return CLIPTokenizer.from_pretrained_dir(folder, context_length=length, pad_id=pad_id)
+    return build_tokenizer(context_length=length, pad_id=pad_id)

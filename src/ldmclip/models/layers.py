@@ -1,0 +1,116 @@
+"""Transformer building blocks shared by the image and the text tower.
+
+Parameter names follow OpenCLIP's (``attn.in_proj_weight``, ``mlp.c_fc`` ...), so a state dict
+moves between the two libraries without any key mapping.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class QuickGELU(nn.Module):
+    """The sigmoid approximation of GELU that OpenAI's original CLIP weights were trained with."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def make_activation(name: str) -> nn.Module:
+    if name == "gelu":
+        return nn.GELU()
+    if name == "quick_gelu":
+        return QuickGELU()
+    raise ValueError(f"unknown activation {name!r}; use 'gelu' or 'quick_gelu'")
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 and cast back, so fp16/bf16 weights stay numerically stable."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused QKV projection and ``scaled_dot_product_attention``.
+
+    The parameters carry ``nn.MultiheadAttention``'s names (``in_proj_weight``, ``in_proj_bias``,
+    ``out_proj``) because that is what OpenCLIP's checkpoints contain.
+    """
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by the number of heads {heads}")
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        batch, length, width = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        # [B, L, 3, H, Dh] -> three tensors of [B, H, L, Dh]
+        q, k, v = qkv.view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return self.out_proj(out.transpose(1, 2).reshape(batch, length, width))
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int, hidden: int, activation: str):
+        super().__init__()
+        self.c_fc = nn.Linear(width, hidden)
+        self.gelu = make_activation(activation)
+        self.c_proj = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-LN transformer block: ``x + attn(ln_1(x))`` then ``x + mlp(ln_2(x))``."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, activation: str, ln_eps: float = 1e-5):
+        super().__init__()
+        self.ln_1 = LayerNorm(width, eps=ln_eps)
+        self.attn = Attention(width, heads)
+        self.ln_2 = LayerNorm(width, eps=ln_eps)
+        self.mlp = MLP(width, int(width * mlp_ratio), activation)
+
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), causal=causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    """A stack of residual blocks (batch-first, ``[B, L, width]``).
+
+    ``forward`` can return the output of every block, which LDM conditioning needs (the
+    penultimate layer of the text tower for SD 2.x and SDXL).
+    """
+
+    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0,
+                 activation: str = "gelu", ln_eps: float = 1e-5):
+        super().__init__()
+        self.width = width
+        self.layers = layers
+        self.resblocks = nn.ModuleList(
+            ResidualAttentionBlock(width, heads, mlp_ratio, activation, ln_eps) for _ in range(layers)
+        )
+
+    def forward(self, x: torch.Tensor, causal: bool = False, stop_at: int | None = None,
+                return_all: bool = False) -> torch.Tensor | list[torch.Tensor]:
+        """Run the blocks; ``stop_at=k`` stops after block ``k`` blocks (saves the rest)."""
+        outputs = []
+        for index, block in enumerate(self.resblocks):
+            if stop_at is not None and index >= stop_at:
+                break
+            x = block(x, causal=causal)
+            if return_all:
+                outputs.append(x)
+        return outputs if return_all else x

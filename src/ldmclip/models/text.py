@@ -1,0 +1,79 @@
+"""The causal text Transformer.
+
+Its parameters sit at the top level of the module (``token_embedding``, ``positional_embedding``,
+``transformer``, ``ln_final``, ``text_projection``) because that is where OpenCLIP's ``CLIP`` keeps
+them; ``CLIP`` extends this class with an image tower, so a text tower on its own (for LDM
+conditioning) and a whole CLIP model share one implementation and one key layout.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TextConfig
+from .layers import LayerNorm, Transformer
+
+
+class TextTransformer(nn.Module):
+    def __init__(self, cfg: TextConfig, output_dim: int, activation: str = "gelu"):
+        super().__init__()
+        self.context_length = cfg.context_length
+        self.vocab_size = cfg.vocab_size
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
+        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, activation)
+        self.ln_final = LayerNorm(cfg.width)
+        self.text_projection = nn.Parameter(torch.empty(cfg.width, output_dim))
+        self._init_text_parameters()
+
+    def _init_text_parameters(self) -> None:
+        # CLIP's initialisation (Radford et al. 2021): small embeddings, depth-scaled projections.
+        width, layers = self.transformer.width, self.transformer.layers
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        proj_std = (width ** -0.5) * ((2 * layers) ** -0.5)
+        for block in self.transformer.resblocks:
+            nn.init.normal_(block.attn.in_proj_weight, std=width ** -0.5)
+            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.normal_(block.mlp.c_fc.weight, std=(2 * width) ** -0.5)
+            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        nn.init.normal_(self.text_projection, std=width ** -0.5)
+
+    def _check_tokens(self, tokens: torch.Tensor) -> None:
+        if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"tokens must be an integer tensor [batch, length], got {tuple(tokens.shape)} {tokens.dtype}")
+        if tokens.shape[1] > self.context_length:
+            raise ValueError(f"tokens have length {tokens.shape[1]} but this model's context length is "
+                             f"{self.context_length}; tokenize with context_length={self.context_length}")
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        self._check_tokens(tokens)
+        length = tokens.shape[1]
+        return self.token_embedding(tokens) + self.positional_embedding[:length].to(self.token_embedding.weight.dtype)
+
+    def text_hidden_states(self, tokens: torch.Tensor, num_layers: int | None = None) -> list[torch.Tensor]:
+        """Outputs of the first ``num_layers`` blocks (all by default), each ``[B, L, width]``.
+
+        ``states[-1]`` is the last computed block, before ``ln_final``. Pass ``num_layers=layers-1``
+        to get the penultimate layer without running the last block.
+        """
+        x = self.embed_tokens(tokens)
+        return self.transformer(x, causal=True, stop_at=num_layers, return_all=True)
+
+    def pool_text(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """``ln_final`` then the state at the end-of-text token (the highest id), projected."""
+        eot = tokens.argmax(dim=-1)
+        pooled = self.ln_final(hidden[torch.arange(hidden.shape[0], device=hidden.device), eot])
+        return pooled @ self.text_projection
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        self._check_tokens(tokens)
+        # The mask is causal and pooling reads the EOT token, so positions after the longest
+        # caption's EOT cannot change the result: skip them (most captions are far shorter than 77).
+        length = int(tokens.argmax(dim=-1).max()) + 1 if tokens.numel() else tokens.shape[1]
+        tokens = tokens[:, :length]
+        hidden = self.transformer(self.embed_tokens(tokens), causal=True)
+        features = self.pool_text(hidden, tokens)
+        return F.normalize(features, dim=-1) if normalize else features
