@@ -1,0 +1,520 @@
+"""CLIP image preprocessing with PIL, numpy and torch only (no torchvision).
+
+The evaluation transform reproduces OpenCLIP 3.3.0's ``image_transform(size, is_train=False, ...)``
+(torchvision ``Resize`` -> ``CenterCrop`` -> ``convert('RGB')`` -> ``ToTensor`` -> ``Normalize`` on a PIL
+image) operation by operation, so its output is bit-identical for every PIL mode that OpenCLIP accepts:
+
+* the output size of the resize uses torchvision's arithmetic (``int(size * long / short)`` for the long
+  side, Python's ``round`` for ``resize_mode='longest'``), the resize itself is ``PIL.Image.resize`` on the
+  image in its original mode (torchvision's PIL path always antialiases; PIL resizes ``RGBA``/``LA`` in
+  premultiplied alpha and modes ``P``/``1`` with nearest neighbour), and it is skipped when the size does
+  not change, as torchvision skips it;
+* the centre crop offset is ``int(round((in - out) / 2))`` (round half to even), with torchvision's
+  zero padding (OpenCLIP's ``fill_color`` in ``'longest'`` mode) when the image is smaller than the crop;
+* the image is converted to RGB only *after* resizing and cropping, as OpenCLIP does (this matters: an
+  ``RGBA`` image is resized with its alpha, a ``P`` image is resized on palette indices);
+* ``/255`` and the normalisation give torchvision's float32 values exactly (they are tabulated per
+  channel for the 256 possible uint8 inputs with torchvision's own tensor operations).
+
+The training transform is torchvision's ``RandomResizedCrop`` (``get_params``: 10 attempts, then a
+centre-crop fallback) followed by the same RGB conversion, ``/255`` and normalisation. It draws its random
+numbers with the same torch calls as torchvision, so with ``generator=None`` it consumes the global torch
+RNG exactly like OpenCLIP's training transform and gives the same crops for the same seed.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.utils.data
+from PIL import Image, ImageOps
+
+__all__ = [
+    "OPENAI_MEAN",
+    "OPENAI_STD",
+    "PreprocessConfig",
+    "EvalTransform",
+    "TrainTransform",
+    "image_transform",
+    "load_image",
+]
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+_INTERPOLATIONS = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+}
+_RESIZE_MODES = ("shortest", "longest", "squash")
+
+# Keys of OpenCLIP's ``PreprocessCfg`` (the ``preprocess_cfg`` entry of ``open_clip_config.json``).
+_OPENCLIP_KEYS = ("size", "mode", "mean", "std", "interpolation", "resize_mode", "fill_color")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------------
+
+def _three_floats(name: str, value: Any) -> tuple[float, float, float]:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = (value,) * 3  # OpenCLIP accepts a scalar mean/std and repeats it
+    try:
+        out = tuple(float(v) for v in value)
+    except TypeError as e:
+        raise ValueError(f"{name} must be a number or a sequence of 3 numbers, got {value!r}") from e
+    if len(out) != 3:
+        raise ValueError(f"{name} must have 3 values (one per RGB channel), got {len(out)}: {value!r}")
+    return out  # type: ignore[return-value]
+
+
+def _check_size(image_size: Any) -> int:
+    if isinstance(image_size, (list, tuple)):
+        if len(image_size) == 1:
+            image_size = image_size[0]
+        elif len(image_size) == 2 and image_size[0] == image_size[1]:
+            image_size = image_size[0]
+        else:
+            raise ValueError(f"only square image sizes are supported, got {tuple(image_size)}")
+    if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size <= 0:
+        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+    return int(image_size)
+
+
+def _check_interpolation(interpolation: str) -> str:
+    if interpolation not in _INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {sorted(_INTERPOLATIONS)}, got {interpolation!r}")
+    return interpolation
+
+
+def _check_resize_mode(resize_mode: str) -> str:
+    if resize_mode not in _RESIZE_MODES:
+        raise ValueError(f"resize_mode must be one of {_RESIZE_MODES}, got {resize_mode!r}")
+    return resize_mode
+
+
+@dataclass
+class PreprocessConfig:
+    """Image preprocessing settings, serialised with OpenCLIP's ``preprocess_cfg`` key names.
+
+    ``fill_color`` is the padding value of ``resize_mode='longest'`` (OpenCLIP's ``fill_color``).
+    """
+
+    image_size: int = 224
+    mean: tuple[float, float, float] = OPENAI_MEAN
+    std: tuple[float, float, float] = OPENAI_STD
+    interpolation: str = "bicubic"
+    resize_mode: str = "shortest"
+    fill_color: int = 0
+
+    def __post_init__(self) -> None:
+        self.image_size = _check_size(self.image_size)
+        self.mean = _three_floats("mean", self.mean)
+        self.std = _three_floats("std", self.std)
+        if any(s == 0 for s in self.std):
+            raise ValueError(f"std must not contain zeros, got {self.std}")
+        self.interpolation = _check_interpolation(self.interpolation)
+        self.resize_mode = _check_resize_mode(self.resize_mode)
+        if isinstance(self.fill_color, bool) or not isinstance(self.fill_color, (int, np.integer)):
+            raise ValueError(f"fill_color must be an int, got {self.fill_color!r}")
+        self.fill_color = int(self.fill_color)
+
+    def to_dict(self) -> dict[str, Any]:
+        """OpenCLIP ``PreprocessCfg`` dict (``size``, ``mode``, ``mean``, ``std``, ``interpolation``,
+        ``resize_mode``, ``fill_color``); JSON-serialisable."""
+        return {
+            "size": self.image_size,
+            "mode": "RGB",
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": self.interpolation,
+            "resize_mode": self.resize_mode,
+            "fill_color": self.fill_color,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "PreprocessConfig":
+        """Build from an OpenCLIP ``preprocess_cfg`` dict (or a pretrained-tag cfg dict).
+
+        Like OpenCLIP's ``merge_preprocess_dict``, keys that are not preprocessing keys (``url``,
+        ``hf_hub``, ...) are ignored and ``None`` values keep the default. ``image_size`` is accepted as
+        an alias of ``size``. ``size`` may be an int or a square ``[n, n]``.
+        """
+        kw: dict[str, Any] = {}
+        size = d.get("size")
+        if size is None:
+            size = d.get("image_size")
+        if size is not None:
+            kw["image_size"] = size
+        mode = d.get("mode")
+        if mode is not None and mode != "RGB":
+            raise ValueError(f"only mode='RGB' is supported (as in OpenCLIP), got {mode!r}")
+        for key in ("mean", "std", "interpolation", "resize_mode", "fill_color"):
+            if d.get(key) is not None:
+                kw[key] = d[key]
+        return cls(**kw)
+
+
+# ----------------------------------------------------------------------------------------------------
+# PIL building blocks (same arithmetic as torchvision's PIL path)
+# ----------------------------------------------------------------------------------------------------
+
+def _check_image(img: Any) -> Image.Image:
+    if not isinstance(img, Image.Image):
+        raise TypeError(f"expected a PIL.Image.Image, got {type(img).__name__}")
+    w, h = img.size
+    if w <= 0 or h <= 0:
+        raise ValueError(f"cannot preprocess an empty image (size {w}x{h})")
+    return img
+
+
+def _resize(img: Image.Image, height: int, width: int, resample: int) -> Image.Image:
+    """torchvision ``F.resize(pil, [h, w])``: no-op when the size is unchanged, else ``PIL.resize``."""
+    if (img.height, img.width) == (height, width):
+        return img
+    if height <= 0 or width <= 0:
+        raise ValueError(
+            f"resizing a {img.width}x{img.height} image gives an empty {width}x{height} image "
+            "(aspect ratio too extreme)")
+    return img.resize((width, height), resample)
+
+
+def _shortest_side_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """torchvision ``_compute_resized_output_size`` for an int size; returns (h, w)."""
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = size, int(size * long / short)
+    new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
+    return new_h, new_w
+
+
+def _pad(img: Image.Image, ltrb: tuple[int, int, int, int], fill: int | float) -> Image.Image:
+    """torchvision ``F.pad(pil, ltrb, fill, 'constant')``."""
+    channels = len(img.getbands())
+    value: Any = fill
+    if channels > 1:
+        value = (fill,) * channels
+    if img.mode != "F":
+        value = tuple(int(v) for v in value) if isinstance(value, tuple) else int(value)
+    if img.mode == "P":
+        palette = img.getpalette()
+        out = ImageOps.expand(img, border=ltrb, fill=value)
+        out.putpalette(palette)
+        return out
+    return ImageOps.expand(img, border=ltrb, fill=value)
+
+
+def _center_crop(img: Image.Image, size: int, fill: int | float = 0) -> Image.Image:
+    """torchvision ``F.center_crop`` / OpenCLIP ``center_crop_or_pad`` for a square crop."""
+    width, height = img.size
+    if size > width or size > height:
+        ltrb = (
+            (size - width) // 2 if size > width else 0,
+            (size - height) // 2 if size > height else 0,
+            (size - width + 1) // 2 if size > width else 0,
+            (size - height + 1) // 2 if size > height else 0,
+        )
+        img = _pad(img, ltrb, fill)
+        width, height = img.size
+        if width == size and height == size:
+            return img
+    top = int(round((height - size) / 2.0))
+    left = int(round((width - size) / 2.0))
+    return img.crop((left, top, left + size, top + size))
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    try:
+        return img.convert("RGB")
+    except (ValueError, OSError) as e:
+        raise ValueError(f"cannot convert a PIL image of mode {img.mode!r} to RGB: {e}") from e
+
+
+class _Normalize:
+    """``ToTensor`` + ``Normalize`` for an RGB uint8 PIL image.
+
+    Every output value depends only on one uint8 input value and its channel, so the float32 result of
+    torchvision's ``x.to(float32).div(255).sub_(mean).div_(std)`` is tabulated once for the 3 x 256
+    possible inputs (with those same torch operations) and looked up per pixel: bit-identical to
+    torchvision, and no torch kernels (or intra-op thread pool) run per image.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.mean = _three_floats("mean", mean)
+        self.std = _three_floats("std", std)
+        mean_t = torch.tensor(self.mean, dtype=torch.float32).view(-1, 1)
+        std_t = torch.tensor(self.std, dtype=torch.float32).view(-1, 1)
+        if bool((std_t == 0).any()):
+            raise ValueError(f"std evaluated to zero in float32: {self.std}")
+        values = torch.arange(256, dtype=torch.uint8).expand(3, 256)
+        lut = values.to(torch.float32).div(255).sub_(mean_t).div_(std_t)
+        self._lut = np.ascontiguousarray(lut.numpy())  # (3, 256) float32
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        arr = np.asarray(img)
+        if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+            raise ValueError(f"expected an RGB uint8 image, got array {arr.dtype} {arr.shape}")
+        out = np.empty((3,) + arr.shape[:2], dtype=np.float32)
+        for c in range(3):
+            np.take(self._lut[c], arr[:, :, c], out=out[c])
+        return torch.from_numpy(out)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Transforms
+# ----------------------------------------------------------------------------------------------------
+
+class EvalTransform:
+    """Deterministic CLIP preprocessing: PIL image (any mode) -> float32 tensor ``[3, S, S]``.
+
+    Equal to OpenCLIP's ``image_transform(image_size, is_train=False, mean=..., std=...,
+    resize_mode=..., interpolation=..., fill_color=...)``.
+
+    resize_mode:
+        ``'shortest'``: resize the shorter side to ``image_size`` then centre crop;
+        ``'longest'``: resize the longer side to ``image_size`` then centre pad with ``fill_color``;
+        ``'squash'``: resize to ``image_size x image_size`` ignoring the aspect ratio.
+    """
+
+    def __init__(
+        self,
+        image_size: int = 224,
+        mean: Sequence[float] = OPENAI_MEAN,
+        std: Sequence[float] = OPENAI_STD,
+        interpolation: str = "bicubic",
+        resize_mode: str = "shortest",
+        fill_color: int = 0,
+    ) -> None:
+        self.image_size = _check_size(image_size)
+        self.interpolation = _check_interpolation(interpolation)
+        self.resize_mode = _check_resize_mode(resize_mode)
+        self.fill_color = fill_color
+        self._resample = _INTERPOLATIONS[self.interpolation]
+        self._normalize = _Normalize(mean, std)
+
+    @property
+    def mean(self) -> tuple[float, float, float]:
+        return self._normalize.mean
+
+    @property
+    def std(self) -> tuple[float, float, float]:
+        return self._normalize.std
+
+    def resize_and_crop(self, img: Image.Image) -> Image.Image:
+        """The geometric part: PIL image in its original mode -> ``S x S`` PIL image, same mode."""
+        img = _check_image(img)
+        size = self.image_size
+        if self.resize_mode == "shortest":
+            new_h, new_w = _shortest_side_size(img.width, img.height, size)
+            img = _resize(img, new_h, new_w, self._resample)
+            return _center_crop(img, size, fill=0)
+        if self.resize_mode == "longest":
+            # OpenCLIP ResizeKeepRatio(longest=1): scale by the larger of h/S, w/S, Python round().
+            ratio = max(img.height / size, img.width / size)
+            new_h, new_w = round(img.height / ratio), round(img.width / ratio)
+            img = _resize(img, new_h, new_w, self._resample)
+            return _center_crop(img, size, fill=self.fill_color)
+        return _resize(img, size, size, self._resample)  # squash
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        return self._normalize(_to_rgb(self.resize_and_crop(img)))
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(image_size={self.image_size}, mean={self.mean}, std={self.std}, "
+                f"interpolation={self.interpolation!r}, resize_mode={self.resize_mode!r}, "
+                f"fill_color={self.fill_color})")
+
+
+class TrainTransform:
+    """CLIP training augmentation: ``RandomResizedCrop`` -> RGB -> tensor -> normalise.
+
+    The crop parameters follow torchvision's ``RandomResizedCrop.get_params`` (10 attempts with a random
+    area fraction in ``scale`` and a log-uniform aspect ratio in ``ratio``, then a centre-crop fallback)
+    and are drawn with the same torch calls, from ``generator``:
+
+    * ``generator=None`` and ``seed=None``: the global torch RNG, exactly as OpenCLIP/torchvision do
+      (``torch.manual_seed`` reproduces OpenCLIP's crops; DataLoader seeds it per worker);
+    * ``seed=n`` or ``generator=g``: a private ``torch.Generator``. Inside a DataLoader worker a private
+      generator is replaced by one seeded from the generator's initial seed and the worker's seed, so
+      workers do not all produce the same crops.
+    """
+
+    def __init__(
+        self,
+        image_size: int = 224,
+        mean: Sequence[float] = OPENAI_MEAN,
+        std: Sequence[float] = OPENAI_STD,
+        scale: tuple[float, float] = (0.9, 1.0),
+        ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
+        interpolation: str = "bicubic",
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+    ) -> None:
+        self.image_size = _check_size(image_size)
+        scale = (float(scale[0]), float(scale[1]))
+        ratio = (float(ratio[0]), float(ratio[1]))
+        if not (0 < scale[0] <= scale[1]):
+            raise ValueError(f"scale must satisfy 0 < scale[0] <= scale[1], got {scale}")
+        if not (0 < ratio[0] <= ratio[1]):
+            raise ValueError(f"ratio must satisfy 0 < ratio[0] <= ratio[1], got {ratio}")
+        self.scale = scale
+        self.ratio = ratio
+        self.interpolation = _check_interpolation(interpolation)
+        self._resample = _INTERPOLATIONS[self.interpolation]
+        self._normalize = _Normalize(mean, std)
+        if generator is not None and seed is not None:
+            raise ValueError("pass either generator or seed, not both")
+        if seed is not None:
+            generator = torch.Generator().manual_seed(int(seed))
+        self.generator = generator
+        self._log_ratio = torch.log(torch.tensor(self.ratio))  # float32, as torchvision
+        self._worker_key: int | None = None
+        self._worker_generator: torch.Generator | None = None
+
+    @property
+    def mean(self) -> tuple[float, float, float]:
+        return self._normalize.mean
+
+    @property
+    def std(self) -> tuple[float, float, float]:
+        return self._normalize.std
+
+    def _rng(self) -> torch.Generator | None:
+        if self.generator is None:
+            return None
+        info = torch.utils.data.get_worker_info()
+        if info is None:
+            return self.generator
+        if self._worker_key != info.seed or self._worker_generator is None:
+            seed = (self.generator.initial_seed() * 1_000_003 + info.seed) % (2 ** 63)
+            self._worker_generator = torch.Generator().manual_seed(seed)
+            self._worker_key = info.seed
+        return self._worker_generator
+
+    def get_params(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """Crop box ``(top, left, height, width)`` for an image of ``width x height``."""
+        if width <= 0 or height <= 0:
+            raise ValueError(f"cannot crop an empty image (size {width}x{height})")
+        g = self._rng()
+        area = height * width
+        lo, hi = self._log_ratio[0], self._log_ratio[1]
+        for _ in range(10):
+            target_area = area * torch.empty(1).uniform_(self.scale[0], self.scale[1], generator=g).item()
+            aspect = torch.exp(torch.empty(1).uniform_(lo, hi, generator=g)).item()
+            w = int(round(math.sqrt(target_area * aspect)))
+            h = int(round(math.sqrt(target_area / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                top = int(torch.randint(0, height - h + 1, size=(1,), generator=g).item())
+                left = int(torch.randint(0, width - w + 1, size=(1,), generator=g).item())
+                return top, left, h, w
+        in_ratio = float(width) / float(height)
+        if in_ratio < min(self.ratio):
+            w = width
+            h = int(round(w / min(self.ratio)))
+        elif in_ratio > max(self.ratio):
+            h = height
+            w = int(round(h * max(self.ratio)))
+        else:
+            w, h = width, height
+        return (height - h) // 2, (width - w) // 2, h, w
+
+    def resize_and_crop(self, img: Image.Image) -> Image.Image:
+        """Random crop + resize to ``S x S``; PIL image in its original mode."""
+        img = _check_image(img)
+        top, left, h, w = self.get_params(img.width, img.height)
+        img = img.crop((left, top, left + w, top + h))
+        return _resize(img, self.image_size, self.image_size, self._resample)
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        return self._normalize(_to_rgb(self.resize_and_crop(img)))
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(image_size={self.image_size}, scale={self.scale}, ratio={self.ratio}, "
+                f"interpolation={self.interpolation!r}, mean={self.mean}, std={self.std})")
+
+
+def image_transform(
+    cfg: PreprocessConfig | None = None,
+    is_train: bool = False,
+    *,
+    scale: tuple[float, float] = (0.9, 1.0),
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+) -> EvalTransform | TrainTransform:
+    """The transform OpenCLIP's ``image_transform_v2(cfg, is_train)`` builds.
+
+    Training, like OpenCLIP, always crops with bicubic interpolation and ignores ``resize_mode`` and
+    ``cfg.interpolation``; ``scale``/``generator``/``seed`` only apply to training.
+    """
+    cfg = cfg if cfg is not None else PreprocessConfig()
+    if is_train:
+        return TrainTransform(cfg.image_size, cfg.mean, cfg.std, scale=scale, interpolation="bicubic",
+                              generator=generator, seed=seed)
+    return EvalTransform(cfg.image_size, cfg.mean, cfg.std, interpolation=cfg.interpolation,
+                         resize_mode=cfg.resize_mode, fill_color=cfg.fill_color)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Decoding
+# ----------------------------------------------------------------------------------------------------
+
+def load_image(
+    source: str | os.PathLike | bytes | bytearray | memoryview,
+    target_size: int | None = None,
+    *,
+    fast: bool = False,
+) -> Image.Image:
+    """Open and fully decode an image (path or encoded bytes), keeping its mode (no RGB conversion,
+    no EXIF rotation: the transforms do what OpenCLIP does with the result).
+
+    ``fast=True`` with a ``target_size`` lets libjpeg decode a JPEG at 1/2, 1/4 or 1/8 scale when both
+    sides stay at least ``target_size`` (``Image.draft``), i.e. when the image is at least twice as large
+    as needed. That is several times faster on big photos but changes the pixels (DCT-domain
+    downscaling), so it is off by default.
+
+    Images above ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (PIL's decompression-bomb limit; set it to
+    ``None`` to disable) raise ``ValueError``.
+    """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        fp: Any = io.BytesIO(bytes(source))
+        name = f"<{len(source)} bytes>"
+    elif isinstance(source, (str, os.PathLike)):
+        fp = os.fspath(source)
+        name = fp
+    else:
+        raise TypeError(f"source must be a path or bytes, got {type(source).__name__}")
+    if target_size is not None:
+        target_size = _check_size(target_size)
+    img = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(fp)
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit is not None and img.width * img.height > limit:
+                # Same test as PIL's warning, in case another thread changed the warning filters.
+                raise Image.DecompressionBombWarning(
+                    f"Image size ({img.width * img.height} pixels) exceeds limit of {limit} pixels")
+            if fast and target_size is not None and img.format == "JPEG":
+                if min(img.width, img.height) >= 2 * target_size:
+                    img.draft("RGB", (target_size, target_size))
+            img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        if img is not None:
+            img.close()
+        raise ValueError(
+            f"refusing to decode {name}: possible decompression bomb ({e}). "
+            "Raise PIL.Image.MAX_IMAGE_PIXELS (or set it to None) if the image is trusted.") from e
+    except BaseException:
+        if img is not None:
+            img.close()
+        raise
+    return img
