@@ -40,6 +40,28 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train a CLIP model; with no options, a small one on the built-in synthetic scenes."""
+    from .train import train
+    from .train.config import config_from_args
+    from .train.loop import format_summary
+
+    cfg = config_from_args(args)
+    result = train(cfg)
+    print(format_summary(result))
+    return 0
+
+
+TRAIN_EPILOG = """examples:
+  ldmclip train
+      a small model on built-in synthetic scenes (a few minutes on a laptop CPU)
+  ldmclip train --model ViT-S-16-128 --data flickr8k/captions.csv --images flickr8k/images \\
+      --split flickr8k/train.txt --val-data flickr8k/captions.csv --val-split flickr8k/test.txt --epochs 10
+  torchrun --nproc-per-node 8 -m ldmclip train --model ViT-L-14 --data 'shards/{00000..41407}.tar' --steps 100000
+  ldmclip train --output runs/a --resume latest     continue a stopped run exactly where it was
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ldmclip",
@@ -51,6 +73,26 @@ def build_parser() -> argparse.ArgumentParser:
                                description="List the packaged model configs with their parameter counts.")
     info.add_argument("model", nargs="?", help="show the full config of this model instead")
     info.set_defaults(func=cmd_info)
+
+    from .train.config import add_train_arguments
+
+    train = commands.add_parser(
+        "train", help="train a CLIP model (no options: a small model on synthetic data)",
+        description="Train CLIP with the symmetric contrastive loss. Writes metrics.jsonl, TensorBoard events, "
+                    "resumable checkpoints, a PNG of the training curves and the final model (OpenCLIP hub "
+                    "layout) into one run folder.",
+        epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_train_arguments(train)
+    train.set_defaults(func=cmd_train)
+
+    from .data.writer import add_pack_arguments, run_pack
+
+    pack = commands.add_parser(
+        "pack", help="pack a caption table or an image folder into webdataset shards",
+        description="Write webdataset shards (img2dataset layout: KEY.jpg + KEY.txt) from a CSV/TSV/parquet "
+                    "caption table or a folder of images with .txt captions, so training can stream them.")
+    add_pack_arguments(pack)
+    pack.set_defaults(func=run_pack)
     return parser
 
 
@@ -62,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"ldmclip {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,334 @@
+"""webdataset shards in the img2dataset / LAION layout: ``{key}.jpg|jpeg|png|webp`` + ``{key}.txt``
+(+ ``{key}.json``, ignored) inside ``.tar`` files.
+
+``ShardDataset`` is an ``IterableDataset`` that yields :class:`~ldmclip.data.samples.Sample` /
+``None`` like every ldmclip dataset. It is built from webdataset's parts (URL brace expansion,
+``gopen`` for local paths, ``pipe:``, ``http(s)://`` and the other schemes webdataset opens, its
+shuffle buffer) around a lean reader: only the image member that is used and the caption are read
+from the tar stream (other members are skipped), no generic decoders run, the shuffle buffer holds
+encoded bytes, and the image goes straight from bytes to the transform. Tokenization happens in
+``ImageTextCollator``, once per batch.
+
+Splitting and shuffling, per epoch ``e`` (``set_epoch``):
+
+* default (``resampled=False``): the shard list is shuffled with a seed made of ``(seed, e)`` — the
+  same order on every node and worker — then node ``rank`` takes every ``world_size``-th shard and
+  DataLoader worker ``w`` every ``num_workers``-th of those. Each shard is read by exactly one worker
+  of one node: no duplicates. Use at least ``world_size * num_workers`` shards (more is better); a
+  worker without shards yields nothing.
+* ``resampled=True``: each worker of each node draws shards with replacement, forever, from its own
+  RNG seeded with ``(seed, e, rank, worker)``; the trainer decides how many steps make an epoch.
+
+Samples are then mixed in a buffer of ``shuffle_buffer`` encoded samples (RNG seeded with
+``(seed, e, rank, worker)``); ``shuffle_buffer=0`` keeps file order (evaluation).
+
+Bad data never raises: unreadable shards, truncated tar files (counted once per shard; the complete
+samples before the cut are kept), and bad samples are counted by reason (``samples`` module docs).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import multiprocessing.context
+import os
+import random
+import tarfile
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch.utils.data
+
+from .samples import (REASON_SHARD_ERROR, REASON_SHARD_UNREADABLE, REASON_TRUNCATED_SHARD, Sample, SampleStats,
+                      clear_pending, has_pending, load_sample, record_bad)
+
+__all__ = ["ShardDataset", "make_shard_pipeline", "expand_urls", "dataset_size", "IMAGE_EXTENSIONS"]
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+_TAR_BUFSIZE = 64 * 1024  # larger buffers make tarfile slower (it slices its buffer per read)
+
+
+def expand_urls(urls: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:
+    """Shard list from a brace pattern (``'data/{00000..00009}.tar'``; several patterns may be joined
+    with ``::``, as in webdataset/OpenCLIP) or from a list of URLs/paths (each brace-expanded too)."""
+    from webdataset.shardlists import expand_urls as wds_expand
+
+    if isinstance(urls, (str, os.PathLike)):
+        items = [os.fspath(urls)]
+    else:
+        items = [os.fspath(u) for u in urls]
+    out: list[str] = []
+    for item in items:
+        out.extend(wds_expand(item))
+    return out
+
+
+def dataset_size(urls: str | Iterable[str]) -> int | None:
+    """Number of samples from the ``sizes.json`` files next to local shards (``ldmclip pack`` and
+    img2dataset write them; OpenCLIP reads them too), or ``None`` when some shard is not listed."""
+    total = 0
+    cache: dict[Path, dict[str, int]] = {}
+    for url in expand_urls(urls):
+        if "://" in url or url.startswith("pipe:"):
+            return None
+        path = Path(url)
+        sizes_file = path.parent / "sizes.json"
+        if sizes_file not in cache:
+            try:
+                cache[sizes_file] = json.loads(sizes_file.read_text())
+            except (OSError, ValueError):
+                return None
+        n = cache[sizes_file].get(path.name)
+        if n is None:
+            return None
+        total += int(n)
+    return total
+
+
+def _node_info() -> tuple[int, int]:
+    """(rank, world_size): torch.distributed when initialised, else torchrun's RANK/WORLD_SIZE, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    return 0, 1
+
+
+def _rng(*parts: Any) -> random.Random:
+    return random.Random("ldmclip-shards-" + "-".join(str(p) for p in parts))
+
+
+def _is_meta(name: str) -> bool:
+    base = name.rsplit("/", 1)[-1]
+    return base.startswith("__") and base.endswith("__")
+
+
+def _split_name(name: str) -> tuple[str | None, str]:
+    """``'dir/000001.jpg'`` -> ``('dir/000001', 'jpg')``: the key ends at the first dot of the file name
+    (webdataset's rule)."""
+    slash = name.rfind("/") + 1
+    dot = name.find(".", slash)
+    if dot <= slash:
+        return None, ""
+    return name[:dot], name[dot + 1:].lower()
+
+
+class ShardDataset(torch.utils.data.IterableDataset):
+    """Image–text samples from webdataset shards; see the module docs for splitting and shuffling.
+
+    Args:
+        urls: brace pattern or list of shard URLs/paths.
+        transform: applied to each decoded PIL image (``None``: RGB PIL images).
+        shuffle_buffer: samples in the shuffle buffer (0 or 1: no shuffling).
+        resampled: draw shards with replacement, endlessly (see module docs).
+        seed, epoch: shuffling seeds; change the epoch with :meth:`set_epoch` before each epoch.
+        shuffle_shards: shuffle the shard order (default: when ``shuffle_buffer > 1``).
+        split_by_node: give each node (torch.distributed rank) its own shards (non-resampled mode).
+        rank, world_size: override the node information (default: torch.distributed when initialised,
+            else the ``RANK``/``WORLD_SIZE`` variables torchrun sets, else a single node).
+        image_extensions: member suffixes tried for the image, in order.
+        caption_extension: member suffix of the caption.
+        fast_decode: decode big JPEGs at reduced scale (``load_image(fast=True)``); changes pixels.
+        shuffle_initial: samples collected before the first one leaves the buffer
+            (default ``min(shuffle_buffer, 100)``).
+
+    ``stats`` holds the counts of the current process (the main process when ``num_workers=0``); the
+    batches of ``ImageTextCollator`` carry them from every worker. When bad-sample reasons are still
+    waiting for a collator at the end of the stream, one extra ``None`` is yielded to carry them.
+    """
+
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        transform: Callable | None = None,
+        *,
+        shuffle_buffer: int = 1000,
+        resampled: bool = False,
+        seed: int = 0,
+        epoch: int = 0,
+        shuffle_shards: bool | None = None,
+        split_by_node: bool = True,
+        rank: int | None = None,
+        world_size: int | None = None,
+        image_extensions: Sequence[str] = IMAGE_EXTENSIONS,
+        caption_extension: str = "txt",
+        fast_decode: bool = False,
+        shuffle_initial: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.urls = expand_urls(urls)
+        if not self.urls:
+            raise ValueError(f"no shards in {urls!r}")
+        self.transform = transform
+        self.shuffle_buffer = max(0, int(shuffle_buffer))
+        self.shuffle_initial = (min(self.shuffle_buffer, 100) if shuffle_initial is None
+                                else max(1, min(int(shuffle_initial), self.shuffle_buffer)))
+        self.resampled = bool(resampled)
+        self.seed = int(seed)
+        self.shuffle_shards = self.shuffle_buffer > 1 if shuffle_shards is None else bool(shuffle_shards)
+        self.split_by_node = bool(split_by_node)
+        if (rank is None) != (world_size is None):
+            raise ValueError("pass both rank and world_size, or neither")
+        self._node = (int(rank), int(world_size)) if rank is not None else None
+        self.image_extensions = tuple(e.lower().lstrip(".") for e in image_extensions)
+        self.caption_extension = caption_extension.lower().lstrip(".")
+        self._wanted = frozenset(self.image_extensions + (self.caption_extension,))
+        self.fast_decode = fast_decode
+        # Shared with DataLoader workers, also persistent ones: set_epoch() in the main process is
+        # seen by the workers when they start the next epoch.
+        self._epoch: Any = multiprocessing.Value("q", int(epoch), lock=False)
+        self.stats = SampleStats()
+
+    # -- epoch ---------------------------------------------------------------------------------------
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch.value) if not isinstance(self._epoch, int) else self._epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the epoch used to seed the shard order and the shuffle buffer; call it before iterating
+        (before ``iter(loader)``), also with persistent workers."""
+        if isinstance(self._epoch, int):
+            self._epoch = int(epoch)
+        else:
+            self._epoch.value = int(epoch)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        # A shared Value can only travel to a process being started (DataLoader workers with the
+        # spawn/forkserver methods); other pickles/deep copies get the current value.
+        if multiprocessing.context.get_spawning_popen() is None and not isinstance(self._epoch, int):
+            state["_epoch"] = self.epoch
+        return state
+
+    # -- iteration ------------------------------------------------------------------------------------
+    def node_info(self) -> tuple[int, int]:
+        """``(rank, world_size)`` used to split shards."""
+        if self._node is not None:
+            return self._node
+        return _node_info()
+
+    def shards_for_worker(self, worker: int = 0, num_workers: int = 1, epoch: int | None = None
+                          ) -> list[str]:
+        """Shards read by one DataLoader worker of this node in an epoch (non-resampled mode)."""
+        epoch = self.epoch if epoch is None else epoch
+        urls = list(self.urls)
+        if self.shuffle_shards:
+            _rng(self.seed, epoch).shuffle(urls)
+        if self.split_by_node:
+            rank, world = self.node_info()
+            urls = urls[rank::world]
+        return urls[worker::num_workers]
+
+    def _shard_urls(self, epoch: int, rank: int, worker: int, num_workers: int) -> Iterator[str]:
+        if self.resampled:
+            rng = _rng(self.seed, epoch, rank, worker, "resample")
+            while True:
+                yield rng.choice(self.urls)
+        urls = self.shards_for_worker(worker, num_workers, epoch)
+        world = self.node_info()[1] if self.split_by_node else 1
+        if worker == 0 and rank == 0 and len(self.urls) < world * num_workers:
+            warnings.warn(f"{len(self.urls)} shards for {world * num_workers} readers "
+                          f"({world} node(s) x {num_workers} worker(s)): some readers get no data",
+                          stacklevel=2)
+        yield from urls
+
+    def _read_shard(self, url: str) -> Iterator[dict[str, Any]]:
+        """Raw samples of one shard: ``{"__key__": key, ext: bytes | None, ...}`` with the bytes of the
+        wanted members only (``None`` marks a member that is present but not read). Errors are counted
+        once per shard and end that shard."""
+        from webdataset.gopen import gopen
+
+        try:
+            stream = gopen(url, "rb")
+        except Exception as e:  # noqa: BLE001
+            record_bad(REASON_SHARD_UNREADABLE, self.stats, url, e)
+            return
+        current: dict[str, Any] | None = None
+        try:
+            with tarfile.open(fileobj=stream, mode="r|*", bufsize=_TAR_BUFSIZE) as tar:
+                for info in tar:
+                    tar.members = []  # streaming: keep no member list
+                    if not info.isreg() or _is_meta(info.name):
+                        continue
+                    key, ext = _split_name(info.name)
+                    if key is None:
+                        continue
+                    if current is None or key != current["__key__"] or ext in current:
+                        if current is not None:
+                            yield current
+                        current = {"__key__": key, "__url__": url}
+                    if ext in self._wanted:
+                        member = tar.extractfile(info)
+                        current[ext] = member.read() if member is not None else None
+                    else:
+                        current[ext] = None
+            if current is not None:
+                yield current
+            current = None
+        except (tarfile.ReadError, EOFError) as e:
+            record_bad(REASON_TRUNCATED_SHARD, self.stats, url, e)
+        except Exception as e:  # noqa: BLE001
+            record_bad(REASON_SHARD_ERROR, self.stats, url, e)
+        finally:
+            try:
+                stream.close()
+            except Exception as e:  # noqa: BLE001 - e.g. a pipe: command with a non-zero exit status
+                record_bad(REASON_SHARD_ERROR, self.stats, url, e)
+        # A sample interrupted by the error is kept only if its image and caption were read in full.
+        if current is not None and self._complete(current):
+            yield current
+
+    def _complete(self, raw: dict[str, Any]) -> bool:
+        return (raw.get(self.caption_extension) is not None
+                and any(raw.get(e) is not None for e in self.image_extensions))
+
+    def _raw_samples(self, urls: Iterable[str]) -> Iterator[dict[str, Any]]:
+        for url in urls:
+            yield from self._read_shard(url)
+
+    def decode(self, raw: dict[str, Any]) -> Sample | None:
+        """Raw sample -> ``Sample`` (image transformed, caption decoded) or ``None`` (reason counted)."""
+        image = next((raw[e] for e in self.image_extensions if raw.get(e) is not None), None)
+        return load_sample(image, raw.get(self.caption_extension), raw["__key__"], self.transform, self.stats,
+                           fast=self.fast_decode)
+
+    def __iter__(self) -> Iterator[Sample | None]:
+        clear_pending()  # reasons left over from an earlier, abandoned pass belong to no batch of this one
+        epoch = self.epoch
+        info = torch.utils.data.get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        rank = self.node_info()[0] if (self.split_by_node or self.resampled) else 0
+        raw: Iterator[dict[str, Any]] = self._raw_samples(self._shard_urls(epoch, rank, worker, num_workers))
+        if self.shuffle_buffer > 1:
+            from webdataset.filters import shuffle
+
+            raw = iter(shuffle(bufsize=self.shuffle_buffer, initial=self.shuffle_initial,
+                               rng=_rng(self.seed, epoch, rank, worker, "samples"))(raw))
+        for item in raw:
+            yield self.decode(item)
+        if has_pending():
+            yield None  # carries the reasons recorded after the last batch to the collator
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(shards={len(self.urls)}, shuffle_buffer={self.shuffle_buffer}, "
+                f"resampled={self.resampled}, seed={self.seed}, epoch={self.epoch})")
+
+
+def make_shard_pipeline(
+    urls: str | Sequence[str],
+    transform: Callable | None = None,
+    tokenizer: Any = None,
+    shuffle_buffer: int = 1000,
+    resampled: bool = False,
+    seed: int = 0,
+    epoch: int = 0,
+    **kwargs: Any,
+) -> ShardDataset:
+    """A :class:`ShardDataset` (keyword arguments as there). ``tokenizer`` is accepted for symmetry and
+    ignored: captions are tokenized per batch by ``ImageTextCollator(tokenizer)``."""
+    del tokenizer
+    return ShardDataset(urls, transform, shuffle_buffer=shuffle_buffer, resampled=resampled, seed=seed,
+                        epoch=epoch, **kwargs)

@@ -1,0 +1,495 @@
+"""Write image–text pairs to webdataset shards in the img2dataset layout, and the ``ldmclip pack`` command.
+
+A shard ``{prefix}-{00000}.tar`` holds, per sample, ``{key}.jpg`` (or ``.png``/``.webp`` with
+``reencode="never"``), ``{key}.txt`` (UTF-8 caption) and, when there is metadata, ``{key}.json``.
+Keys are zero-padded numbers (9 digits) unless the caller gives its own. Each shard is written under a
+hidden temporary name (``.{prefix}-00000.tar.partial``) and renamed when complete, so an interrupted
+run never leaves a shard that looks finished. ``sizes.json`` in the output folder maps each shard
+name to its number of samples (the file OpenCLIP and ``ldmclip.data.dataset_size`` read).
+
+Images (``reencode``):
+
+* ``"auto"`` (default): JPEG sources are stored byte for byte; other formats are decoded and stored as
+  JPEG (converted to RGB the way the ldmclip transforms and OpenCLIP convert them);
+* ``"always"``: every image is re-encoded as JPEG;
+* ``"never"``: the source bytes are stored as they are, whatever their format.
+
+``max_size=N`` (not with ``"never"``) re-encodes the images whose shorter side is larger than N,
+downscaled so that the shorter side is N (enough for an N x N crop; img2dataset's ``keep_ratio``).
+
+With ``verify=True`` (default) every image is fully decoded first and every caption checked; bad
+samples (missing/empty/corrupt/non-image files, decompression bombs, missing/empty/non-UTF-8
+captions) are skipped and counted by reason. ``verify=False`` writes what it is given (bytes
+captions included), except what cannot be read or re-encoded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import io
+import json
+import os
+import re
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+from PIL import Image
+
+from .samples import (REASON_EMPTY_FILE, REASON_MISSING_FILE, REASON_MISSING_IMAGE, REASON_READ_ERROR, BadSample,
+                      SampleStats, decode_caption, decode_image)
+
+__all__ = ["write_shards", "iter_image_folder", "iter_table", "add_pack_arguments", "run_pack",
+           "REENCODE_MODES"]
+
+REENCODE_MODES = ("auto", "always", "never")
+FOLDER_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+_KEY_DIGITS = 9
+_KEY_RE = re.compile(r"^[^./\\\s][^./\\]*$")
+
+
+@dataclass(frozen=True)
+class _Options:
+    reencode: str
+    max_size: int | None
+    quality: int
+    verify: bool
+
+
+def _sniff(data: bytes) -> str | None:
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return None
+
+
+def _pil_format(data: bytes) -> str | None:
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            fmt = img.format
+    except Exception:  # noqa: BLE001
+        return None
+    return {"JPEG": "jpg", "TIFF": "tif"}.get(fmt, fmt.lower()) if fmt else None
+
+
+def _header_size(data: bytes) -> tuple[int, int] | None:
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.size
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _read_source(image: Any) -> tuple[bytes, str | None]:
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return bytes(image), None
+    path = Path(image)
+    try:
+        data = path.read_bytes()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
+        raise BadSample(REASON_MISSING_FILE, str(e)) from None
+    except OSError as e:
+        raise BadSample(REASON_READ_ERROR, str(e)) from None
+    suffix = path.suffix.lower().lstrip(".")
+    return data, (suffix or None)
+
+
+def _to_jpeg(img: Image.Image, opts: _Options) -> bytes:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. PIL's note on palette images with transparency
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        if opts.max_size is not None and min(img.size) > opts.max_size:
+            w, h = img.size
+            scale = opts.max_size / min(w, h)
+            size = (opts.max_size, max(1, round(h * scale))) if w <= h else (max(1, round(w * scale)), opts.max_size)
+            img = img.resize(size, Image.Resampling.LANCZOS)
+        out = io.BytesIO()
+        img.save(out, "JPEG", quality=opts.quality)
+    return out.getvalue()
+
+
+def _encode_image(data: bytes, source_ext: str | None, opts: _Options) -> tuple[str, bytes]:
+    fmt = _sniff(data)
+    if opts.reencode == "never":
+        if opts.verify:
+            decode_image(data).close()
+        ext = fmt or _pil_format(data) or source_ext or "jpg"
+        return ("jpg" if ext == "jpeg" else ext), data
+    reencode = opts.reencode == "always" or fmt != "jpg"
+    if not reencode and opts.max_size is not None:
+        size = _header_size(data)
+        reencode = size is None or min(size) > opts.max_size
+    if not reencode:
+        if opts.verify:
+            decode_image(data).close()
+        return "jpg", data
+    img = decode_image(data)
+    try:
+        return "jpg", _to_jpeg(img, opts)
+    finally:
+        img.close()
+
+
+def _caption_bytes(caption: Any, verify: bool) -> bytes | None:
+    if verify:
+        return decode_caption(caption).encode("utf-8")
+    if caption is None:
+        return None
+    if isinstance(caption, str):
+        return caption.encode("utf-8", errors="surrogateescape")
+    return bytes(caption)
+
+
+def _prepare(item: Sequence[Any], opts: _Options) -> tuple[Any, ...]:
+    """One input item -> ``("ok", key, ext, image, caption, meta)`` or ``("bad", key, reason, detail)``."""
+    key, image, caption = item[0], item[1], item[2]
+    meta = item[3] if len(item) > 3 else None
+    try:
+        cap = _caption_bytes(caption, opts.verify)
+        if image is None:
+            raise BadSample(REASON_MISSING_IMAGE)
+        data, source_ext = _read_source(image)
+        if not data and opts.verify:
+            raise BadSample(REASON_EMPTY_FILE)
+        ext, data = _encode_image(data, source_ext, opts)
+    except BadSample as bad:
+        return ("bad", key, bad.reason, bad.detail)
+    meta_bytes = None
+    if meta is not None:
+        meta_bytes = json.dumps(meta, ensure_ascii=False, sort_keys=True, default=str).encode("utf-8")
+    return ("ok", key, ext, data, cap, meta_bytes)
+
+
+def _glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", text)
+
+
+def _format_key(key: Any, counter: int) -> str:
+    if key is None:
+        return f"{counter:0{_KEY_DIGITS}d}"
+    if isinstance(key, int) and not isinstance(key, bool):
+        if key < 0:
+            raise ValueError(f"sample keys must be non-negative, got {key}")
+        return f"{key:0{_KEY_DIGITS}d}"
+    key = str(key)
+    if not _KEY_RE.match(key) or key.startswith("__"):
+        raise ValueError(f"invalid sample key {key!r}: keys may not be empty, contain '.', '/' or '\\', "
+                         "start with whitespace or '__'")
+    return key
+
+
+class _ShardSink:
+    """Writes samples to consecutive shards, each under a temporary name renamed when complete."""
+
+    def __init__(self, out_dir: Path, prefix: str, max_per_shard: int, start_shard: int) -> None:
+        self.out_dir = out_dir
+        self.prefix = prefix
+        self.max_per_shard = max_per_shard
+        self.index = start_shard
+        self.written: list[Path] = []
+        self.sizes: dict[str, int] = {}
+        self._file: Any = None
+        self._tar: Any = None
+        self._count = 0
+        self._keys: set[str] = set()
+
+    def _name(self) -> str:
+        return f"{self.prefix}-{self.index:05d}.tar"
+
+    def _open(self) -> None:
+        from webdataset import TarWriter
+
+        self._temp = self.out_dir / f".{self._name()}.partial"
+        self._file = open(self._temp, "wb")
+        # An integer mtime keeps the headers plain USTAR: a fractional one makes tarfile add a PAX
+        # header to every member, which costs readers a second header parse per member.
+        self._tar = TarWriter(self._file, encoder=False, mtime=int(time.time()))
+        self._count = 0
+        self._keys = set()
+
+    def write(self, key: str, members: dict[str, bytes]) -> None:
+        if self._tar is None:
+            self._open()
+        if key in self._keys:
+            raise ValueError(f"duplicate sample key {key!r} in shard {self._name()}")
+        self._keys.add(key)
+        self._tar.write({"__key__": key, **members})
+        self._count += 1
+        if self._count >= self.max_per_shard:
+            self.close()
+
+    def close(self) -> None:
+        if self._tar is None:
+            return
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        final = self.out_dir / self._name()
+        os.replace(self._temp, final)
+        self.written.append(final)
+        self.sizes[final.name] = self._count
+        self._tar = self._file = None
+        self.index += 1
+
+    def abort(self) -> None:
+        if self._tar is None:
+            return
+        try:
+            try:
+                self._tar.close()  # flushes tarfile's buffer into the doomed temporary file
+            finally:
+                self._file.close()
+        finally:
+            self._temp.unlink(missing_ok=True)
+            self._tar = self._file = None
+
+
+def _update_sizes(out_dir: Path, sizes: dict[str, int]) -> None:
+    path = out_dir / "sizes.json"
+    merged: dict[str, int] = {}
+    try:
+        merged = json.loads(path.read_text())
+    except (OSError, ValueError):
+        merged = {}
+    merged.update(sizes)
+    temp = out_dir / ".sizes.json.partial"
+    temp.write_text(json.dumps(dict(sorted(merged.items())), indent=1) + "\n")
+    os.replace(temp, path)
+
+
+def write_shards(
+    samples: Iterable[Sequence[Any]],
+    out_dir: str | os.PathLike,
+    prefix: str = "shard",
+    max_per_shard: int = 1000,
+    *,
+    reencode: str = "auto",
+    max_size: int | None = None,
+    quality: int = 95,
+    verify: bool = True,
+    workers: int = 0,
+    start_shard: int = 0,
+    overwrite: bool = False,
+    stats: SampleStats | None = None,
+    progress: bool = False,
+    total: int | None = None,
+) -> list[Path]:
+    """Write ``(key, image, caption, meta)`` items to tar shards; returns the shard paths.
+
+    Args:
+        samples: items ``(key, image, caption, meta)`` (``meta`` optional): ``key`` an ``int`` (written
+            zero-padded to 9 digits), a ``str`` (no ``.``/``/``), or ``None`` (a running number);
+            ``image`` encoded bytes or a path; ``caption`` ``str`` (or ``bytes``/``None`` with
+            ``verify=False``); ``meta`` a JSON-serialisable dict or ``None``.
+        out_dir: output folder (created).
+        prefix, max_per_shard: shard names ``{prefix}-{00000}.tar``, at most ``max_per_shard`` samples each.
+        reencode, max_size, quality, verify: see the module docs.
+        workers: processes preparing samples (decode/verify/re-encode) in parallel; 0 = in this process.
+        start_shard: number of the first shard.
+        overwrite: replace existing ``{prefix}-*.tar`` shards; otherwise their presence is an error.
+        stats: filled with the number of samples seen and the skipped ones by reason.
+        progress: show a tqdm progress bar (``total`` items if known).
+    """
+    if reencode not in REENCODE_MODES:
+        raise ValueError(f"reencode must be one of {REENCODE_MODES}, got {reencode!r}")
+    if max_size is not None and (int(max_size) < 1):
+        raise ValueError(f"max_size must be a positive number of pixels, got {max_size}")
+    if max_size is not None and reencode == "never":
+        raise ValueError("max_size needs re-encoding; it cannot be combined with reencode='never'")
+    if not 1 <= int(quality) <= 100:
+        raise ValueError(f"quality must be in 1..100, got {quality}")
+    if int(max_per_shard) < 1:
+        raise ValueError(f"max_per_shard must be at least 1, got {max_per_shard}")
+    if not prefix or "/" in prefix or prefix.startswith("."):
+        raise ValueError(f"invalid shard prefix {prefix!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    existing = sorted(out.glob(f"{_glob_escape(prefix)}-*.tar"))
+    if existing and not overwrite:
+        raise ValueError(f"{out} already holds {len(existing)} shard(s) named {prefix}-*.tar "
+                         f"(e.g. {existing[0].name}); pass overwrite=True (--overwrite) or use another "
+                         "prefix or folder")
+    for stale in out.glob(f".{_glob_escape(prefix)}-*.tar.partial"):
+        stale.unlink(missing_ok=True)  # left by an interrupted run
+
+    opts = _Options(reencode, None if max_size is None else int(max_size), int(quality), bool(verify))
+    stats = stats if stats is not None else SampleStats()
+    prepare = functools.partial(_prepare, opts=opts)
+    sink = _ShardSink(out, prefix, int(max_per_shard), int(start_shard))
+    pool = None
+    bar = None
+    counter = 0
+    try:
+        if workers and workers > 0:
+            import multiprocessing
+
+            pool = multiprocessing.Pool(workers)
+            results: Iterator[tuple[Any, ...]] = pool.imap(prepare, samples, chunksize=8)
+        else:
+            results = map(prepare, samples)
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, unit="img", dynamic_ncols=True, desc="pack")
+        for result in results:
+            if result[0] == "bad":
+                stats.record(result[2])
+            else:
+                _, key, ext, data, cap, meta = result
+                members = {ext: data}
+                if cap is not None:
+                    members["txt"] = cap
+                if meta is not None:
+                    members["json"] = meta
+                sink.write(_format_key(key, counter), members)
+                counter += 1
+                stats.seen += 1
+            if bar is not None:
+                bar.update(1)
+                if stats.skipped:
+                    bar.set_postfix(skipped=stats.skipped, refresh=False)
+        sink.close()
+    except BaseException:
+        sink.abort()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        if sink.sizes:
+            _update_sizes(out, sink.sizes)
+    return sink.written
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sources for `ldmclip pack`
+# ----------------------------------------------------------------------------------------------------
+
+def iter_image_folder(root: str | os.PathLike) -> tuple[int, Iterator[tuple[None, Path, bytes | None, dict]]]:
+    """Images under ``root`` (recursively, sorted) with their sidecar captions (``a/b.jpg`` +
+    ``a/b.txt``): returns ``(count, items)``; a missing sidecar gives a ``None`` caption."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in FOLDER_IMAGE_SUFFIXES and p.is_file())
+    if not paths:
+        raise ValueError(f"no images ({', '.join(FOLDER_IMAGE_SUFFIXES)}) in {root}")
+
+    def items() -> Iterator[tuple[None, Path, bytes | None, dict]]:
+        for path in paths:
+            sidecar = path.with_suffix(".txt")
+            try:
+                caption: bytes | None = sidecar.read_bytes()
+            except OSError:
+                caption = None
+            yield None, path, caption, {"image": path.relative_to(root).as_posix()}
+
+    return len(paths), items()
+
+
+def iter_table(table: Any, stats: SampleStats) -> Iterator[tuple[None, str, str, dict]]:
+    """Rows of a ``CaptionTable`` as writer items; rows with an unusable caption are counted in
+    ``stats`` and left out."""
+    for i in range(len(table)):
+        error = table.caption_error(i)
+        if error is not None:
+            stats.record(error)
+            continue
+        image = table.images[i] or None
+        yield None, image, table.captions[i], {"image": table.names[i], "row": table.rows[i]}
+
+
+# ----------------------------------------------------------------------------------------------------
+# `ldmclip pack`
+# ----------------------------------------------------------------------------------------------------
+
+def add_pack_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Arguments of ``ldmclip pack`` (use with ``run_pack``)."""
+    parser.add_argument("input", help="a table (.csv, .tsv, .parquet) of image paths and captions, or a "
+                                      "folder of images with sidecar .txt captions (a.jpg + a.txt)")
+    parser.add_argument("output", help="folder to write the shards to")
+    table = parser.add_argument_group("table input")
+    table.add_argument("--image-root", default=None,
+                       help="folder the image paths of the table are relative to (default: the table's folder)")
+    table.add_argument("--image-column", default="image", help="column of image paths (default: image)")
+    table.add_argument("--caption-column", default="caption", help="column of captions (default: caption)")
+    table.add_argument("--split-file", default=None,
+                       help="text file of image names, one per line; only those rows are packed")
+    table.add_argument("--sep", default=None,
+                       help="delimiter of a text table whose suffix does not say it ('\\t' or 'tab' for a tab)")
+    shards = parser.add_argument_group("shards")
+    shards.add_argument("--per-shard", type=int, default=1000, help="samples per shard (default: 1000)")
+    shards.add_argument("--prefix", default="shard", help="shard file names: PREFIX-00000.tar (default: shard)")
+    shards.add_argument("--reencode", choices=REENCODE_MODES, default="auto",
+                        help="auto: keep JPEG bytes, re-encode other formats as JPEG; always: re-encode "
+                             "everything; never: store the source bytes as they are (default: auto)")
+    shards.add_argument("--max-size", type=int, default=None,
+                        help="downscale (re-encode) images whose shorter side exceeds this many pixels")
+    shards.add_argument("--quality", type=int, default=95, help="JPEG quality when re-encoding (default: 95)")
+    shards.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="do not decode every image to check it (faster; corrupt files get packed)")
+    shards.add_argument("--workers", type=int, default=0,
+                        help="processes decoding/re-encoding images in parallel (default: 0 = none)")
+    shards.add_argument("--overwrite", action="store_true", help="replace existing PREFIX-*.tar shards")
+    shards.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def run_pack(args: argparse.Namespace) -> int:
+    """``ldmclip pack``: pack a table or an image folder into shards; prints a summary.
+    Returns 0 when at least one sample was written, 1 otherwise. Input errors raise
+    ``FileNotFoundError``/``ValueError`` with a clear message."""
+    from .table import CaptionTable
+
+    source = Path(args.input)
+    stats = SampleStats()
+    sep = args.sep
+    if sep is not None:
+        sep = {"\\t": "\t", "tab": "\t", "TAB": "\t"}.get(sep, sep)  # `--sep '\t'` from a shell
+    if source.is_dir():
+        if args.split_file:
+            raise ValueError("--split-file applies to table inputs, not to image folders")
+        total, items = iter_image_folder(source)
+        what = f"{total} images in {source}"
+    else:
+        table = CaptionTable(source, args.image_root, None, image_column=args.image_column,
+                             caption_column=args.caption_column, split_file=args.split_file, sep=sep)
+        total, items = len(table), iter_table(table, stats)
+        what = f"{total} rows of {source}"
+    print(f"packing {what} into {args.output}", file=sys.stderr)
+    shards = write_shards(items, args.output, prefix=args.prefix, max_per_shard=args.per_shard,
+                          reencode=args.reencode, max_size=args.max_size, quality=args.quality,
+                          verify=args.verify, workers=args.workers, overwrite=args.overwrite, stats=stats,
+                          progress=not args.quiet, total=total)
+    size = sum(p.stat().st_size for p in shards)
+    if shards:
+        names = shards[0].name if len(shards) == 1 else f"{shards[0].name} .. {shards[-1].name}"
+        print(f"wrote {stats.good} samples in {len(shards)} shard(s) to {args.output} ({names}, "
+              f"{_human_bytes(size)})")
+    else:
+        print(f"wrote nothing to {args.output}")
+    if stats.skipped:
+        reasons = ", ".join(f"{r} {n}" for r, n in stats.counts.most_common())
+        print(f"skipped {stats.skipped} sample(s): {reasons}")
+    else:
+        print("skipped 0 samples")
+    return 0 if shards else 1

@@ -1,0 +1,141 @@
+"""The training configuration: one typed object, filled from defaults, a YAML/JSON file and flags.
+
+Every field is also a command-line flag (``--batch-size`` for ``batch_size``), generated from this
+dataclass so the two can never drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    model: str = _opt("ViT-S-8-64", "model config name, JSON path, hf-hub:org/repo or local-dir:PATH")
+    pretrained: str | None = _opt(None, "initial weights (file, folder or hf-hub:org/repo); default: random init")
+    # data
+    data: str = _opt("synthetic", "'synthetic', a CSV/TSV/parquet file (with --images), or webdataset shards "
+                                  "like 'data/{00000..00099}.tar'")
+    images: str | None = _opt(None, "image root folder for a CSV/TSV/parquet --data")
+    split: str | None = _opt(None, "file listing the image names to train on (e.g. flickr8k/train.txt)")
+    image_column: str = _opt("image", "image-path column of a CSV/TSV/parquet --data")
+    caption_column: str = _opt("caption", "caption column of a CSV/TSV/parquet --data")
+    val_data: str | None = _opt(None, "validation data for retrieval recall (same forms as --data); "
+                                      "default: held-out synthetic scenes when --data is synthetic")
+    val_split: str | None = _opt(None, "file listing the validation image names (e.g. flickr8k/test.txt)")
+    val_size: int = _opt(1000, "number of validation image–caption pairs to evaluate")
+    workers: int = _opt(1, "data-loading worker processes")
+    shuffle_buffer: int = _opt(2000, "shuffle buffer for webdataset shards")
+    # schedule
+    output: str | None = _opt(None, "run directory (default: runs/<model>-<timestamp>)")
+    steps: int | None = _opt(None, "optimizer steps to run (default 1400 on synthetic data; or use --epochs)")
+    epochs: float | None = _opt(None, "passes over the data (CSV data only); converted to steps")
+    batch_size: int = _opt(128, "contrastive batch size (global, all accumulation micro-batches together)")
+    accum: int = _opt(1, "split each batch into this many micro-batches (features are cached, so the loss "
+                         "still sees the whole batch)")
+    lr: float = _opt(1e-3, "peak learning rate")
+    wd: float = _opt(0.1, "AdamW weight decay (not applied to gains, biases, embeddings or logit_scale)")
+    beta1: float = _opt(0.9, "AdamW beta1")
+    beta2: float = _opt(0.98, "AdamW beta2")
+    eps: float = _opt(1e-6, "AdamW epsilon")
+    warmup: int = _opt(100, "linear warm-up steps before the cosine decay")
+    grad_clip: float | None = _opt(1.0, "clip the gradient norm to this value (0 or none to disable)")
+    # loss
+    loss: str = _opt("clip", "contrastive loss", choices=["clip", "siglip"])
+    tile_size: int | None = _opt(None, "compute the CLIP loss in tiles of this size (exact; memory O(N·D))")
+    # speed and memory
+    precision: str = _opt("auto", "'auto' (bf16 autocast on CUDA and on CPUs with fast bf16, else fp32), "
+                                  "'amp_bf16', 'amp_fp16' (CUDA) or 'fp32'",
+                          choices=["auto", "amp_bf16", "amp_fp16", "fp32"])
+    grad_checkpointing: bool = _opt(False, "recompute activations in backward (less memory, ~30% slower)")
+    compile: bool = _opt(False, "torch.compile the model")
+    lock_image: bool = _opt(False, "freeze the image tower (LiT)")
+    lock_text: bool = _opt(False, "freeze the text tower")
+    patch_dropout: float = _opt(0.0, "fraction of image patches dropped during training (FLIP)")
+    device: str = _opt("auto", "'auto' (cuda if available), 'cpu' or 'cuda[:N]'")
+    # bookkeeping
+    seed: int = _opt(0, "random seed (the whole run is reproducible from it on CPU)")
+    save_every: int = _opt(500, "write a resumable checkpoint every N steps (0: only at the end)")
+    keep_checkpoints: int = _opt(2, "number of recent checkpoints to keep")
+    eval_every: int = _opt(500, "run validation every N steps (0: only at the end)")
+    log_every: int = _opt(10, "write metrics every N steps")
+    resume: str | None = _opt(None, "checkpoint file to resume from, or 'latest' (newest in --output)")
+    max_bad_fraction: float = _opt(0.5, "stop when more than this fraction of samples is unreadable")
+    max_nonfinite_steps: int = _opt(20, "stop after this many non-finite losses in a row")
+    progress: bool = _opt(True, "show a progress bar")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> dict[str, Any]:
+        """Field values from a YAML or JSON file (unknown keys are an error)."""
+        path = Path(path)
+        text = path.read_text(encoding="utf-8")
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            values = yaml.safe_load(text) or {}
+        else:
+            values = json.loads(text)
+        if not isinstance(values, dict):
+            raise ValueError(f"{path} must hold a mapping of option names to values")
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k.replace("-", "_"): v for k, v in values.items()}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown option(s) in {path}: {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        return values
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _optional(kind: type):
+    def parse(text: str):
+        return None if text.lower() in ("none", "null", "") else kind(text)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per :class:`TrainConfig` field, plus ``--config FILE``."""
+    parser.add_argument("--config", help="YAML or JSON file setting any of the options below "
+                                         "(flags given on the command line win)")
+    hints = get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        extra = {k: v for k, v in f.metadata.items() if k != "help"}
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, nargs="?", const=True, type=_parse_bool, default=None, metavar="yes|no",
+                                help=f"{f.metadata['help']} (default: {f.default})", **extra)
+            continue
+        base = next(t for t in (int, float, str) if t in getattr(kind, "__args__", (kind,)))
+        parser.add_argument(flag, dest=f.name, type=_optional(base), default=None,
+                            help=f"{f.metadata['help']} (default: {f.default})", **extra)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    values: dict[str, Any] = TrainConfig.from_file(args.config) if getattr(args, "config", None) else {}
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            values[f.name] = value
+    return TrainConfig(**values)

@@ -1,0 +1,263 @@
+"""Training and validation data for the trainer, built from a :class:`TrainConfig`.
+
+Map-style data (the synthetic scenes, CSV/TSV/parquet tables) is read in a seeded permutation per
+epoch, so a data position ``(epoch, batches)`` pins down exactly what comes next: a resumed run sees
+the same batches as an uninterrupted one. Webdataset shards are a stream; on resume the stream is
+reshuffled with a new seed (as OpenCLIP does) rather than replayed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..transforms import EvalTransform, PreprocessConfig, image_transform
+from .config import TrainConfig
+
+SYNTHETIC = "synthetic"
+DEFAULT_SYNTHETIC_STEPS = 1400
+TABLE_SUFFIXES = (".csv", ".tsv", ".parquet", ".pq")
+
+
+@dataclass
+class DataPosition:
+    epoch: int = 0
+    batches: int = 0  # batches already taken from this epoch
+
+
+@dataclass
+class TrainBatch:
+    images: torch.Tensor
+    tokens: torch.Tensor
+    skipped: Counter = field(default_factory=Counter)
+    position_after: DataPosition = field(default_factory=DataPosition)
+
+
+class EpochPermutation(Sampler[int]):
+    """Indices ``0..length-1`` in an order fixed by ``(seed, epoch)``, starting at ``start``."""
+
+    def __init__(self, length: int, seed: int, epoch: int, start: int = 0):
+        self.length, self.seed, self.epoch, self.start = length, seed, epoch, start
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.length, generator=generator)[self.start:].tolist())
+
+    def __len__(self) -> int:
+        return self.length - self.start
+
+
+def _is_table(path: str) -> bool:
+    return path.lower().endswith(TABLE_SUFFIXES)
+
+
+class MapStyleData:
+    """Batches from a map-style dataset, epoch after epoch, resumable at any batch."""
+
+    def __init__(self, dataset: Dataset, collate, batch_size: int, workers: int, seed: int):
+        if len(dataset) < batch_size:
+            raise ValueError(f"the training data has {len(dataset)} samples, fewer than one batch "
+                             f"(--batch-size {batch_size})")
+        self.dataset, self.collate = dataset, collate
+        self.batch_size, self.workers, self.seed = batch_size, workers, seed
+        self.batches_per_epoch = len(dataset) // batch_size
+
+    def total_steps(self, cfg: TrainConfig) -> int:
+        if cfg.steps:
+            return cfg.steps
+        if cfg.epochs:
+            return max(1, math.ceil(cfg.epochs * self.batches_per_epoch))
+        raise ValueError("say how long to train: --steps N or --epochs E")
+
+    def batches(self, position: DataPosition, device: torch.device) -> Iterator[TrainBatch]:
+        epoch, done = position.epoch, position.batches
+        while True:
+            sampler = EpochPermutation(len(self.dataset), self.seed, epoch, done * self.batch_size)
+            loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True,
+                                num_workers=self.workers, collate_fn=self.collate,
+                                persistent_workers=False, pin_memory=device.type == "cuda",
+                                # a private generator: worker seeding must not consume the global RNG,
+                                # or a resumed run would drift from an uninterrupted one
+                                generator=torch.Generator().manual_seed(self.seed + epoch),
+                                prefetch_factor=4 if self.workers else None)
+            for batch in loader:
+                done += 1
+                yield TrainBatch(batch.images.to(device, non_blocking=True), batch.tokens.to(device, non_blocking=True),
+                                 Counter(batch.skipped), DataPosition(epoch, done))
+            epoch, done = epoch + 1, 0
+
+
+class StreamData:
+    """Batches from webdataset shards (an endless stream when resampled)."""
+
+    def __init__(self, make_dataset, collate, batch_size: int, workers: int, seed: int):
+        self.make_dataset, self.collate = make_dataset, collate
+        self.batch_size, self.workers, self.seed = batch_size, workers, seed
+
+    def total_steps(self, cfg: TrainConfig) -> int:
+        if not cfg.steps:
+            raise ValueError("webdataset shards are a stream: say how long to train with --steps N")
+        return cfg.steps
+
+    def batches(self, position: DataPosition, device: torch.device) -> Iterator[TrainBatch]:
+        epoch, done = position.epoch, position.batches
+        while True:
+            # A resumed run starts a fresh pass with its own shuffle seed instead of replaying.
+            dataset = self.make_dataset(epoch=epoch * 1000 + done)
+            loader = DataLoader(dataset, batch_size=self.batch_size, num_workers=self.workers,
+                                collate_fn=self.collate, pin_memory=device.type == "cuda",
+                                generator=torch.Generator().manual_seed(self.seed + epoch))
+            produced = 0
+            for batch in loader:
+                done += 1
+                produced += 1
+                yield TrainBatch(batch.images.to(device, non_blocking=True), batch.tokens.to(device, non_blocking=True),
+                                 Counter(batch.skipped), DataPosition(epoch, done))
+            if produced == 0:
+                raise ValueError("the webdataset shards yielded no batch; check the --data pattern and the shards")
+            epoch, done = epoch + 1, 0
+
+
+def build_train_data(cfg: TrainConfig, tokenizer, preprocess: PreprocessConfig) -> MapStyleData | StreamData:
+    from ..data import ImageTextCollator
+
+    collate = ImageTextCollator(tokenizer)
+    if cfg.data == SYNTHETIC:
+        from ..data.synthetic import SyntheticScenes
+
+        steps = cfg.steps or DEFAULT_SYNTHETIC_STEPS
+        cfg.steps = steps
+        # one epoch covers the whole run, so no scene is repeated
+        dataset = SyntheticScenes("train", image_size=preprocess.image_size, length=steps * cfg.batch_size,
+                                  seed=cfg.seed, transform=EvalTransform(preprocess.image_size, preprocess.mean,
+                                                                         preprocess.std))
+        return MapStyleData(dataset, collate, cfg.batch_size, cfg.workers, cfg.seed)
+    train_transform = image_transform(preprocess, is_train=True, seed=cfg.seed)
+    if _is_table(cfg.data):
+        from ..data import CaptionTable
+
+        if not cfg.images:
+            raise ValueError(f"--data {cfg.data} is a table of image paths: also pass --images ROOT")
+        dataset = CaptionTable(cfg.data, cfg.images, train_transform, image_column=cfg.image_column,
+                               caption_column=cfg.caption_column, split_file=cfg.split)
+        return MapStyleData(dataset, collate, cfg.batch_size, cfg.workers, cfg.seed)
+    from ..data import make_shard_pipeline
+
+    def make_dataset(epoch: int):
+        return make_shard_pipeline(cfg.data, train_transform, shuffle_buffer=cfg.shuffle_buffer,
+                                   resampled=True, seed=cfg.seed, epoch=epoch)
+
+    return StreamData(make_dataset, collate, cfg.batch_size, cfg.workers, cfg.seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+@dataclass
+class ZeroShotTask:
+    """Images with class labels, classified among all ``classnames``; accuracy per image subset."""
+
+    classnames: list[str]
+    templates: list[str]
+    images: torch.Tensor
+    labels: torch.Tensor
+    subsets: dict[str, torch.Tensor]  # suffix -> boolean mask over the images
+
+
+@dataclass
+class Validation:
+    """Retrieval recall on held-out pairs, plus zero-shot accuracy on synthetic classes if present."""
+
+    images: torch.Tensor                     # [I, 3, S, S]
+    tokens: torch.Tensor                     # [T, ctx]
+    text_to_image: torch.Tensor              # [T]
+    zero_shot: list[tuple[str, ZeroShotTask]] = field(default_factory=list)
+    tokenizer: Any = None
+    batch_size: int = 256
+
+    @torch.inference_mode()
+    def evaluate(self, model, device: torch.device) -> dict[str, float]:
+        from ..eval import build_zero_shot_classifier, retrieval_metrics, zero_shot_accuracy
+
+        image_features = self._encode(model.encode_image, self.images, device)
+        text_features = self._encode(model.encode_text, self.tokens, device)
+        metrics = retrieval_metrics(image_features, text_features, self.text_to_image.to(device))
+        keep = {k: v for k, v in metrics.items() if k.endswith(("R@1", "R@5", "R@10"))}
+        for name, task in self.zero_shot:
+            classifier = build_zero_shot_classifier(model, self.tokenizer, task.classnames, task.templates,
+                                                    device=device)
+            for subset, mask in task.subsets.items():
+                images, labels = task.images[mask], task.labels[mask]
+                batches = [(images[i:i + self.batch_size], labels[i:i + self.batch_size])
+                           for i in range(0, len(images), self.batch_size)]
+                accuracy = zero_shot_accuracy(model, classifier, batches, device=device)
+                keep[f"zeroshot_{name}{subset}_top1"] = accuracy["top1"]
+        return keep
+
+    def _encode(self, encode, inputs: torch.Tensor, device: torch.device) -> torch.Tensor:
+        out = [encode(inputs[i:i + self.batch_size].to(device), normalize=True).float()
+               for i in range(0, len(inputs), self.batch_size)]
+        return torch.cat(out)
+
+
+def build_validation(cfg: TrainConfig, tokenizer, preprocess: PreprocessConfig) -> Validation | None:
+    eval_transform = EvalTransform(preprocess.image_size, preprocess.mean, preprocess.std)
+    source = cfg.val_data or (SYNTHETIC if cfg.data == SYNTHETIC else None)
+    if source is None:
+        return None
+    if source == SYNTHETIC:
+        from ..data.synthetic import (HELD_OUT_PAIRS, SyntheticZeroShot, synthetic_retrieval_pairs,
+                                      zero_shot_templates)
+
+        pairs = synthetic_retrieval_pairs(cfg.val_size, image_size=preprocess.image_size, seed=cfg.seed + 1)
+        images = torch.stack([eval_transform(image) for image, _ in pairs])
+        tokens = tokenizer([caption for _, caption in pairs])
+        # Every colour×shape class competes with all others; accuracy is reported over all images and
+        # separately over the classes held out of training (composition never seen with its caption).
+        data = SyntheticZeroShot(image_size=preprocess.image_size, per_class=20, seed=cfg.seed + 2,
+                                 transform=eval_transform, classes="all")
+        samples = [data[i] for i in range(len(data))]
+        labels = torch.tensor([label for _, label in samples])
+        held_out = torch.tensor([data.pairs[label] in set(HELD_OUT_PAIRS) for label in labels.tolist()])
+        task = ZeroShotTask(list(data.classnames), zero_shot_templates(), torch.stack([s[0] for s in samples]),
+                            labels, {"": torch.ones_like(held_out), "_held_out": held_out, "_seen": ~held_out})
+        zero_shot = [("colour_shape", task)]
+        return Validation(images, tokens, torch.arange(len(pairs)), zero_shot, tokenizer)
+    if _is_table(source):
+        return _table_validation(cfg, source, tokenizer, eval_transform)
+    raise ValueError(f"--val-data {source}: use 'synthetic' or a CSV/TSV/parquet table (with --images)")
+
+
+def _table_validation(cfg: TrainConfig, source: str, tokenizer, transform) -> Validation:
+    from ..data import CaptionTable
+
+    if not cfg.images:
+        raise ValueError(f"--val-data {source} is a table of image paths: also pass --images ROOT")
+    table = CaptionTable(source, cfg.images, transform, image_column=cfg.image_column,
+                         caption_column=cfg.caption_column, split_file=cfg.val_split)
+    images, captions, text_to_image = [], [], []
+    for image_path, caption_indices in table.grouped():
+        if len(images) >= cfg.val_size:
+            break
+        sample = table[caption_indices[0]]
+        if sample is None:
+            continue
+        images.append(sample[0])
+        for index in caption_indices:
+            captions.append(table.captions[index])
+            text_to_image.append(len(images) - 1)
+    if len(images) < 2:
+        raise ValueError(f"--val-data {source}: fewer than two readable validation images")
+    return Validation(torch.stack(images), tokenizer(captions), torch.tensor(text_to_image), [], tokenizer)
+
+
+def describe(path: str) -> str:
+    return SYNTHETIC if path == SYNTHETIC else str(Path(path))

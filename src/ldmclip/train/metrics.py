@@ -1,0 +1,84 @@
+"""Where training numbers go: ``metrics.jsonl``, TensorBoard, and a PNG of the curves."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLog:
+    """Appends one JSON object per record to ``metrics.jsonl`` and mirrors scalars to TensorBoard."""
+
+    def __init__(self, directory: Path, tensorboard: bool = True):
+        self.directory = directory
+        self.path = directory / "metrics.jsonl"
+        self._file = open(self.path, "a", encoding="utf-8")
+        self._writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._writer = SummaryWriter(str(directory / "tensorboard"))
+            except ImportError:  # tensorboard is optional; the JSON lines carry the same numbers
+                self._writer = None
+
+    def log(self, step: int, kind: str, values: dict[str, Any]) -> None:
+        record = {"step": step, "kind": kind, **values}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._writer is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self._writer.add_scalar(f"{kind}/{key}", value, step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._writer is not None:
+            self._writer.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_training_curves(metrics_path: Path, out_path: Path) -> Path | None:
+    """Loss, learning rate, logit scale and validation metrics against step, in one PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    records = read_metrics(metrics_path)
+    train = [r for r in records if r["kind"] == "train"]
+    val = [r for r in records if r["kind"] == "val"]
+    panels = [("loss", "training loss"), ("lr", "learning rate"), ("logit_scale", "logit scale (1/temperature)")]
+    val_keys = [k for k in (val[-1] if val else {}) if k not in ("step", "kind") and not k.endswith("rank")]
+    fig, axes = plt.subplots(1, len(panels) + (1 if val_keys else 0), figsize=(4.2 * (len(panels) + 1), 3.4))
+    for ax, (key, title) in zip(axes, panels):
+        points = [(r["step"], r[key]) for r in train if key in r]
+        if points:
+            ax.plot(*zip(*points))
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    if val_keys:
+        ax = axes[-1]
+        for key in val_keys:
+            points = [(r["step"], r[key]) for r in val if key in r]
+            ax.plot(*zip(*points), marker="o", label=key)
+        ax.set_title("validation")
+        ax.set_xlabel("step")
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = out_path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(out_path)
+    return out_path
