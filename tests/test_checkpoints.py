@@ -113,14 +113,23 @@ def test_image_size_change_resamples_positional_embedding(tiny_reference, tmp_pa
 # transformers CLIPModel
 
 
-def hf_clip_model(activation: str):
+HF_SIZES = {
+    # name: (text width, text layers, text heads, context, vision width, vision layers, vision heads, image, patch, embed)
+    "tiny": (64, 2, 2, 32, 64, 2, 2, 64, 16, 48),
+    "ViT-B-16": (512, 12, 8, 77, 768, 12, 12, 224, 16, 512),  # openai/clip-vit-base-patch16's shapes
+}
+
+
+def hf_clip_model(activation: str, size: str = "tiny"):
     transformers = pytest.importorskip("transformers")
-    text = transformers.CLIPTextConfig(vocab_size=49408, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                                       num_attention_heads=2, max_position_embeddings=32, hidden_act=activation,
+    tw, tl, th, ctx, vw, vl, vh, image, patch, embed = HF_SIZES[size]
+    text = transformers.CLIPTextConfig(vocab_size=49408, hidden_size=tw, intermediate_size=4 * tw, num_hidden_layers=tl,
+                                       num_attention_heads=th, max_position_embeddings=ctx, hidden_act=activation,
                                        bos_token_id=49406, eos_token_id=49407, pad_token_id=0)
-    vision = transformers.CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                                           num_attention_heads=2, image_size=64, patch_size=16, hidden_act=activation)
-    config = transformers.CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=48)
+    vision = transformers.CLIPVisionConfig(hidden_size=vw, intermediate_size=4 * vw, num_hidden_layers=vl,
+                                           num_attention_heads=vh, image_size=image, patch_size=patch,
+                                           hidden_act=activation)
+    config = transformers.CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=embed)
     model = transformers.CLIPModel(config).eval()
     with torch.no_grad():
         for param in model.parameters():
@@ -133,15 +142,17 @@ def _features(output):
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
-@pytest.mark.parametrize("activation", ["gelu", "quick_gelu"])
-def test_transformers_clipmodel_folder(tmp_path, activation):
-    reference = hf_clip_model(activation)
+@pytest.mark.parametrize("activation, size", [("gelu", "tiny"), ("quick_gelu", "tiny"), ("quick_gelu", "ViT-B-16")])
+def test_transformers_clipmodel_folder(tmp_path, activation, size):
+    reference = hf_clip_model(activation, size)
     reference.save_pretrained(tmp_path / "hf")
     assert (tmp_path / "hf" / "model.safetensors").is_file()
     model = ldmclip.create_model(f"local-dir:{tmp_path / 'hf'}").eval()
     assert model.config.quick_gelu == (activation == "quick_gelu")
-    assert model.config.embed_dim == 48
-    images, tokens = sample_inputs(64, 32)
+    assert model.config.embed_dim == HF_SIZES[size][-1]
+    if size == "ViT-B-16":  # the converted config is the packaged OpenAI-style config
+        assert model.config == ldmclip.get_model_config("ViT-B-16-quickgelu")
+    images, tokens = sample_inputs(model.image_size, model.context_length)
     with torch.no_grad():
         theirs_text = _features(reference.get_text_features(input_ids=tokens))
         theirs_image = _features(reference.get_image_features(pixel_values=images))

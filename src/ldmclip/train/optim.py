@@ -32,7 +32,10 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tup
     groups = [g for g in parameter_groups(model, weight_decay) if g["params"]]
     if not groups:
         raise ValueError("nothing to train: every parameter is frozen (did you lock both towers?)")
-    fused = all(p.device.type == "cuda" for g in groups for p in g["params"])
+    # The fused kernel (one pass over all parameters) exists for CPU and CUDA tensors; it is several
+    # times faster than the per-parameter loop on small models, where the optimizer step is a large
+    # share of the step time.
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
 
 
