@@ -21,7 +21,9 @@ def _opt(default: Any, help: str, **extra: Any) -> Any:
 @dataclass
 class TrainConfig:
     # what to train
-    model: str = _opt("ViT-S-8-64", "model config name, JSON path, hf-hub:org/repo or local-dir:PATH")
+    # The defaults are tuned for the built-in synthetic demo (`ldmclip train` with no options, a few
+    # minutes on a 2-core CPU); real data needs its own --model, --batch-size and --lr.
+    model: str = _opt("ViT-T-8-64", "model config name, JSON path, hf-hub:org/repo or local-dir:PATH")
     pretrained: str | None = _opt(None, "initial weights (file, folder or hf-hub:org/repo); default: random init")
     # data
     data: str = _opt("synthetic", "'synthetic', a CSV/TSV/parquet file (with --images), or webdataset shards "
@@ -38,12 +40,12 @@ class TrainConfig:
     shuffle_buffer: int = _opt(2000, "shuffle buffer for webdataset shards")
     # schedule
     output: str | None = _opt(None, "run directory (default: runs/<model>-<timestamp>)")
-    steps: int | None = _opt(None, "optimizer steps to run (default 1400 on synthetic data; or use --epochs)")
+    steps: int | None = _opt(None, "optimizer steps to run (default 1000 on synthetic data; or use --epochs)")
     epochs: float | None = _opt(None, "passes over the data (CSV data only); converted to steps")
-    batch_size: int = _opt(128, "contrastive batch size (global, all accumulation micro-batches together)")
+    batch_size: int = _opt(64, "contrastive batch size (global, all accumulation micro-batches together)")
     accum: int = _opt(1, "split each batch into this many micro-batches (features are cached, so the loss "
                          "still sees the whole batch)")
-    lr: float = _opt(1e-3, "peak learning rate")
+    lr: float = _opt(3e-3, "peak learning rate")
     wd: float = _opt(0.1, "AdamW weight decay (not applied to gains, biases, embeddings or logit_scale)")
     beta1: float = _opt(0.9, "AdamW beta1")
     beta2: float = _opt(0.98, "AdamW beta2")

@@ -22,7 +22,7 @@ from ..transforms import EvalTransform, PreprocessConfig, image_transform
 from .config import TrainConfig
 
 SYNTHETIC = "synthetic"
-DEFAULT_SYNTHETIC_STEPS = 1400
+DEFAULT_SYNTHETIC_STEPS = 1000
 TABLE_SUFFIXES = (".csv", ".tsv", ".parquet", ".pq")
 
 
