@@ -12,7 +12,6 @@ import math
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -257,7 +256,3 @@ def _table_validation(cfg: TrainConfig, source: str, tokenizer, transform) -> Va
     if len(images) < 2:
         raise ValueError(f"--val-data {source}: fewer than two readable validation images")
     return Validation(torch.stack(images), tokenizer(captions), torch.tensor(text_to_image), [], tokenizer)
-
-
-def describe(path: str) -> str:
-    return SYNTHETIC if path == SYNTHETIC else str(Path(path))

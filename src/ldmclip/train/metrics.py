@@ -58,7 +58,8 @@ def plot_training_curves(metrics_path: Path, out_path: Path) -> Path | None:
     val = [r for r in records if r["kind"] == "val"]
     panels = [("loss", "training loss"), ("lr", "learning rate"), ("logit_scale", "logit scale (1/temperature)")]
     val_keys = [k for k in (val[-1] if val else {}) if k not in ("step", "kind") and not k.endswith("rank")]
-    fig, axes = plt.subplots(1, len(panels) + (1 if val_keys else 0), figsize=(4.2 * (len(panels) + 1), 3.4))
+    width = 4.2 * (len(panels) + 1) + (2.5 if val_keys else 0)  # room for the legend on the right
+    fig, axes = plt.subplots(1, len(panels) + (1 if val_keys else 0), figsize=(width, 3.4))
     for ax, (key, title) in zip(axes, panels):
         points = [(r["step"], r[key]) for r in train if key in r]
         if points:
@@ -74,7 +75,7 @@ def plot_training_curves(metrics_path: Path, out_path: Path) -> Path | None:
         ax.set_title("validation")
         ax.set_xlabel("step")
         ax.set_ylim(0, 1)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
         ax.grid(alpha=0.3)
     fig.tight_layout()
     tmp = out_path.with_suffix(".tmp.png")
