@@ -302,5 +302,5 @@ def format_summary(result: TrainResult) -> str:
         lines.append("skipped samples: " + ", ".join(f"{k} {v}" for k, v in sorted(result.skipped.items())))
     for key, value in result.metrics.items():
         if not math.isnan(value) and not key.endswith("rank"):
-            lines.append(f"  {key:<28} {100 * value:6.2f}%")
+            lines.append(f"  {key:<38} {100 * value:6.2f}%")
     return "\n".join(lines)

@@ -1,0 +1,72 @@
+"""The trainer end to end on a small caption table: outputs, validation, bad samples."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import ldmclip
+from ldmclip.train import TrainConfig, train
+from ldmclip.train.loop import TrainingError
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
+
+
+def _table(tmp_path, broken: int = 0):
+    images = tmp_path / "images"
+    images.mkdir()
+    rows = ["image,caption"]
+    for index in range(16):
+        name = list(COLOURS)[index % 4]
+        pixels = np.full((40, 50, 3), COLOURS[name], dtype=np.uint8)
+        Image.fromarray(pixels).save(images / f"{index}.jpg")
+        rows += [f"{index}.jpg,a {name} square", f"{index}.jpg,something {name}"]
+    for index in range(broken):
+        (images / f"bad{index}.jpg").write_bytes(b"not a jpeg")
+        rows.append(f"bad{index}.jpg,a broken picture")
+    (tmp_path / "captions.csv").write_text("\n".join(rows) + "\n")
+    return tmp_path / "captions.csv", images
+
+
+def _config(tmp_path, table, images, **overrides) -> TrainConfig:
+    values = dict(model="ViT-Tiny-64", data=str(table), images=str(images), val_data=str(table), val_size=8,
+                  steps=4, batch_size=8, workers=0, warmup=1, output=str(tmp_path / "run"), eval_every=2,
+                  save_every=2, log_every=1, progress=False, precision="fp32")
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def test_table_training_writes_every_output_and_validates(tmp_path):
+    table, images = _table(tmp_path)
+    result = train(_config(tmp_path, table, images))
+    run = tmp_path / "run"
+    for name in ("metrics.jsonl", "training_curves.png", "summary.json", "config.json"):
+        assert (run / name).is_file(), name
+    assert any((run / "tensorboard").iterdir())
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]
+    val = [r for r in records if r["kind"] == "val"]
+    assert [r["step"] for r in val] == [2, 4]
+    assert 0.0 <= val[-1]["image_to_text_R@1"] <= 1.0
+    assert result.metrics["text_to_image_R@10"] == 1.0  # 8 images: every image is in the top 10
+    reloaded = ldmclip.create_model(f"local-dir:{result.final_model}")
+    assert reloaded.state_dict().keys() == ldmclip.create_model("ViT-Tiny-64").state_dict().keys()
+
+
+def test_unreadable_images_are_counted_not_fatal(tmp_path):
+    table, images = _table(tmp_path, broken=3)
+    result = train(_config(tmp_path, table, images, eval_every=0, steps=6))
+    assert sum(result.skipped.values()) >= 1
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["skipped"] == result.skipped
+
+
+def test_mostly_unreadable_data_stops_with_a_clear_error(tmp_path):
+    table, images = _table(tmp_path, broken=0)
+    for path in images.iterdir():
+        path.write_bytes(b"garbage")
+    with pytest.raises(TrainingError, match="could not be used"):
+        train(_config(tmp_path, table, images, eval_every=0, val_data=None, steps=40))
