@@ -64,7 +64,7 @@ class Attention(nn.Module):
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
     # On CPU the fused (flash) kernel's bf16 backward is 2-5x slower than the plain matmul-softmax
-    # kernel at CLIP's sequence lengths (measured with torch 2.13/2.14, see benchmarks); pick the
+    # kernel at CLIP's sequence lengths (measured here with torch 2.14 on a 2-core AMX CPU); pick the
     # latter when a bf16 graph is being built. Everywhere else PyTorch's own choice is the fastest.
     if q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled() and q.requires_grad:
         with sdpa_kernel(SDPBackend.MATH):
