@@ -83,31 +83,18 @@ def run_openclip(args, train_csv: Path, out: Path, epochs: int) -> float:
     return time.perf_counter() - start
 
 
-@torch.inference_mode()
 def test_recall(model_name: str, weights: Path, flickr: Path, max_images: int | None) -> dict[str, float]:
-    """Recall on the test split, scored by one piece of code for both runs."""
+    """Recall on the test split, scored by one piece of code (the trainer's validation) for both runs."""
     import ldmclip
     from ldmclip.data import CaptionTable
-    from ldmclip.eval import retrieval_metrics
+    from ldmclip.train.data import table_retrieval_validation
     from ldmclip.transforms import PreprocessConfig, image_transform
 
     model = ldmclip.create_model(model_name, pretrained=weights).eval()
-    tokenizer = ldmclip.get_tokenizer(model_name)
     transform = image_transform(PreprocessConfig(image_size=model.image_size), is_train=False)
     table = CaptionTable(flickr / "captions.csv", flickr / "images", transform, split_file=flickr / "test.txt")
-    groups = table.grouped()[:max_images] if max_images else table.grouped()
-    images, captions, owner = [], [], []
-    for image_index, (_, rows) in enumerate(groups):
-        images.append(table[rows[0]].image)
-        for row in rows:
-            captions.append(table.captions[row])
-            owner.append(image_index)
-    image_features = torch.cat([model.encode_image(torch.stack(images[i:i + 100]), normalize=True)
-                                for i in range(0, len(images), 100)])
-    text_features = torch.cat([model.encode_text(tokenizer(captions[i:i + 500]), normalize=True)
-                               for i in range(0, len(captions), 500)])
-    metrics = retrieval_metrics(image_features, text_features, torch.tensor(owner))
-    return {k: v for k, v in metrics.items() if "R@" in k}
+    validation = table_retrieval_validation(table, ldmclip.get_tokenizer(model_name), max_images)
+    return validation.evaluate(model, torch.device("cpu"))
 
 
 def main(argv: list[str] | None = None) -> int:

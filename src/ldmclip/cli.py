@@ -6,14 +6,14 @@ import argparse
 import sys
 
 
-def _count_parameters(name: str) -> tuple[int, int, int]:
+def _count_parameters(cfg) -> tuple[int, int, int]:
     """``(total, image tower, text tower)`` parameter counts, without allocating the weights."""
     import torch
 
-    from .models import CLIP, get_model_config
+    from .models import CLIP
 
     with torch.device("meta"):
-        model = CLIP(get_model_config(name))
+        model = CLIP(cfg)
     total = sum(p.numel() for p in model.parameters())
     visual = sum(p.numel() for p in model.visual.parameters())
     return total, visual, total - visual - model.logit_scale.numel()
@@ -33,7 +33,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     print("-" * len(header))
     for name in list_models():
         cfg = get_model_config(name)
-        total, visual, text = _count_parameters(name)
+        total, visual, text = _count_parameters(cfg)
         print(f"{name:<26}{total / 1e6:>10.2f}{visual / 1e6:>10.2f}{text / 1e6:>10.2f}"
               f"{cfg.vision_cfg.image_size:>10}{cfg.text_cfg.context_length:>9}{cfg.embed_dim:>7}")
     print("\nUse a name with ldmclip.create_model(name), or pass your own JSON config path.")

@@ -272,7 +272,27 @@ class _Normalize:
 # Transforms
 # ----------------------------------------------------------------------------------------------------
 
-class EvalTransform:
+class _CLIPTransform:
+    """What both transforms share: ``resize_and_crop`` (defined by each) -> RGB -> tensor -> normalise."""
+
+    _normalize: _Normalize
+
+    def resize_and_crop(self, img: Image.Image) -> Image.Image:
+        raise NotImplementedError
+
+    @property
+    def mean(self) -> tuple[float, float, float]:
+        return self._normalize.mean
+
+    @property
+    def std(self) -> tuple[float, float, float]:
+        return self._normalize.std
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        return self._normalize(_to_rgb(self.resize_and_crop(img)))
+
+
+class EvalTransform(_CLIPTransform):
     """Deterministic CLIP preprocessing: PIL image (any mode) -> float32 tensor ``[3, S, S]``.
 
     Equal to OpenCLIP's ``image_transform(image_size, is_train=False, mean=..., std=...,
@@ -300,14 +320,6 @@ class EvalTransform:
         self._resample = _INTERPOLATIONS[self.interpolation]
         self._normalize = _Normalize(mean, std)
 
-    @property
-    def mean(self) -> tuple[float, float, float]:
-        return self._normalize.mean
-
-    @property
-    def std(self) -> tuple[float, float, float]:
-        return self._normalize.std
-
     def resize_and_crop(self, img: Image.Image) -> Image.Image:
         """The geometric part: PIL image in its original mode -> ``S x S`` PIL image, same mode."""
         img = _check_image(img)
@@ -324,16 +336,13 @@ class EvalTransform:
             return _center_crop(img, size, fill=self.fill_color)
         return _resize(img, size, size, self._resample)  # squash
 
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        return self._normalize(_to_rgb(self.resize_and_crop(img)))
-
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(image_size={self.image_size}, mean={self.mean}, std={self.std}, "
                 f"interpolation={self.interpolation!r}, resize_mode={self.resize_mode!r}, "
                 f"fill_color={self.fill_color})")
 
 
-class TrainTransform:
+class TrainTransform(_CLIPTransform):
     """CLIP training augmentation: ``RandomResizedCrop`` -> RGB -> tensor -> normalise.
 
     The crop parameters follow torchvision's ``RandomResizedCrop.get_params`` (10 attempts with a random
@@ -378,14 +387,6 @@ class TrainTransform:
         self._log_ratio = torch.log(torch.tensor(self.ratio))  # float32, as torchvision
         self._worker_key: int | None = None
         self._worker_generator: torch.Generator | None = None
-
-    @property
-    def mean(self) -> tuple[float, float, float]:
-        return self._normalize.mean
-
-    @property
-    def std(self) -> tuple[float, float, float]:
-        return self._normalize.std
 
     def _rng(self) -> torch.Generator | None:
         if self.generator is None:
@@ -432,9 +433,6 @@ class TrainTransform:
         top, left, h, w = self.get_params(img.width, img.height)
         img = img.crop((left, top, left + w, top + h))
         return _resize(img, self.image_size, self.image_size, self._resample)
-
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        return self._normalize(_to_rgb(self.resize_and_crop(img)))
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(image_size={self.image_size}, scale={self.scale}, ratio={self.ratio}, "

@@ -63,13 +63,6 @@ def transform():
     return image_transform(PreprocessConfig(image_size=SIZE), is_train=False)
 
 
-@pytest.fixture(autouse=True)
-def _no_pending():
-    drain_pending()
-    yield
-    drain_pending()
-
-
 @pytest.mark.parametrize("kind", sorted(good_images()))
 def test_every_image_mode_decodes_to_rgb_tensor(kind, transform):
     data = good_images()[kind]

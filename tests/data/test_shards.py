@@ -86,13 +86,6 @@ def transform():
     return image_transform(PreprocessConfig(image_size=SIZE), is_train=True, seed=0)
 
 
-@pytest.fixture(autouse=True)
-def _no_pending():
-    drain_pending()
-    yield
-    drain_pending()
-
-
 def _read_all(loader):
     keys, captions, stats = [], {}, SampleStats()
     for batch in loader:

@@ -9,20 +9,12 @@ import pytest
 import torch
 
 from ldmclip.data import CaptionTable, SampleStats, make_dataloader
-from ldmclip.data.samples import drain_pending
 from ldmclip.tokenizer import build_tokenizer
 from ldmclip.transforms import PreprocessConfig, image_transform
 
 from .test_samples import encode, good_images, rgb_image
 
 SIZE = 32
-
-
-@pytest.fixture(autouse=True)
-def _no_pending():
-    drain_pending()
-    yield
-    drain_pending()
 
 
 @pytest.fixture

@@ -13,16 +13,8 @@ import pytest
 from PIL import Image
 
 from ldmclip.data import SampleStats, ShardDataset, add_pack_arguments, dataset_size, run_pack, write_shards
-from ldmclip.data.samples import drain_pending
 
 from .test_samples import bad_images, encode, good_images, rgb_image
-
-
-@pytest.fixture(autouse=True)
-def _no_pending():
-    drain_pending()
-    yield
-    drain_pending()
 
 
 def _members(path):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -63,6 +62,3 @@ class CLIP(TextTransformer):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-    def config_json(self) -> str:
-        return json.dumps(self.config.to_dict(), indent=2)

@@ -57,20 +57,29 @@ def _is_table(path: str) -> bool:
     return path.lower().endswith(TABLE_SUFFIXES)
 
 
+def _on_device(batch, device: torch.device, position: DataPosition) -> TrainBatch:
+    return TrainBatch(batch.images.to(device, non_blocking=True), batch.tokens.to(device, non_blocking=True),
+                      Counter(batch.skipped), position)
+
+
 class MapStyleData:
     """Batches from a map-style dataset, epoch after epoch, resumable at any batch."""
 
-    def __init__(self, dataset: Dataset, collate, batch_size: int, workers: int, seed: int):
+    def __init__(self, dataset: Dataset, collate, batch_size: int, workers: int, seed: int,
+                 default_steps: int | None = None):
         if len(dataset) < batch_size:
             raise ValueError(f"the training data has {len(dataset)} samples, fewer than one batch "
                              f"(--batch-size {batch_size})")
         self.dataset, self.collate = dataset, collate
         self.batch_size, self.workers, self.seed = batch_size, workers, seed
         self.batches_per_epoch = len(dataset) // batch_size
+        self.default_steps = default_steps
 
     def total_steps(self, cfg: TrainConfig) -> int:
         if cfg.steps:
             return cfg.steps
+        if self.default_steps:  # the synthetic stream is sized for this many steps; --epochs does not apply
+            return self.default_steps
         if cfg.epochs:
             return max(1, math.ceil(cfg.epochs * self.batches_per_epoch))
         raise ValueError("say how long to train: --steps N or --epochs E")
@@ -88,8 +97,7 @@ class MapStyleData:
                                 prefetch_factor=4 if self.workers else None)
             for batch in loader:
                 done += 1
-                yield TrainBatch(batch.images.to(device, non_blocking=True), batch.tokens.to(device, non_blocking=True),
-                                 Counter(batch.skipped), DataPosition(epoch, done))
+                yield _on_device(batch, device, DataPosition(epoch, done))
             epoch, done = epoch + 1, 0
 
 
@@ -117,8 +125,7 @@ class StreamData:
             for batch in loader:
                 done += 1
                 produced += 1
-                yield TrainBatch(batch.images.to(device, non_blocking=True), batch.tokens.to(device, non_blocking=True),
-                                 Counter(batch.skipped), DataPosition(epoch, done))
+                yield _on_device(batch, device, DataPosition(epoch, done))
             if produced == 0:
                 raise ValueError("the webdataset shards yielded no batch; check the --data pattern and the shards")
             epoch, done = epoch + 1, 0
@@ -132,12 +139,11 @@ def build_train_data(cfg: TrainConfig, tokenizer, preprocess: PreprocessConfig) 
         from ..data.synthetic import SyntheticScenes
 
         steps = cfg.steps or DEFAULT_SYNTHETIC_STEPS
-        cfg.steps = steps
         # one epoch covers the whole run, so no scene is repeated
         dataset = SyntheticScenes("train", image_size=preprocess.image_size, length=steps * cfg.batch_size,
                                   seed=cfg.seed, transform=EvalTransform(preprocess.image_size, preprocess.mean,
                                                                          preprocess.std))
-        return MapStyleData(dataset, collate, cfg.batch_size, cfg.workers, cfg.seed)
+        return MapStyleData(dataset, collate, cfg.batch_size, cfg.workers, cfg.seed, default_steps=steps)
     train_transform = image_transform(preprocess, is_train=True, seed=cfg.seed)
     if _is_table(cfg.data):
         from ..data import CaptionTable
@@ -225,7 +231,8 @@ def build_validation(cfg: TrainConfig, tokenizer, preprocess: PreprocessConfig) 
                                  transform=eval_transform, classes="all")
         samples = [data[i] for i in range(len(data))]
         labels = torch.tensor([label for _, label in samples])
-        held_out = torch.tensor([data.pairs[label] in set(HELD_OUT_PAIRS) for label in labels.tolist()])
+        held_out_pairs = set(HELD_OUT_PAIRS)
+        held_out = torch.tensor([data.pairs[label] in held_out_pairs for label in labels.tolist()])
         task = ZeroShotTask(list(data.classnames), zero_shot_templates(), torch.stack([s[0] for s in samples]),
                             labels, {"": torch.ones_like(held_out), "_held_out": held_out, "_seen": ~held_out})
         zero_shot = [("colour_shape", task)]
@@ -242,9 +249,15 @@ def _table_validation(cfg: TrainConfig, source: str, tokenizer, transform) -> Va
         raise ValueError(f"--val-data {source} is a table of image paths: also pass --images ROOT")
     table = CaptionTable(source, cfg.images, transform, image_column=cfg.image_column,
                          caption_column=cfg.caption_column, split_file=cfg.val_split)
+    return table_retrieval_validation(table, tokenizer, cfg.val_size)
+
+
+def table_retrieval_validation(table, tokenizer, max_images: int | None = None) -> Validation:
+    """Retrieval on a caption table: each readable image once, with all of its captions (up to
+    ``max_images`` images; unreadable ones are skipped)."""
     images, captions, text_to_image = [], [], []
-    for image_path, caption_indices in table.grouped():
-        if len(images) >= cfg.val_size:
+    for _, caption_indices in table.grouped():
+        if max_images is not None and len(images) >= max_images:
             break
         sample = table[caption_indices[0]]
         if sample is None:
@@ -254,5 +267,5 @@ def _table_validation(cfg: TrainConfig, source: str, tokenizer, transform) -> Va
             captions.append(table.captions[index])
             text_to_image.append(len(images) - 1)
     if len(images) < 2:
-        raise ValueError(f"--val-data {source}: fewer than two readable validation images")
+        raise ValueError(f"{table.path}: fewer than two readable validation images")
     return Validation(torch.stack(images), tokenizer(captions), torch.tensor(text_to_image), [], tokenizer)

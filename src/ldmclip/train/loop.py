@@ -29,7 +29,7 @@ from .data import DataPosition, build_train_data, build_validation
 from .metrics import MetricsLog, plot_training_curves
 from .optim import build_optimizer, build_scheduler
 from .parallelize import apply_activation_checkpointing, apply_compile, lock_text_tower, lock_tower
-from .precision import resolve_precision
+from .precision import autocast, resolve_precision
 from .step import contrastive_step
 
 
@@ -282,8 +282,6 @@ def _check_bad_fraction(progress: Progress, batch, cfg: TrainConfig) -> None:
 def _validate(model, validation, precision: str, device: torch.device, log: MetricsLog, step: int) -> dict[str, float]:
     if validation is None:
         return {}
-    from .precision import autocast
-
     model.eval()
     with autocast(precision, device):
         metrics = validation.evaluate(model, device)
