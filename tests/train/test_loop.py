@@ -70,3 +70,33 @@ def test_mostly_unreadable_data_stops_with_a_clear_error(tmp_path):
         path.write_bytes(b"garbage")
     with pytest.raises(TrainingError, match="could not be used"):
         train(_config(tmp_path, table, images, eval_every=0, val_data=None, steps=40))
+
+
+def test_validation_on_webdataset_shards(tmp_path):
+    from ldmclip.data.writer import write_shards
+    from ldmclip.train.data import build_validation
+    from ldmclip.transforms import PreprocessConfig
+
+    table, images = _table(tmp_path)
+    captions = [f"a {list(COLOURS)[index % 4]} square number {index}" for index in range(16)]
+    write_shards([(index, images / f"{index}.jpg", captions[index], None) for index in range(16)],
+                 tmp_path / "shards", max_per_shard=5)
+    cfg = _config(tmp_path, table, images, val_data=str(tmp_path / "shards" / "shard-{00000..00003}.tar"),
+                  val_size=12, eval_every=0, steps=2)
+    tokenizer = ldmclip.get_tokenizer(cfg.model)
+    validation = build_validation(cfg, tokenizer, PreprocessConfig(image_size=64))
+    # the first 12 pairs in shard order, one caption each, paired with their own image
+    assert validation.images.shape == (12, 3, 64, 64)
+    assert validation.tokens.equal(tokenizer(captions[:12]))
+    assert validation.text_to_image.tolist() == list(range(12))
+    result = train(cfg)
+    assert 0.0 < result.metrics["text_to_image_R@10"] <= 1.0
+
+
+def test_validation_shards_with_no_readable_pairs_is_a_clear_error(tmp_path):
+    from ldmclip.data.writer import write_shards
+
+    table, images = _table(tmp_path)
+    write_shards([(0, images / "0.jpg", "one red square", None)], tmp_path / "shards")
+    with pytest.raises(ValueError, match="fewer than two readable"):
+        train(_config(tmp_path, table, images, val_data=str(tmp_path / "shards" / "shard-00000.tar"), steps=1))

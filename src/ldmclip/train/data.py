@@ -239,7 +239,7 @@ def build_validation(cfg: TrainConfig, tokenizer, preprocess: PreprocessConfig) 
         return Validation(images, tokens, torch.arange(len(pairs)), zero_shot, tokenizer)
     if _is_table(source):
         return _table_validation(cfg, source, tokenizer, eval_transform)
-    raise ValueError(f"--val-data {source}: use 'synthetic' or a CSV/TSV/parquet table (with --images)")
+    return _shard_validation(source, tokenizer, eval_transform, cfg.val_size)
 
 
 def _table_validation(cfg: TrainConfig, source: str, tokenizer, transform) -> Validation:
@@ -250,6 +250,27 @@ def _table_validation(cfg: TrainConfig, source: str, tokenizer, transform) -> Va
     table = CaptionTable(source, cfg.images, transform, image_column=cfg.image_column,
                          caption_column=cfg.caption_column, split_file=cfg.val_split)
     return table_retrieval_validation(table, tokenizer, cfg.val_size)
+
+
+def _shard_validation(urls: str, tokenizer, transform, max_images: int) -> Validation:
+    """Retrieval on the first ``max_images`` readable samples of webdataset shards, in shard order
+    (no shuffling, so every evaluation sees the same pairs); one caption per image."""
+    from ..data.samples import drain_pending
+    from ..data.shards import ShardDataset
+
+    data = ShardDataset(urls, transform, shuffle_buffer=0, split_by_node=False)
+    images, captions = [], []
+    for sample in data:
+        if sample is None:
+            continue
+        images.append(sample.image)
+        captions.append(sample.caption)
+        if len(images) >= max_images:
+            break
+    drain_pending()  # validation's unreadable samples are not the training data's
+    if len(images) < 2:
+        raise ValueError(f"--val-data {urls}: fewer than two readable image–caption pairs in these shards")
+    return Validation(torch.stack(images), tokenizer(captions), torch.arange(len(images)), [], tokenizer)
 
 
 def table_retrieval_validation(table, tokenizer, max_images: int | None = None) -> Validation:
