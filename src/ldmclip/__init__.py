@@ -6,8 +6,9 @@ text tower to condition latent diffusion models.
 
 from .models import (CLIP, CLIPConfig, create_model, create_model_and_transforms, get_model_config, get_tokenizer,
                      list_models)
+from .conditioning import ConditionerOutput, TextConditioner, TextEmbeddingCache
 
 __version__ = "0.1.0"
 
-__all__ = ["CLIP", "CLIPConfig", "create_model", "create_model_and_transforms", "get_model_config",
-           "get_tokenizer", "list_models", "__version__"]
+__all__ = ["CLIP", "CLIPConfig", "ConditionerOutput", "TextConditioner", "TextEmbeddingCache", "create_model",
+           "create_model_and_transforms", "get_model_config", "get_tokenizer", "list_models", "__version__"]

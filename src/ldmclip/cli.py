@@ -74,25 +74,46 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("model", nargs="?", help="show the full config of this model instead")
     info.set_defaults(func=cmd_info)
 
+    from .conditioning.cache_cli import CACHE_TEXT_EPILOG, add_cache_text_arguments, run_cache_text
+    from .conditioning.export import EXPORT_EPILOG, add_export_arguments, run_export
+    from .data.writer import add_pack_arguments, run_pack
+    from .eval.cli import EVAL_EPILOG, add_eval_arguments, run_eval
     from .train.config import add_train_arguments
 
-    train = commands.add_parser(
-        "train", help="train a CLIP model (no options: a small model on synthetic data)",
+    def add(name, add_arguments, run, help, description, epilog=None):
+        command = commands.add_parser(name, help=help, description=description, epilog=epilog,
+                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_arguments(command)
+        command.set_defaults(func=run)
+
+    add("train", add_train_arguments, cmd_train,
+        help="train a CLIP model (no options: a small model on synthetic data)",
         description="Train CLIP with the symmetric contrastive loss. Writes metrics.jsonl, TensorBoard events, "
                     "resumable checkpoints, a PNG of the training curves and the final model (OpenCLIP hub "
                     "layout) into one run folder.",
-        epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_train_arguments(train)
-    train.set_defaults(func=cmd_train)
-
-    from .data.writer import add_pack_arguments, run_pack
-
-    pack = commands.add_parser(
-        "pack", help="pack a caption table or an image folder into webdataset shards",
+        epilog=TRAIN_EPILOG)
+    add("pack", add_pack_arguments, run_pack,
+        help="pack a caption table or an image folder into webdataset shards",
         description="Write webdataset shards (img2dataset layout: KEY.jpg + KEY.txt) from a CSV/TSV/parquet "
                     "caption table or a folder of images with .txt captions, so training can stream them.")
-    add_pack_arguments(pack)
-    pack.set_defaults(func=run_pack)
+    add("eval", add_eval_arguments, run_eval,
+        help="zero-shot classification and image-text retrieval of a model",
+        description="Evaluate a model: zero-shot classification (top-1, top-5, mean per-class accuracy, "
+                    "confusion matrix) and image<->text retrieval (recall@1/5/10, mean/median rank). "
+                    "Prints a table; --out writes JSON.",
+        epilog=EVAL_EPILOG)
+    add("export", add_export_arguments, run_export,
+        help="write a text encoder (or a whole model) in the transformers or diffusers layout",
+        description="Export a text tower as a transformers CLIPTextModel folder, as the text_encoder/ + "
+                    "tokenizer/ sub-folders of a diffusers pipeline (two of each for SDXL), or a whole model "
+                    "as a transformers CLIPModel folder. Written atomically.",
+        epilog=EXPORT_EPILOG)
+    add("cache-text", add_cache_text_arguments, run_cache_text,
+        help="precompute the text conditioning (sd1/sd2/sdxl) of every caption into a cache",
+        description="Encode the captions of webdataset shards, a table or a text file with an LDM text "
+                    "conditioner and store hidden states (+ pooled embeddings) in sharded safetensors files, "
+                    "read back by key with ldmclip.TextEmbeddingCache. Resumable: rerun to continue.",
+        epilog=CACHE_TEXT_EPILOG)
     return parser
 
 

@@ -23,7 +23,7 @@ import torch.utils.data
 
 from .samples import BadSample, Sample, SampleStats, decode_caption, load_sample, record_bad
 
-__all__ = ["CaptionTable", "ImageList", "read_table", "read_split_file"]
+__all__ = ["CaptionTable", "ImageList", "read_table", "read_split_file", "table_columns"]
 
 _DELIMITERS = {".csv": ",", ".tsv": "\t", ".tab": "\t"}
 _PARQUET = {".parquet", ".pq"}
@@ -94,6 +94,31 @@ def read_table(path: str | os.PathLike, columns: Sequence[str], sep: str | None 
             raise ValueError(f"{path}: unknown table format {suffix!r}; use .csv, .tsv or .parquet, "
                              "or pass sep= for delimited text")
     return _read_delimited(path, sep, columns)
+
+
+def table_columns(path: str | os.PathLike, sep: str | None = None) -> list[str]:
+    """Column names of a CSV / TSV / parquet file (its header), read without reading the rows."""
+    path = Path(path)
+    _check_file(path, "table")
+    suffix = path.suffix.lower()
+    if sep is None and suffix in _PARQUET:
+        import pyarrow.parquet as pq
+
+        try:
+            return list(pq.read_schema(path).names)
+        except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid etc.
+            raise ValueError(f"{path} is not a readable parquet file ({e})") from None
+    sep = sep or _DELIMITERS.get(suffix)
+    if sep is None:
+        raise ValueError(f"{path}: unknown table format {suffix!r}; use .csv, .tsv or .parquet")
+    with open(path, "r", encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+        try:
+            header = next(csv.reader(f, delimiter=sep), None)
+        except csv.Error as e:
+            raise ValueError(f"{path}, line 1: cannot parse ({e})") from None
+    if header is None:
+        raise ValueError(f"{path} is empty (no header row)")
+    return [h.strip() for h in header]
 
 
 def _norm(name: str) -> str:

@@ -17,8 +17,13 @@ from .layers import LayerNorm, Transformer
 
 
 class TextTransformer(nn.Module):
+    # The top-level attributes that make up the text tower (a CLIP adds ``visual`` and ``logit_scale``).
+    TEXT_PARTS = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection")
+
     def __init__(self, cfg: TextConfig, output_dim: int, activation: str = "gelu"):
         super().__init__()
+        # Kept so that an export (transformers config.json) or a cache can describe the tower.
+        self.activation = activation
         self.context_length = cfg.context_length
         self.vocab_size = cfg.vocab_size
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
@@ -40,6 +45,11 @@ class TextTransformer(nn.Module):
             nn.init.normal_(block.mlp.c_fc.weight, std=(2 * width) ** -0.5)
             nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
         nn.init.normal_(self.text_projection, std=width ** -0.5)
+
+    def text_state_dict(self) -> dict[str, torch.Tensor]:
+        """The text tower's own tensors, under OpenCLIP's key names (a CLIP's image tower and
+        temperature left out)."""
+        return {k: v for k, v in self.state_dict().items() if k.split(".", 1)[0] in self.TEXT_PARTS}
 
     def _check_tokens(self, tokens: torch.Tensor) -> None:
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):

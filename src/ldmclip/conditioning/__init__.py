@@ -1,0 +1,8 @@
+"""Latent-diffusion conditioning on a CLIP text tower: the SD 1.x / 2.x / SDXL recipes, long
+prompts, the empty prompt, the text-embedding cache, and export to the transformers / diffusers layouts."""
+
+from .cache import build_text_cache
+from .cache_reader import TextEmbeddingCache
+from .conditioner import PRESETS, ConditionerOutput, TextConditioner
+
+__all__ = ["PRESETS", "ConditionerOutput", "TextConditioner", "TextEmbeddingCache", "build_text_cache"]

@@ -1,0 +1,701 @@
+"""Text-embedding cache: a conditioner's outputs for every caption of a dataset, computed once and read
+back by key while training a latent diffusion model.
+
+Layout of a cache folder::
+
+    manifest.json                  what made the cache (below) and the finished shards with totals
+    empty_prompt.safetensors       hidden [T, W] (+ pooled [D]) of "" for classifier-free guidance
+    shards/NAME.safetensors        one per input chunk (cache_inputs): hidden [U, T, W], pooled [U, D]
+
+Each shard file also carries its index in the safetensors metadata (one ``"ldmclip"`` entry, JSON):
+the sample keys in input order, the row of ``hidden``/``pooled`` each key points to, the input it
+was made from and its counts. The cache's index (key -> shard, row) is the union of the shard
+indices, so there is no global file to merge or to go stale: a shard and its index appear together,
+in one rename. Keys are strings. A key found in two shards resolves to the first shard in name order.
+
+``manifest.json`` holds the conditioner's ``identity()`` (preset, options, model config, sha256 of the
+text-tower weights), the preset, the stored dtype, the autocast precision, the hidden/pooled shapes,
+the ldmclip version that created the cache, and the sorted list of finished shards with their summed
+counts (refreshed every ``MANIFEST_REFRESH_S`` seconds during a run and at its end; the shard files
+on disk are what the reader goes by). Adding to a cache made with another identity, preset, dtype or
+precision is refused (:class:`CacheMismatchError`). ``cache_reader.TextEmbeddingCache`` reads a cache.
+
+Crash safety and resuming
+-------------------------
+Every file is written under a hidden temporary name in its final folder (``.NAME.tmp``), flushed
+to disk (``fsync``) and renamed into place, then the folder is synced: a reader never sees a
+half-written shard or manifest, and a shard file that exists is finished. A run skips the shards
+that exist (after checking they were made from the same input chunk) and removes temporary files
+left by a killed run. Nothing time- or host-dependent is stored, captions of a shard are encoded in
+the same batches every time (unique captions in order of first appearance, ``batch_size`` at a
+time) and safetensors writes its header in a fixed order, so a run killed at any moment and
+restarted ends with byte-identical files (same machine, software, batch size and device).
+
+Captions (the defined outcome for each kind of input)
+-----------------------------------------------------
+* missing (no ``.txt`` member, null cell), empty or whitespace-only: skipped and counted
+  (``missing_caption``, ``empty_caption``), as ldmclip's datasets do; use :meth:`empty_prompt` (or
+  ``join(..., missing="empty")``) to train those images unconditionally;
+* not valid UTF-8: skipped and counted (``bad_caption_encoding``);
+* longer than the conditioner's token limit: encoded truncated (as the conditioner does), counted as
+  ``truncated``; captions over ``MAX_CAPTION_CHARS`` characters are cut to that first, so a
+  megabyte-long "caption" costs no tokenizer time;
+* containing the tokenizer's special-token strings (``<start_of_text>``, ``<end_of_text>``): encoded
+  exactly as the conditioner encodes them (OpenCLIP's tokenizer maps them to the special ids), and
+  counted as ``special_token_text``;
+* a key already stored in the same shard: skipped and counted (``duplicate_key``; the first usable
+  caption of a key wins);
+* identical captions (the same string after removing surrounding whitespace) within one shard are
+  encoded and stored once; several keys then point to the same row. Deduplication does not cross
+  shards, so shards stay independent (parallel ranks, resuming).
+
+Input shards that cannot be opened or fail while being read (other than a truncated tar file, whose
+complete samples are kept and which is counted as ``truncated_shard``) produce no output shard: they
+are reported, and a rerun retries them.
+
+Several processes (``torchrun``): rank ``r`` of ``w`` (``RANK``/``WORLD_SIZE``) takes the input chunks
+``i`` with ``i % w == r``. Rank 0 prepares the folder (manifest, empty prompt) before the others start
+(a barrier) and, after a final barrier, rewrites the manifest from the shards on disk. The cache is
+the same as a single process would make.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+
+from .cache_inputs import DEFAULT_SHARD_SIZE, InputChunk, open_inputs
+
+__all__ = ["CacheReport", "CacheMismatchError", "build_text_cache", "CACHE_DTYPES", "MAX_CAPTION_CHARS"]
+
+FORMAT = "ldmclip-text-embedding-cache"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+EMPTY_PROMPT_NAME = "empty_prompt.safetensors"
+SHARDS_DIR = "shards"
+SHARD_SUFFIX = ".safetensors"
+_META_KEY = "ldmclip"  # one metadata entry only: safetensors writes several in a random order
+CACHE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+MAX_CAPTION_CHARS = 20_000
+MANIFEST_REFRESH_S = 30.0  # how often rank 0 refreshes the manifest's shard list during a run
+
+REASON_DUPLICATE_KEY = "duplicate_key"
+# Shard-level problems after which the input shard is retried on the next run instead of cached.
+_RETRY_REASONS = ("shard_unreadable", "shard_error")
+
+
+class CacheMismatchError(ValueError):
+    """The cache folder was made by another model, preset, dtype, precision or input layout."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Files: atomic writes and shard headers
+# ----------------------------------------------------------------------------------------------------
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. platforms without directory handles
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _temp_name(path: Path) -> Path:
+    # A fixed name (not mkstemp's random one): a killed run's leftover is found and removed on restart.
+    return path.with_name(f".{path.name}.tmp")
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(temp)``, fsync, rename onto ``path``, fsync the folder."""
+    temp = _temp_name(path)
+    try:
+        write(temp)
+        with open(temp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    text = json.dumps(data, indent=1, sort_keys=True) + "\n"
+    _atomic_write(path, lambda temp: temp.write_text(text, encoding="utf-8"))
+
+
+def _file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    header = {_META_KEY: json.dumps(meta, sort_keys=True, separators=(",", ":"))}
+
+    def write(temp: Path) -> None:
+        save_file(tensors, str(temp), metadata=header)
+        # safetensors creates files readable by their owner only; a cache is usually shared.
+        os.chmod(temp, _file_mode())
+
+    _atomic_write(path, write)
+
+
+def _read_shard_meta(path: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(_META_KEY)
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise ValueError(f"{path} is not a readable cache shard ({e})") from None
+    if raw is None:
+        raise ValueError(f"{path} is not an ldmclip cache shard (no '{_META_KEY}' metadata)")
+    return json.loads(raw)
+
+
+def _json_roundtrip(value: Any) -> Any:
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Counts
+# ----------------------------------------------------------------------------------------------------
+
+_COUNT_FIELDS = ("records", "keys", "unique", "truncated", "special_token_text")
+
+
+def _add_counts(total: dict[str, Any], counts: dict[str, Any]) -> None:
+    for name in _COUNT_FIELDS:
+        total[name] = total.get(name, 0) + int(counts.get(name, 0))
+    skipped = total.setdefault("skipped", {})
+    for reason, n in counts.get("skipped", {}).items():
+        skipped[reason] = skipped.get(reason, 0) + int(n)
+
+
+@dataclass
+class CacheReport:
+    """What a :func:`build_text_cache` call did (this process) and what the cache holds afterwards."""
+
+    path: Path
+    written: list[str] = field(default_factory=list)        # shards encoded by this call
+    already_done: list[str] = field(default_factory=list)   # shards that existed and were skipped
+    failed: dict[str, str] = field(default_factory=dict)    # input chunks left for a rerun: name -> why
+    other_ranks: int = 0                                      # chunks left to other ranks
+    counts: dict[str, Any] = field(default_factory=dict)    # summed counts of the shards written here
+    cache_counts: dict[str, Any] = field(default_factory=dict)  # summed counts of every finished shard
+    cache_shards: int = 0                                     # cache_* are filled in by rank 0 only
+    cache_known: bool = False
+    bytes_written: int = 0
+    cache_bytes: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        """A few lines for people: what was read, stored and skipped, and how big the cache is."""
+        c = self.counts
+        records, keys, unique = c.get("records", 0), c.get("keys", 0), c.get("unique", 0)
+        rate = records / self.seconds if self.seconds > 0 else 0.0
+        lines = [f"wrote {len(self.written)} shard(s) to {self.path}"
+                 + (f" ({len(self.already_done)} already done)" if self.already_done else "")
+                 + f" in {self.seconds:.1f} s ({rate:,.0f} captions/s)",
+                 f"  captions {records:,} read, {keys:,} cached, {unique:,} unique (encoded), "
+                 f"{c.get('truncated', 0):,} truncated, {c.get('special_token_text', 0):,} with special-token text",
+                 f"  {_human_bytes(self.bytes_written)} written"]
+        skipped = c.get("skipped", {})
+        if skipped:
+            reasons = ", ".join(f"{r} {n:,}" for r, n in sorted(skipped.items(), key=lambda kv: -kv[1]))
+            lines.append(f"  skipped {sum(skipped.values()):,}: {reasons}")
+        else:
+            lines.append("  skipped 0")
+        if self.failed:
+            shown = ", ".join(f"{name} ({why})" for name, why in list(self.failed.items())[:5])
+            more = f" and {len(self.failed) - 5} more" if len(self.failed) > 5 else ""
+            lines.append(f"  {len(self.failed)} input shard(s) failed and were not cached: {shown}{more}; "
+                         "rerun the same command to retry them")
+        cc = self.cache_counts
+        if self.cache_known:
+                lines.append(f"cache: {self.cache_shards} shard(s), {cc.get('keys', 0):,} keys, "
+                         f"{cc.get('unique', 0):,} embeddings, {_human_bytes(self.cache_bytes)}")
+        return "\n".join(lines)
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"  # pragma: no cover
+
+
+# ----------------------------------------------------------------------------------------------------
+# Encoding
+# ----------------------------------------------------------------------------------------------------
+
+def _device_of(conditioner: Any) -> torch.device:
+    device = getattr(conditioner, "device", None)
+    if device is not None:
+        return torch.device(device)
+    modules = [conditioner] + [getattr(conditioner, n, None) for n in ("model", "models")]
+    for module in modules:
+        for item in (module if isinstance(module, (list, tuple)) else [module]):
+            if isinstance(item, torch.nn.Module):
+                for p in item.parameters():
+                    return p.device
+    return torch.device("cpu")
+
+
+class _Encoder:
+    """Runs the conditioner on lists of captions and returns CPU tensors in the stored dtype."""
+
+    def __init__(self, conditioner: Any, dtype: torch.dtype, precision: str, device: torch.device) -> None:
+        from ..train.precision import autocast
+
+        self.conditioner = conditioner
+        self.dtype = dtype
+        self.precision = precision
+        self.device = device
+        self._autocast = lambda: autocast(precision, device)
+
+    def _store(self, x: torch.Tensor | None, what: str) -> torch.Tensor | None:
+        if x is None:
+            return None
+        x = x.detach().to(device="cpu", dtype=self.dtype)
+        if not torch.isfinite(x).all():
+            raise ValueError(f"the {what} embeddings have values that are not finite in {self.dtype} "
+                             "(fp16 overflows above 65504); store them as bf16 or fp32 (--dtype)")
+        return x.contiguous()
+
+    def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None, int | None]:
+        """``(hidden, pooled, truncated)``: ``truncated`` is the conditioner's count of cut prompts
+        (None when it does not say)."""
+        with torch.inference_mode(), self._autocast(), _quiet_truncation_warnings():
+            out = self.conditioner(captions)
+        truncated = getattr(out, "truncated", None)
+        return (self._store(out.hidden, "hidden"), self._store(getattr(out, "pooled", None), "pooled"),
+                None if truncated is None else int(truncated))
+
+    def empty_prompt(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        with torch.inference_mode(), self._autocast():
+            out = self.conditioner.empty_prompt()
+        hidden, pooled = self._store(out.hidden, "hidden"), self._store(getattr(out, "pooled", None), "pooled")
+        if hidden.dim() == 3:  # [1, T, W] -> [T, W]
+            hidden = hidden[0]
+        if pooled is not None and pooled.dim() == 2:
+            pooled = pooled[0]
+        return hidden.contiguous(), None if pooled is None else pooled.contiguous()
+
+
+class _TokenCounter:
+    """Counts, per caption, the ones the conditioner truncates (more BPE tokens than it encodes)."""
+
+    def __init__(self, conditioner: Any, context_length: int) -> None:
+        from ..tokenizer import build_tokenizer
+
+        tokenizers = getattr(conditioner, "tokenizers", None)
+        self.tokenizer = tokenizers[0] if tokenizers else build_tokenizer()
+        # SOT ... EOT around context_length - 2 tokens, per long-prompt window.
+        ctx = int(getattr(conditioner, "context_length", None) or context_length)
+        self.limit = (ctx - 2) * int(getattr(conditioner, "windows", 1) or 1)
+
+    def truncated(self, captions: Sequence[str], any_truncated: int | None) -> list[bool]:
+        if any_truncated == 0:  # the conditioner says none was cut: no need to tokenize again
+            return [False] * len(captions)
+        return [len(ids) > self.limit for ids in self.tokenizer.encode_batch(list(captions))]
+
+
+@contextlib.contextmanager
+def _quiet_truncation_warnings() -> Iterator[None]:
+    # The conditioner warns once per batch about cut prompts; the cache counts them per caption and
+    # reports the total at the end instead.
+    log = logging.getLogger("ldmclip.conditioning.conditioner")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _has_special_text(caption: str) -> bool:
+    lowered = caption.lower()  # OpenCLIP matches the special strings case-insensitively
+    return "<start_of_text>" in lowered or "<end_of_text>" in lowered
+
+
+@dataclass
+class _Plan:
+    """What one chunk holds once read and cleaned: stored keys, their rows, the unique captions."""
+
+    keys: list[str]
+    rows: list[int]
+    captions: list[str]
+    counts: dict[str, Any]
+
+
+def _plan_chunk(records: Iterable[tuple[str, Any]]) -> _Plan:
+    from ..data.samples import BadSample, decode_caption
+
+    keys: list[str] = []
+    rows: list[int] = []
+    unique: dict[str, int] = {}
+    stored: set[str] = set()
+    skipped: collections.Counter = collections.Counter()
+    n = 0
+    for key, raw in records:
+        n += 1
+        try:
+            caption = decode_caption(raw)
+        except BadSample as bad:
+            skipped[bad.reason] += 1
+            continue
+        key = str(key)
+        if key in stored:
+            skipped[REASON_DUPLICATE_KEY] += 1
+            continue
+        stored.add(key)
+        if len(caption) > MAX_CAPTION_CHARS:
+            caption = caption[:MAX_CAPTION_CHARS]
+        keys.append(key)
+        rows.append(unique.setdefault(caption, len(unique)))
+    counts = {"records": n, "keys": len(keys), "unique": len(unique), "skipped": dict(sorted(skipped.items()))}
+    return _Plan(keys, rows, list(unique), counts)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Writer
+# ----------------------------------------------------------------------------------------------------
+
+def _node() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _default_barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+_CHECKED_FIELDS = ("format", "identity", "preset", "dtype", "precision", "hidden_shape", "pooled_dim")
+
+
+class _CacheFolder:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.shards = path / SHARDS_DIR
+        self.manifest_path = path / MANIFEST_NAME
+
+    def shard_path(self, name: str) -> Path:
+        return self.shards / f"{name}{SHARD_SUFFIX}"
+
+    def shard_files(self) -> list[Path]:
+        if not self.shards.is_dir():
+            return []
+        return sorted(p for p in self.shards.iterdir()
+                      if p.name.endswith(SHARD_SUFFIX) and not p.name.startswith(".") and p.is_file())
+
+    def read_manifest(self) -> dict[str, Any] | None:
+        try:
+            text = self.manifest_path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        try:
+            manifest = json.loads(text)
+        except ValueError as e:
+            raise CacheMismatchError(f"{self.manifest_path} is not valid JSON ({e})") from None
+        if manifest.get("format") != FORMAT:
+            raise CacheMismatchError(f"{self.path} is not an ldmclip text-embedding cache (manifest format "
+                                     f"{manifest.get('format')!r})")
+        return manifest
+
+    def check_compatible(self, existing: dict[str, Any], wanted: dict[str, Any]) -> None:
+        differ = [f for f in _CHECKED_FIELDS if _json_roundtrip(existing.get(f)) != _json_roundtrip(wanted.get(f))]
+        if not differ:
+            return
+        details = []
+        for name in differ:
+            if name == "identity":
+                a, b = existing.get(name) or {}, wanted.get(name) or {}
+                keys = sorted(k for k in set(a) | set(b) if _json_roundtrip(a.get(k)) != _json_roundtrip(b.get(k)))
+                details.append(f"identity ({', '.join(keys)} differ)")
+            else:
+                details.append(f"{name}: cache has {existing.get(name)!r}, this run {wanted.get(name)!r}")
+        raise CacheMismatchError(
+            f"{self.path} holds embeddings made with another setup ({'; '.join(details)}); refusing to mix "
+            f"them in one cache. Use another output folder, or the options the cache was made with.")
+
+    def check_unrelated(self) -> None:
+        """A folder without a manifest may only hold what an interrupted first run leaves."""
+        if not self.path.exists():
+            return
+        if not self.path.is_dir():
+            raise ValueError(f"{self.path} exists and is not a folder")
+        visible = [p.name for p in self.path.iterdir() if not p.name.startswith(".")
+                   and not (p.name == SHARDS_DIR and p.is_dir() and not self.shard_files())]
+        if visible:
+            raise ValueError(f"{self.path} is not empty and holds no {MANIFEST_NAME} ({', '.join(sorted(visible)[:5])}"
+                             "); choose an empty or new folder for the cache")
+
+    def remove_temporaries(self) -> None:
+        """Delete what killed runs left: temporary files are never part of the cache."""
+        for folder in (self.path, self.shards):
+            if folder.is_dir():
+                for p in folder.glob(".*.tmp"):
+                    p.unlink(missing_ok=True)
+
+    def write_manifest(self, header: dict[str, Any], shard_counts: dict[str, dict[str, Any]]) -> None:
+        totals: dict[str, Any] = {}
+        for name in sorted(shard_counts):
+            _add_counts(totals, shard_counts[name])
+        _write_json(self.manifest_path, {**header, "shards": sorted(shard_counts), "totals": totals})
+
+
+def build_text_cache(
+    conditioner: Any,
+    source: str | os.PathLike | Sequence[str] | Sequence[InputChunk],
+    out_dir: str | os.PathLike,
+    *,
+    input_format: str = "auto",
+    caption_column: str = "caption",
+    key_column: str | None = None,
+    image_column: str = "image",
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    sep: str | None = None,
+    dtype: str = "fp16",
+    precision: str = "auto",
+    batch_size: int = 256,
+    rank: int | None = None,
+    world_size: int | None = None,
+    barrier: Callable[[], None] | None = None,
+    progress: bool = False,
+) -> CacheReport:
+    """Encode every caption of ``source`` with ``conditioner`` into the cache folder ``out_dir``
+    (created, or resumed: finished shards are skipped). See the module docs for the layout and rules.
+
+    Args:
+        conditioner: a :class:`~ldmclip.conditioning.TextConditioner` (anything with ``__call__(list[str])``
+            returning ``.hidden``/``.pooled``, ``empty_prompt()`` and ``identity()``).
+        source: webdataset shards (a pattern or a list), a table or a text file (``cache_inputs.open_inputs``
+            reads them with ``input_format``, ``caption_column``, ``key_column``, ``image_column``,
+            ``shard_size``, ``sep``), or a list of ``InputChunk``.
+        dtype: stored dtype of ``hidden``/``pooled``: ``fp16`` (default), ``bf16`` or ``fp32``.
+        precision: ``auto`` (bf16 autocast on GPUs and AMX/AVX512-bf16 CPUs, else fp32), ``amp_bf16``,
+            ``amp_fp16`` (CUDA) or ``fp32``.
+        batch_size: captions per forward pass (part of what makes a shard's bytes reproducible).
+        rank, world_size: this process's share of the chunks (default: torch.distributed, else the
+            ``RANK``/``WORLD_SIZE`` variables, else 0 of 1).
+        barrier: called when rank 0 has prepared the folder and when this rank is done, so that all
+            ranks wait for each other (default: ``torch.distributed.barrier`` when a process group is
+            initialised with several ranks, else nothing).
+        progress: show a tqdm bar (captions/s, ETA) for this rank's work.
+    """
+    from .. import __version__
+    from ..train.precision import resolve_precision
+
+    started = time.perf_counter()
+    if dtype not in CACHE_DTYPES:
+        raise ValueError(f"unknown cache dtype {dtype!r}; use one of {', '.join(CACHE_DTYPES)}")
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    batch_size = int(batch_size)
+    if isinstance(source, (str, os.PathLike)) or not all(isinstance(c, InputChunk) for c in source):
+        chunks = open_inputs(source, input_format, caption_column=caption_column, key_column=key_column,
+                             image_column=image_column, shard_size=shard_size, sep=sep)
+    else:
+        chunks = list(source)
+    names = [c.name for c in chunks]
+    if len(set(names)) != len(names):
+        raise ValueError("input chunks must have distinct names")
+    if (rank is None) != (world_size is None):
+        raise ValueError("pass both rank and world_size, or neither")
+    rank, world_size = (int(rank), int(world_size)) if rank is not None else _node()
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside a world of {world_size}")
+    barrier = barrier or _default_barrier
+    is_main = rank == 0
+
+    device = _device_of(conditioner)
+    precision = resolve_precision(precision, device)
+    encoder = _Encoder(conditioner, CACHE_DTYPES[dtype], precision, device)
+    empty_hidden, empty_pooled = encoder.empty_prompt()
+    identity = _json_roundtrip(conditioner.identity())
+    header = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "ldmclip_version": __version__,
+        "identity": identity,
+        "preset": identity.get("preset") if isinstance(identity, dict) else None,
+        "dtype": dtype,
+        "precision": precision,
+        "context_length": int(empty_hidden.shape[0]),
+        "hidden_shape": list(empty_hidden.shape),
+        "pooled_dim": None if empty_pooled is None else int(empty_pooled.shape[-1]),
+    }
+    folder = _CacheFolder(Path(out_dir))
+    header = _prepare_folder(folder, header, empty_hidden, empty_pooled, is_main, world_size, barrier)
+
+    mine = [c for i, c in enumerate(chunks) if i % world_size == rank]
+    report = CacheReport(folder.path, other_ranks=len(chunks) - len(mine))
+    on_disk = {p.name[: -len(SHARD_SUFFIX)]: p for p in folder.shard_files()}
+    todo = [c for c in mine if c.name not in on_disk]
+    for chunk in mine:
+        if chunk.name in on_disk:
+            _check_source(on_disk[chunk.name], chunk)
+            report.already_done.append(chunk.name)
+    # rank 0 keeps the manifest: the finished shards (its own and the other ranks') with their counts
+    shard_counts = {name: _read_shard_meta(path)["counts"] for name, path in on_disk.items()} if is_main else {}
+
+    counter = _TokenCounter(conditioner, int(empty_hidden.shape[0]))
+    bar = _progress_bar(todo, rank, world_size) if progress else None
+    last_manifest = time.monotonic()
+    try:
+        for chunk in todo:
+            problems: collections.Counter = collections.Counter()
+            plan = _plan_chunk(chunk.read(problems))
+            retry = [r for r in _RETRY_REASONS if problems.get(r)]
+            if retry:  # not cached: a rerun tries this input shard again
+                report.failed[chunk.name] = ", ".join(retry)
+                if bar is not None:
+                    bar.update(plan.counts["records"])
+                continue
+            for reason, n in problems.items():
+                plan.counts["skipped"][reason] = plan.counts["skipped"].get(reason, 0) + int(n)
+            tensors = _encode_plan(plan, encoder, counter, batch_size, empty_hidden, empty_pooled, bar)
+            meta = {"format_version": FORMAT_VERSION, "source": chunk.source, "keys": plan.keys,
+                    "rows": plan.rows, "counts": plan.counts}
+            path = folder.shard_path(chunk.name)
+            _write_tensors(path, tensors, meta)
+            report.written.append(chunk.name)
+            report.bytes_written += path.stat().st_size
+            _add_counts(report.counts, plan.counts)
+            if is_main:
+                shard_counts[chunk.name] = plan.counts
+                # The shard files are the truth; the manifest's list is refreshed now and then while a
+                # run goes on (rewriting it after every shard would cost O(shards^2)) and at the end.
+                if time.monotonic() - last_manifest > MANIFEST_REFRESH_S:
+                    folder.write_manifest(header, shard_counts)
+                    last_manifest = time.monotonic()
+    finally:
+        if bar is not None:
+            bar.close()
+
+    if world_size > 1:
+        barrier()  # every rank has finished its shards
+    if is_main:
+        files = folder.shard_files()
+        known = {p.name[: -len(SHARD_SUFFIX)] for p in files}
+        for name in known - set(shard_counts):  # written by the other ranks
+            shard_counts[name] = _read_shard_meta(folder.shard_path(name))["counts"]
+        shard_counts = {name: shard_counts[name] for name in known}
+        folder.write_manifest(header, shard_counts)
+        report.cache_shards, report.cache_known = len(files), True
+        report.cache_bytes = sum(p.stat().st_size for p in files)
+        for name in sorted(shard_counts):
+            _add_counts(report.cache_counts, shard_counts[name])
+    report.counts.setdefault("records", 0)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _prepare_folder(folder: _CacheFolder, header: dict[str, Any], empty_hidden: torch.Tensor,
+                    empty_pooled: torch.Tensor | None, is_main: bool, world_size: int,
+                    barrier: Callable[[], None]) -> dict[str, Any]:
+    """Check an existing cache against this run, or create a new one (rank 0); returns the manifest
+    header to keep writing (an existing cache keeps the one it was created with, e.g. its version)."""
+    existing = folder.read_manifest()
+    if existing is not None:
+        folder.check_compatible(existing, header)  # every rank checks: they all fail alike
+        header = {k: v for k, v in existing.items() if k not in ("shards", "totals")}
+    elif is_main:
+        folder.check_unrelated()
+    if is_main:
+        folder.path.mkdir(parents=True, exist_ok=True)
+        folder.shards.mkdir(exist_ok=True)
+        folder.remove_temporaries()  # before the other ranks start writing theirs
+        if existing is None:
+            folder.write_manifest(header, {})
+        if not (folder.path / EMPTY_PROMPT_NAME).is_file():
+            tensors = {"hidden": empty_hidden} | ({} if empty_pooled is None else {"pooled": empty_pooled})
+            _write_tensors(folder.path / EMPTY_PROMPT_NAME, tensors, {"prompt": ""})
+    if world_size > 1:
+        barrier()  # rank 0 has created the folder and the manifest
+    if not is_main:
+        manifest = folder.read_manifest()
+        if manifest is None:
+            raise RuntimeError(f"rank 0 did not create {folder.manifest_path} (is a barrier set up?)")
+        folder.check_compatible(manifest, header)
+        header = {k: v for k, v in manifest.items() if k not in ("shards", "totals")}
+    return header
+
+
+def _check_source(path: Path, chunk: InputChunk) -> None:
+    meta = _read_shard_meta(path)
+    if _json_roundtrip(meta.get("source")) != _json_roundtrip(chunk.source):
+        raise CacheMismatchError(
+            f"{path} was made from {meta.get('source')}, but this run's chunk {chunk.name!r} is {chunk.source} "
+            "(another input file with the same name, or a different --shard-size?); use another output folder")
+
+
+def _progress_bar(todo: Sequence[InputChunk], rank: int, world_size: int) -> Any:
+    if not todo:
+        return None
+    from tqdm import tqdm
+
+    sizes = [c.size for c in todo]
+    total = sum(sizes) if all(s is not None for s in sizes) else None  # no ETA for shards without sizes.json
+    return tqdm(total=total, unit="cap", dynamic_ncols=True,
+                desc="cache-text" if world_size == 1 else f"cache-text rank {rank}")
+
+
+def _encode_plan(plan: _Plan, encoder: _Encoder, counter: _TokenCounter, batch_size: int,
+                 empty_hidden: torch.Tensor, empty_pooled: torch.Tensor | None, bar: Any) -> dict[str, torch.Tensor]:
+    n = len(plan.captions)
+    hidden = torch.empty((n, *empty_hidden.shape), dtype=empty_hidden.dtype)
+    pooled = None if empty_pooled is None else torch.empty((n, *empty_pooled.shape), dtype=empty_pooled.dtype)
+    truncated = [False] * n
+    special = [False] * n
+    shown = 0
+    for start in range(0, n, batch_size):
+        batch = plan.captions[start:start + batch_size]
+        h, p, cut = encoder.encode(batch)
+        if h.shape[1:] != hidden.shape[1:]:
+            raise RuntimeError(f"the conditioner returned hidden states of shape {tuple(h.shape)}, expected "
+                               f"[{len(batch)}, {', '.join(map(str, hidden.shape[1:]))}] like its empty prompt")
+        hidden[start:start + len(batch)] = h
+        if pooled is not None:
+            if p is None:
+                raise RuntimeError("the conditioner returned no pooled embedding for a batch but one for ''")
+            pooled[start:start + len(batch)] = p
+        truncated[start:start + len(batch)] = counter.truncated(batch, cut)
+        special[start:start + len(batch)] = [_has_special_text(c) for c in batch]
+        if bar is not None:
+            done = plan.counts["records"] * (start + len(batch)) // max(n, 1)
+            bar.update(done - shown)
+            shown = done
+    if bar is not None:
+        bar.update(plan.counts["records"] - shown)
+    plan.counts["truncated"] = sum(truncated[r] for r in plan.rows)
+    plan.counts["special_token_text"] = sum(special[r] for r in plan.rows)
+    tensors = {"hidden": hidden}
+    if pooled is not None:
+        tensors["pooled"] = pooled
+    return tensors

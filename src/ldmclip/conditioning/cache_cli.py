@@ -1,0 +1,172 @@
+"""``ldmclip cache-text``: build (or resume) a text-embedding cache from the command line.
+
+    ldmclip cache-text 'shards/{00000..00999}.tar' --out cache/ --preset sdxl \\
+        --pretrained clip-l.safetensors --pretrained-2 hf-hub:laion/CLIP-ViT-bigG-14-laion2B-39B-b160k
+    torchrun --nproc-per-node 8 -m ldmclip cache-text ...      # each rank takes its own input shards
+
+Rerunning the same command continues where a stopped run ended.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from .cache import CACHE_DTYPES, build_text_cache
+from .cache_inputs import DEFAULT_SHARD_SIZE, INPUT_FORMATS, open_inputs
+
+__all__ = ["add_cache_text_arguments", "run_cache_text", "CACHE_TEXT_EPILOG"]
+
+CACHE_TEXT_EPILOG = """examples:
+  ldmclip cache-text 'shards/{00000..00999}.tar' --out cache/ --preset sd2 --pretrained open_clip_model.safetensors
+  ldmclip cache-text captions.csv --out cache/ --preset sd1 --pretrained clip-vit-large-patch14/
+  torchrun --nproc-per-node 8 -m ldmclip cache-text 'shards/{00000..41407}.tar' --out cache/ --preset sdxl \\
+      --pretrained clip-l.safetensors --pretrained-2 clip-bigG.safetensors
+  ldmclip cache-text prompts.txt --out /tmp/c --preset sd2 --model ViT-Tiny-64 --random-init     (a quick try)
+
+read it back:  cache = ldmclip.TextEmbeddingCache("cache/"); cache[key]["hidden"], cache.join(image_samples)
+"""
+
+
+def _default_models() -> dict[str, tuple[str, ...]]:
+    from .conditioner import PRESETS
+
+    return {name: preset.models for name, preset in PRESETS.items()}
+
+
+PRECISIONS = ("auto", "amp_bf16", "amp_fp16", "fp32")
+
+
+def add_cache_text_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Arguments of ``ldmclip cache-text`` (use with ``run_cache_text``)."""
+    parser.add_argument("input", help="captions: webdataset shards ('shards/{00000..00099}.tar', KEY.txt members), "
+                                      "a table (.csv, .tsv, .parquet) or a text file with one caption per line")
+    parser.add_argument("--out", required=True, help="cache folder (created; an existing cache is resumed)")
+    defaults = _default_models()
+    model = parser.add_argument_group("conditioner")
+    model.add_argument("--preset", required=True, choices=sorted(defaults),
+                       help="the conditioning recipe: sd1 (CLIP ViT-L/14, last layer), sd2 (OpenCLIP ViT-H/14, "
+                            "penultimate layer), sdxl (ViT-L/14 + ViT-bigG/14, penultimate layers + pooled)")
+    model.add_argument("--model", default=None,
+                       help="model name or config of the (first) text encoder (default: the preset's: "
+                            + ", ".join(f"{k} {v[0]}" for k, v in defaults.items()) + ")")
+    model.add_argument("--pretrained", default=None,
+                       help="its weights: a file, a checkpoint folder or hf-hub:org/repo")
+    model.add_argument("--model-2", default=None,
+                       help=f"sdxl only: the second text encoder (default: {defaults['sdxl'][1]})")
+    model.add_argument("--pretrained-2", default=None, help="sdxl only: the second encoder's weights")
+    model.add_argument("--random-init", action="store_true",
+                       help="allow encoders without weights (random initialisation with seed 0): "
+                            "for tests and benchmarks only")
+    source = parser.add_argument_group("input")
+    source.add_argument("--format", dest="input_format", choices=INPUT_FORMATS, default="auto",
+                        help="input kind (default: auto, from the name: .tar/brace pattern/pipe: = webdataset, "
+                             ".csv/.tsv/.parquet = table, anything else = text file)")
+    source.add_argument("--caption-column", default="caption", help="table column of captions (default: caption)")
+    source.add_argument("--key-column", default=None,
+                        help="table column of sample keys (default: IMAGE#ROW, the keys ldmclip's CaptionTable "
+                             "gives its samples; row numbers when the table has no image column)")
+    source.add_argument("--image-column", default="image", help="table column of image names (default: image)")
+    source.add_argument("--sep", default=None, help="delimiter of a text table whose suffix does not say it")
+    source.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
+                        help=f"table rows / text lines per cache shard (default: {DEFAULT_SHARD_SIZE}); "
+                             "webdataset input keeps one cache shard per input shard")
+    encode = parser.add_argument_group("encoding")
+    encode.add_argument("--batch-size", type=int, default=256, help="captions per forward pass (default: 256)")
+    encode.add_argument("--dtype", choices=list(CACHE_DTYPES), default="fp16",
+                        help="stored dtype of the embeddings (default: fp16)")
+    encode.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="autocast while encoding (default: auto = bf16 on GPUs and CPUs with AMX/AVX512-bf16)")
+    encode.add_argument("--device", default="auto",
+                        help="cpu, cuda, cuda:N (default: auto = cuda:LOCAL_RANK when CUDA is available, else cpu)")
+    encode.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def _has_own_weights(name: str) -> bool:
+    return name.startswith(("hf-hub:", "local-dir:"))
+
+
+def _check_weights(args: argparse.Namespace, model: str, model_2: str | None) -> None:
+    missing = []
+    if args.pretrained is None and not _has_own_weights(model):
+        missing.append("--pretrained")
+    if model_2 is not None and args.pretrained_2 is None and not _has_own_weights(model_2):
+        missing.append("--pretrained-2")
+    if missing and not args.random_init:
+        raise ValueError(
+            f"no weights for the text encoder ({' and '.join(missing)} not given): a cache of randomly initialised "
+            f"encoders is useless for training. Pass the weights ({' / '.join(missing)} FILE, folder or "
+            "hf-hub:org/repo, or a model named hf-hub:... / local-dir:...), or --random-init for a test or benchmark.")
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return "cpu"
+
+
+def _init_distributed() -> Any:
+    """Under torchrun with several ranks: a gloo process group, used only for two barriers."""
+    import datetime
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", 1)) <= 1 or not dist.is_available() or dist.is_initialized():
+        return None
+    # Ranks that finish early wait at the final barrier for the slowest one: allow a long wait.
+    dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
+    return dist
+
+
+def run_cache_text(args: argparse.Namespace) -> int:
+    """``ldmclip cache-text``. Returns 0 when every input chunk is cached, 1 when some failed (a rerun
+    retries them). Bad options and a mismatching cache raise ``ValueError`` with a clear message."""
+    import torch
+
+    from .conditioner import TextConditioner
+
+    defaults = _default_models()[args.preset]
+    model = args.model or defaults[0]
+    model_2 = (args.model_2 or defaults[1]) if len(defaults) > 1 else None
+    if model_2 is None and (args.model_2 or args.pretrained_2):
+        raise ValueError(f"--model-2/--pretrained-2 are for the two-encoder preset sdxl, not {args.preset}")
+    if args.batch_size < 1 or args.shard_size < 1:
+        raise ValueError("--batch-size and --shard-size must be at least 1")
+    _check_weights(args, model, model_2)
+    sep = {"\\t": "\t", "tab": "\t", "TAB": "\t"}.get(args.sep, args.sep) if args.sep else None
+    # Read the input first: a typo in a path fails before minutes of model loading.
+    chunks = open_inputs(args.input, args.input_format, caption_column=args.caption_column,
+                         key_column=args.key_column, image_column=args.image_column,
+                         shard_size=args.shard_size, sep=sep)
+    dist = _init_distributed()
+    try:
+        rank = dist.get_rank() if dist else 0
+        world = dist.get_world_size() if dist else 1
+        device = _device(args.device)
+        with torch.random.fork_rng(devices=[]):
+            # --random-init: the same random weights in every run, so that a stopped run can be resumed
+            # (the cache refuses weights that differ from those it was started with).
+            torch.manual_seed(0)
+            conditioner = TextConditioner.from_pretrained(
+                args.preset, model, pretrained=args.pretrained, model_2=model_2, pretrained_2=args.pretrained_2,
+                device=device, precision="fp32")
+        if rank == 0:
+            encoders = model + (f" + {model_2}" if model_2 else "")
+            print(f"caching {len(chunks)} input chunk(s) of {args.input} with preset {args.preset} ({encoders}, "
+                  f"{device}) into {args.out}" + (f" on {world} ranks" if world > 1 else ""), file=sys.stderr)
+        report = build_text_cache(conditioner, chunks, args.out, dtype=args.dtype, precision=args.precision,
+                                  batch_size=args.batch_size, rank=rank, world_size=world,
+                                  progress=not args.quiet and rank == 0)
+    finally:
+        if dist is not None and dist.is_initialized():
+            dist.destroy_process_group()
+    prefix = f"[rank {rank}] " if world > 1 else ""
+    print("\n".join(prefix + line for line in report.summary().splitlines()))
+    return 1 if report.failed else 0

@@ -1,0 +1,241 @@
+"""Where ``ldmclip cache-text`` reads captions from, cut into the chunks that become cache shards.
+
+Each input chunk becomes exactly one output shard, named after the chunk, so a run can be resumed
+(and split over ranks) by finished output shard:
+
+* **webdataset shards** (``.tar``, brace patterns such as ``'data/{00000..00099}.tar'``, ``pipe:``
+  and URLs): one input shard is one chunk; keys are the samples' ``__key__``; the caption is the
+  ``.txt`` member. ``data/00042.tar`` becomes ``00042.safetensors``.
+* **tables** (``.csv``, ``.tsv``, ``.parquet``; read with :func:`ldmclip.data.table.read_table`):
+  ``shard_size`` consecutive data rows are one chunk, named ``{file stem}-{00000}``. Keys are the
+  values of ``key_column`` or, by default, ``"{image}#{row}"`` — exactly the keys
+  :class:`ldmclip.data.CaptionTable` gives its samples, so the cache joins with that dataset as it
+  is (``row`` is the 0-based data-row number). A table without the image column is keyed by row
+  number (``"0"``, ``"1"``, ...).
+* **text files** (any other suffix, e.g. ``.txt``): one caption per line, keys are the 1-based line
+  numbers as strings (``"1"`` is the first line, as editors and ``sed -n 1p`` count); chunks of
+  ``shard_size`` lines named ``{file stem}-{00000}``.
+
+Each chunk yields ``(key, raw caption)`` with the caption as it was stored (``bytes`` for shards and
+text files, ``str``/``None`` for tables); decoding and the bad-caption rules are the cache writer's.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+__all__ = ["InputChunk", "open_inputs", "INPUT_FORMATS", "TABLE_SUFFIXES"]
+
+INPUT_FORMATS = ("auto", "webdataset", "table", "text")
+TABLE_SUFFIXES = (".csv", ".tsv", ".tab", ".parquet", ".pq")
+DEFAULT_SHARD_SIZE = 10_000
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]*$")
+
+
+@dataclass
+class InputChunk:
+    """One unit of work: the captions that become one output shard.
+
+    ``read(problems)`` yields ``(key, raw_caption)`` pairs; shard-level problems (an unreadable or
+    truncated tar file) are added to the ``problems`` counter under the ``ldmclip.data`` reason
+    names. ``source`` is a small JSON-able description stored in the output shard, used on resume
+    to check that an existing shard was made from the same input.
+    """
+
+    name: str
+    source: dict[str, Any]
+    size: int | None
+    read: Callable[[Any], Iterator[tuple[str, Any]]] = field(repr=False)
+
+
+def _detect_format(path: str) -> str:
+    lowered = path.lower()
+    if lowered.startswith("pipe:") or "::" in path or re.search(r"\.tar(\.gz)?($|[\s}'\"])", lowered) or "{" in path:
+        return "webdataset"
+    if Path(path).suffix.lower() in TABLE_SUFFIXES:
+        return "table"
+    return "text"
+
+
+def open_inputs(
+    source: str | os.PathLike | Sequence[str | os.PathLike],
+    input_format: str = "auto",
+    *,
+    caption_column: str = "caption",
+    key_column: str | None = None,
+    image_column: str = "image",
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    sep: str | None = None,
+) -> list[InputChunk]:
+    """Cut ``source`` into chunks (see the module docs); a list is a list of webdataset shards.
+    ``input_format`` is ``auto`` (by the name: ``.tar``/brace pattern/``pipe:`` is webdataset,
+    ``.csv``/``.tsv``/``.parquet`` a table, anything else a text file), ``webdataset``, ``table`` or
+    ``text``."""
+    if input_format not in INPUT_FORMATS:
+        raise ValueError(f"unknown input format {input_format!r}; use one of {', '.join(INPUT_FORMATS)}")
+    if int(shard_size) < 1:
+        raise ValueError(f"shard_size must be at least 1, got {shard_size}")
+    if not isinstance(source, (str, os.PathLike)):  # a list of shard URLs / paths
+        if input_format not in ("auto", "webdataset"):
+            raise ValueError("a list of inputs is read as webdataset shards; give a table or text file on its own")
+        return _webdataset_chunks([os.fspath(s) for s in source])
+    text = os.fspath(source)
+    kind = _detect_format(text) if input_format == "auto" else input_format
+    if kind == "webdataset":
+        return _webdataset_chunks(text)
+    if kind == "table":
+        return _table_chunks(Path(text), caption_column, key_column, image_column, int(shard_size), sep)
+    return _text_chunks(Path(text), int(shard_size))
+
+
+# ----------------------------------------------------------------------------------------------------
+# webdataset shards
+# ----------------------------------------------------------------------------------------------------
+
+def _shard_name(url: str, index: int) -> str:
+    # The last "name.tar" in the URL (also inside a `pipe:aws s3 cp s3://b/00042.tar -` command).
+    found = re.findall(r"([^/\s:'\"]+?)\.tar(?:\.gz)?(?=$|[\s'\"?#])", url)
+    name = found[-1] if found else ""
+    return name if _NAME_RE.match(name) else f"shard-{index:06d}"
+
+
+def _webdataset_chunks(pattern: str | list[str]) -> list[InputChunk]:
+    from ..data.shards import expand_urls
+
+    urls = expand_urls(pattern)
+    if not urls:
+        raise ValueError(f"no shards in {pattern!r}")
+    names = [_shard_name(url, i) for i, url in enumerate(urls)]
+    if len(set(names)) != len(names):
+        seen: dict[str, str] = {}
+        for name, url in zip(names, urls):
+            if name in seen:
+                raise ValueError(f"input shards {seen[name]!r} and {url!r} have the same file name {name!r}; "
+                                 "cache them into separate folders")
+            seen[name] = url
+    for url in urls:
+        if "://" not in url and not url.startswith("pipe:") and not Path(url).exists():
+            raise FileNotFoundError(f"input shard not found: {url}")
+    sizes = _shard_sizes(urls)
+    return [InputChunk(name, {"shard": name}, size, _shard_reader(url))
+            for name, url, size in zip(names, urls, sizes)]
+
+
+def _shard_sizes(urls: Sequence[str]) -> list[int | None]:
+    """Samples per local shard from the ``sizes.json`` next to it (what ``ldmclip pack`` and img2dataset
+    write), for the progress bar's ETA; ``None`` where unknown. Each ``sizes.json`` is read once."""
+    import json
+
+    tables: dict[Path, dict[str, Any]] = {}
+    sizes: list[int | None] = []
+    for url in urls:
+        if "://" in url or url.startswith("pipe:"):
+            sizes.append(None)
+            continue
+        path = Path(url)
+        if path.parent not in tables:
+            try:
+                tables[path.parent] = json.loads((path.parent / "sizes.json").read_text())
+            except (OSError, ValueError):
+                tables[path.parent] = {}
+        value = tables[path.parent].get(path.name)
+        sizes.append(int(value) if isinstance(value, int) else None)
+    return sizes
+
+
+def _shard_reader(url: str) -> Callable[[Any], Iterator[tuple[str, Any]]]:
+    def read(problems: Any) -> Iterator[tuple[str, Any]]:
+        from ..data.samples import drain_pending
+        from ..data.shards import ShardDataset
+
+        # ShardDataset's streaming tar reader (only the .txt members are read; a truncated tar keeps
+        # the complete samples before the cut). No image extensions: images are not read at all.
+        reader = ShardDataset(url, image_extensions=(), caption_extension="txt", shuffle_buffer=0)
+        try:
+            for raw in reader._read_shard(url):
+                yield raw["__key__"], raw.get("txt")
+        finally:
+            problems.update(reader.stats.counts)
+            drain_pending()  # those reasons are reported by the cache writer, not by a collator
+
+    return read
+
+
+# ----------------------------------------------------------------------------------------------------
+# tables and text files
+# ----------------------------------------------------------------------------------------------------
+
+def _chunk_names(stem: str, count: int) -> list[str]:
+    stem = re.sub(r"[^A-Za-z0-9._+=-]", "_", stem).lstrip("._-") or "input"
+    return [f"{stem}-{i:05d}" for i in range(count)]
+
+
+def _table_chunks(path: Path, caption_column: str, key_column: str | None, image_column: str,
+                  shard_size: int, sep: str | None) -> list[InputChunk]:
+    from ..data.table import read_table
+
+    if key_column is not None:
+        data = read_table(path, [caption_column, key_column], sep=sep)
+    else:
+        try:
+            data = read_table(path, [caption_column, image_column], sep=sep)
+        except ValueError:
+            # No image column: keys are row numbers. (Any other problem raises from this second read.)
+            data = read_table(path, [caption_column], sep=sep)
+    captions = data[caption_column]
+    if key_column is not None:
+        keys = [_key_text(v) for v in data[key_column]]
+        key_rule = {"key_column": key_column}
+    elif image_column in data:
+        # CaptionTable.key(): the image name as written (stripped) + "#" + the data-row number.
+        keys = [f"{_key_text(v)}#{row}" for row, v in enumerate(data[image_column])]
+        key_rule = {"key": f"{image_column}#row"}
+    else:
+        keys = [str(row) for row in range(len(captions))]
+        key_rule = {"key": "row"}
+    if not captions:
+        raise ValueError(f"{path} has no rows")
+    return _slices(path, keys, captions, shard_size, {"table": path.name, **key_rule})
+
+
+def _key_text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", errors="surrogateescape")
+    return str(value).strip()
+
+
+def _text_chunks(path: Path, shard_size: int) -> list[InputChunk]:
+    if not path.is_file():
+        raise FileNotFoundError(f"caption file not found: {path}")
+    data = path.read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()  # the newline that ends the last line does not start another
+    lines = [line[:-1] if line.endswith(b"\r") else line for line in lines]
+    if not lines:
+        raise ValueError(f"{path} is empty")
+    keys = [str(i + 1) for i in range(len(lines))]
+    return _slices(path, keys, lines, shard_size, {"text": path.name})
+
+
+def _slices(path: Path, keys: Sequence[str], captions: Sequence[Any], shard_size: int,
+            source: dict[str, Any]) -> list[InputChunk]:
+    count = (len(keys) + shard_size - 1) // shard_size
+    chunks = []
+    for name, start in zip(_chunk_names(path.stem, count), range(0, len(keys), shard_size)):
+        stop = min(start + shard_size, len(keys))
+
+        def read(problems: Any, start: int = start, stop: int = stop) -> Iterator[tuple[str, Any]]:
+            del problems  # the whole file was read up front
+            yield from zip(keys[start:stop], captions[start:stop])
+
+        chunks.append(InputChunk(name, {**source, "rows": [start, stop]}, stop - start, read))
+    return chunks

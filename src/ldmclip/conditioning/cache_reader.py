@@ -1,0 +1,227 @@
+"""Reading a text-embedding cache (the layout is described in ``ldmclip.conditioning.cache``):
+random access by key, a ``torch.utils.data.Dataset``, and a join with image samples by key."""
+
+from __future__ import annotations
+
+import collections
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.utils.data
+
+from .cache import (CACHE_DTYPES, EMPTY_PROMPT_NAME, FORMAT_VERSION, MANIFEST_NAME, SHARD_SUFFIX, _CacheFolder,
+                    _read_shard_meta)
+
+__all__ = ["TextEmbeddingCache", "CachedTextDataset", "CacheJoin", "JOIN_MISSING"]
+
+class TextEmbeddingCache(Mapping):
+    """Read a text-embedding cache: ``cache[key]`` is ``{"hidden": [T, W], "pooled": [D]}``
+    (``pooled`` only when the preset has one), in the stored dtype.
+
+    The shard files are memory-mapped (safetensors ``safe_open``) and opened on first use, per process,
+    so the cache can be handed to DataLoader workers. The key index (key -> shard, row) is built from
+    the shard headers when the cache is opened. It is a read-only ``Mapping``: ``len``, ``in``,
+    ``keys()``, ``get()``. ``dataset()`` gives a ``torch.utils.data.Dataset`` and ``join(samples)``
+    adds the embeddings to image samples by key.
+
+    Attributes:
+        manifest: the parsed ``manifest.json``.
+        duplicate_keys: keys found in more than one shard (the first shard in name order wins).
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        folder = _CacheFolder(self.path)
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"text-embedding cache not found: {self.path}")
+        manifest = folder.read_manifest()
+        if manifest is None:
+            raise FileNotFoundError(f"{self.path} holds no {MANIFEST_NAME}: not a text-embedding cache "
+                                    "(make one with `ldmclip cache-text`)")
+        if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
+            raise ValueError(f"{self.path} was written by a newer ldmclip (cache format "
+                             f"{manifest.get('format_version')}); upgrade ldmclip to read it")
+        self.manifest: dict[str, Any] = manifest
+        self._files: list[Path] = folder.shard_files()
+        self._index: dict[str, tuple[int, int]] = {}
+        self.duplicate_keys = 0
+        for number, file in enumerate(self._files):
+            meta = _read_shard_meta(file)
+            for key, row in zip(meta["keys"], meta["rows"]):
+                if key in self._index:
+                    self.duplicate_keys += 1
+                else:
+                    self._index[key] = (number, int(row))
+        self._handles: dict[int, Any] = {}
+        self._pid = os.getpid()
+
+    # -- description ------------------------------------------------------------------------------------
+    @property
+    def preset(self) -> str | None:
+        return self.manifest.get("preset")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return CACHE_DTYPES[self.manifest["dtype"]]
+
+    @property
+    def has_pooled(self) -> bool:
+        return self.manifest.get("pooled_dim") is not None
+
+    @property
+    def shard_names(self) -> list[str]:
+        return [p.name[: -len(SHARD_SUFFIX)] for p in self._files]
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({str(self.path)!r}, keys={len(self)}, shards={len(self._files)}, "
+                f"preset={self.preset!r}, dtype={self.manifest.get('dtype')!r}, "
+                f"hidden={self.manifest.get('hidden_shape')}, pooled_dim={self.manifest.get('pooled_dim')})")
+
+    # -- access -------------------------------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_handles"] = {}  # memory maps do not travel to other processes; reopened there
+        return state
+
+    def _handle(self, number: int) -> Any:
+        if self._pid != os.getpid():
+            self._handles, self._pid = {}, os.getpid()
+        handle = self._handles.get(number)
+        if handle is None:
+            from safetensors import safe_open
+
+            handle = self._handles[number] = safe_open(str(self._files[number]), framework="pt")
+        return handle
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._index
+
+    def location(self, key: str) -> tuple[str, int]:
+        """``(shard name, row)`` of a key (``KeyError`` if absent)."""
+        number, row = self._index[key]
+        return self.shard_names[number], row
+
+    def __getitem__(self, key: str) -> dict[str, torch.Tensor]:
+        number, row = self._index[key]
+        handle = self._handle(number)
+        item = {"hidden": handle.get_slice("hidden")[row]}
+        if self.has_pooled:
+            item["pooled"] = handle.get_slice("pooled")[row]
+        return item
+
+    def get_batch(self, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Embeddings of several keys stacked: ``{"hidden": [B, T, W], "pooled": [B, D]}``."""
+        items = [self[k] for k in keys]
+        if not items:
+            raise ValueError("get_batch() needs at least one key")
+        return {name: torch.stack([item[name] for item in items]) for name in items[0]}
+
+    def empty_prompt(self) -> dict[str, torch.Tensor]:
+        """Embedding of ``""`` (classifier-free guidance), same shapes as ``cache[key]``."""
+        from safetensors.torch import load_file
+
+        return load_file(str(self.path / EMPTY_PROMPT_NAME))
+
+    def dataset(self, keys: Sequence[str] | None = None) -> "CachedTextDataset":
+        """A map-style ``Dataset`` over ``keys`` (default: all, in index order) giving
+        ``{"key", "hidden", "pooled"}`` dicts that ``default_collate`` batches."""
+        return CachedTextDataset(self, keys)
+
+    def join(self, samples: Any, *, missing: str = "skip") -> "CacheJoin":
+        """Add the cached embeddings to image samples by key; see :class:`CacheJoin`."""
+        return CacheJoin(self, samples, missing=missing)
+
+
+class CachedTextDataset(torch.utils.data.Dataset):
+    """``dataset[i]`` is ``{"key": keys[i], "hidden": ..., "pooled": ...}`` (``pooled`` when stored)."""
+
+    def __init__(self, cache: TextEmbeddingCache, keys: Sequence[str] | None = None) -> None:
+        self.cache = cache
+        self.keys = list(cache.keys()) if keys is None else list(keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        key = self.keys[index]
+        return {"key": key, **self.cache[key]}
+
+
+JOIN_MISSING = ("skip", "empty", "error")
+
+
+class CacheJoin(torch.utils.data.IterableDataset):
+    """Image samples with their cached text embeddings, for an LDM training loop.
+
+    ``samples`` is any ldmclip dataset (``ShardDataset``, ``CaptionTable``, ...) or iterable whose items
+    are :class:`~ldmclip.data.Sample` tuples (``image, caption, key``), dicts with a ``"__key__"`` or
+    ``"key"`` entry (webdataset style), or ``None`` (a bad sample). Each good item becomes a dict:
+    ``{"key", "image", "caption", "hidden", "pooled"}`` for a ``Sample``, the item's own entries plus
+    ``"hidden"``/``"pooled"`` for a dict. A map-style dataset is iterated in index order, split between
+    DataLoader workers (worker ``w`` of ``n`` takes the indices ``i % n == w``); an ``IterableDataset``
+    splits itself.
+
+    A key that is not in the cache is skipped (``missing="skip"``, default), given the empty-prompt
+    embedding (``"empty"``: the image trains unconditionally) or raises ``KeyError`` (``"error"``).
+    ``stats`` counts, per process, ``joined``, ``missing_key``, ``empty_prompt`` and ``bad_sample``.
+    """
+
+    def __init__(self, cache: TextEmbeddingCache, samples: Any, *, missing: str = "skip") -> None:
+        super().__init__()
+        if missing not in JOIN_MISSING:
+            raise ValueError(f"missing must be one of {', '.join(JOIN_MISSING)}, got {missing!r}")
+        self.cache = cache
+        self.samples = samples
+        self.missing = missing
+        self.stats: collections.Counter = collections.Counter()
+
+    def _items(self) -> Iterator[Any]:
+        samples = self.samples
+        map_style = (not isinstance(samples, torch.utils.data.IterableDataset)
+                     and hasattr(samples, "__len__") and hasattr(samples, "__getitem__"))
+        if not map_style:
+            yield from samples
+            return
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for index in range(worker, len(samples), workers):
+            yield samples[index]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        empty = None
+        for item in self._items():
+            if item is None:
+                self.stats["bad_sample"] += 1
+                continue
+            if isinstance(item, Mapping):
+                key = item.get("__key__", item.get("key"))
+                base = dict(item)
+            elif hasattr(item, "key") and hasattr(item, "image"):
+                key = item.key
+                base = {"key": item.key, "image": item.image, "caption": getattr(item, "caption", None)}
+            else:
+                raise TypeError(f"cannot find the key of a {type(item).__name__} sample; give Sample tuples "
+                                "or dicts with a '__key__' or 'key' entry")
+            key = str(key)
+            if key in self.cache:
+                embedding = self.cache[key]
+            elif self.missing == "skip":
+                self.stats["missing_key"] += 1
+                continue
+            elif self.missing == "empty":
+                empty = empty if empty is not None else self.cache.empty_prompt()
+                embedding = empty
+                self.stats["empty_prompt"] += 1
+            else:
+                raise KeyError(f"sample key {key!r} is not in the text-embedding cache {self.cache.path}")
+            self.stats["joined"] += 1
+            yield {**base, **embedding}

@@ -1,0 +1,467 @@
+"""The text conditioner of a latent diffusion model: the tensors SD 1.x, SD 2.x and SDXL feed the U-Net.
+
+A :class:`TextConditioner` wraps one CLIP text tower (or two, for SDXL) and its tokenizer and turns
+prompts into ``hidden`` ``[B, T, width]`` (the U-Net's cross-attention context) and, when asked,
+``pooled`` ``[B, embed_dim]`` (SDXL's extra vector conditioning).
+
+Which layer
+-----------
+``layer`` picks one entry of the list of hidden states the way ``transformers`` numbers its
+``hidden_states`` tuple: index 0 is the token + position embedding, index ``i`` the output of block
+``i`` (counting blocks from 1), and negative indices count from the end: ``-1`` (``"last"``) is the
+last block, ``-2`` (``"penultimate"``) the one before it. ``final_ln`` applies the tower's final
+LayerNorm (``ln_final``) to the chosen layer. Only the blocks up to the chosen layer are run, except
+when ``pooled`` needs the last one.
+
+``clip_skip`` counts the way AUTOMATIC1111's web UI and kohya's sd-scripts do: ``clip_skip=1`` is the
+last layer, ``clip_skip=2`` the penultimate one, i.e. ``layer=-clip_skip``. diffusers counts from 0
+instead (its ``clip_skip=1`` is the penultimate layer, and for SDXL it counts from the penultimate
+layer already): diffusers' ``clip_skip=k`` is ``clip_skip=k + 1`` here for SD 1.x/2.x and
+``clip_skip=k + 2`` for SDXL. ``clip_skip`` replaces the preset's layer and keeps its ``final_ln``
+(SD 1.x: with the final LayerNorm, as diffusers, A1111 and kohya apply it).
+
+Long prompts
+------------
+CLIP reads 77 tokens: SOT, 75 text tokens, EOT. With ``max_tokens`` (a multiple of 75, e.g. 225) a
+prompt's tokens are cut into 75-token windows, each window is wrapped in SOT/EOT and padded to 77,
+every window is encoded on its own and the results are concatenated along the tokens, so ``hidden``
+is ``[B, 77 * max_tokens / 75, width]`` for every batch (a fixed shape, which a cache needs; windows
+a short prompt does not fill hold the empty prompt, as in A1111). ``pooled`` comes from the first
+window, as A1111 and kohya's SDXL scripts do. (kohya's sd-scripts keep only the first SOT and the
+last window's EOT/pad, giving ``max_tokens + 2`` tokens; A1111, ComfyUI and compel keep all 77 of
+every window, as here. A1111 also moves a window boundary back to a comma when it can; this splits
+exactly every 75 tokens.) Prompts longer than the limit are cut, with one warning per call that
+says how many.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..models.text import TextTransformer
+from ..tokenizer import CLIPTokenizer, build_tokenizer
+
+logger = logging.getLogger(__name__)
+
+IDENTITY_FORMAT = 1
+
+
+@dataclass
+class ConditionerOutput:
+    """What a :class:`TextConditioner` returns for a batch of prompts.
+
+    ``hidden``: ``[B, T, width]`` per-token states (``T`` = 77, or 77 per window with long prompts;
+    ``width`` summed over the towers). ``pooled``: ``[B, embed_dim]`` or None when not asked for.
+    ``truncated``: how many of the prompts were longer than the token limit and were cut.
+    """
+
+    hidden: torch.Tensor
+    pooled: torch.Tensor | None = None
+    truncated: int = 0
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One published recipe. ``pad`` per tower: ``"eot"`` (the tokenizer's end-of-text id) or an id."""
+
+    name: str
+    description: str
+    layer: str | int
+    final_ln: bool
+    pooled: bool
+    pad: tuple[str | int, ...]
+    models: tuple[str, ...]  # default model names for from_pretrained
+
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (
+    Preset("sd1", "Stable Diffusion 1.x: OpenAI CLIP ViT-L/14 (QuickGELU), last layer with the final "
+                  "LayerNorm, padded with EOT (transformers CLIPTextModel.last_hidden_state)",
+           "last", True, False, ("eot",), ("ViT-L-14-quickgelu",)),
+    Preset("sd2", "Stable Diffusion 2.x: OpenCLIP ViT-H/14, penultimate layer with the final LayerNorm, "
+                  "padded with 0 (Stability's FrozenOpenCLIPEmbedder(layer='penultimate'))",
+           "penultimate", True, False, (0,), ("ViT-H-14",)),
+    Preset("sdxl", "SDXL: CLIP ViT-L/14 and OpenCLIP ViT-bigG/14, both penultimate without the final "
+                   "LayerNorm, concatenated (768 + 1280 = 2048), plus bigG's pooled projection; ViT-L pads "
+                   "with EOT, bigG with 0 (FrozenCLIPEmbedder(layer='hidden', layer_idx=11) + "
+                   "FrozenOpenCLIPEmbedder2(layer='penultimate', legacy=False))",
+           "penultimate", False, True, ("eot", 0), ("ViT-L-14-quickgelu", "ViT-bigG-14")),
+)}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown conditioning preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def hidden_state_index(layer: str | int, num_layers: int) -> int:
+    """How many blocks to run to reach ``layer`` (0 = just the embeddings; see the module docstring)."""
+    named = {"last": -1, "penultimate": -2}
+    if isinstance(layer, str):
+        if layer not in named:
+            raise ValueError(f"layer must be 'last', 'penultimate' or an int, got {layer!r}")
+        layer = named[layer]
+    elif isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
+        raise ValueError(f"layer must be 'last', 'penultimate' or an int, got {layer!r}")
+    index = int(layer) if layer >= 0 else num_layers + 1 + int(layer)
+    if not 0 <= index <= num_layers:
+        raise ValueError(f"layer {layer} does not exist in a text tower of {num_layers} blocks "
+                         f"(valid: {-num_layers - 1} .. {num_layers}; 0 is the embedding, -1 the last block)")
+    return index
+
+
+def text_tower_config(tower: TextTransformer) -> dict[str, Any]:
+    """The architecture of a text tower, read from its tensors (what an export or a cache records)."""
+    block = tower.transformer.resblocks[0]
+    return {
+        "vocab_size": tower.token_embedding.num_embeddings,
+        "context_length": tower.positional_embedding.shape[0],
+        "width": tower.transformer.width,
+        "layers": tower.transformer.layers,
+        "heads": block.attn.heads,
+        "intermediate_size": block.mlp.c_fc.out_features,
+        "embed_dim": tower.text_projection.shape[1],
+        "activation": tower.activation,
+    }
+
+
+def weights_sha256(tower: TextTransformer) -> str:
+    """sha256 over the text tower's tensors (names, dtypes, shapes and bytes), in key order."""
+    digest = hashlib.sha256()
+    state = tower.text_state_dict()
+    for key in sorted(state):
+        tensor = state[key].detach().to("cpu").contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _autocast_state(device: torch.device) -> tuple:
+    if torch.is_autocast_enabled(device.type):
+        return (True, torch.get_autocast_dtype(device.type))
+    return (False, None)
+
+
+class TextConditioner(nn.Module):
+    """Prompts → the text conditioning of a latent diffusion model (see the module docstring).
+
+    Args:
+        model: a CLIP model or a bare text tower (``ldmclip.models.TextTransformer``).
+        tokenizer: its tokenizer (default: the CLIP BPE).
+        model_2, tokenizer_2: a second tower (SDXL); its hidden states are concatenated after the
+            first tower's along the features, and ``pooled`` comes from it.
+        layer: ``"last"``, ``"penultimate"`` or an index into the hidden states (0 = embedding,
+            ``i`` = block ``i``, negative from the end). Default ``"last"``.
+        final_ln: apply the final LayerNorm to the chosen layer.
+        pooled: also return the pooled embedding (final layer, final LayerNorm, EOT token,
+            ``text_projection``) of the last tower.
+        pad_id, pad_id_2: the id written after EOT for each tower (default: the tokenizer's).
+        context_length: tokens per window (default: the tower's, 77).
+        max_tokens: encode long prompts in 75-token windows up to this many tokens (a multiple of
+            ``context_length - 2``); None cuts prompts at 75 tokens.
+        clip_skip: A1111/kohya convention, ``layer=-clip_skip`` (diffusers' ``clip_skip=k`` is
+            ``k + 1`` here); cannot be combined with ``layer``.
+        zero_empty_prompt: :meth:`empty_prompt` returns zeros (what diffusers' SDXL pipelines use for
+            an empty negative prompt, ``force_zeros_for_empty_prompt``) instead of encoding ``""``.
+
+    The module does not freeze the towers or switch off gradients: run it under
+    ``torch.inference_mode()`` (and autocast) to encode, or train through it.
+    """
+
+    def __init__(
+        self,
+        model: TextTransformer,
+        tokenizer: CLIPTokenizer | None = None,
+        *,
+        model_2: TextTransformer | None = None,
+        tokenizer_2: CLIPTokenizer | None = None,
+        layer: str | int | None = None,
+        final_ln: bool = True,
+        pooled: bool = False,
+        pad_id: int | None = None,
+        pad_id_2: int | None = None,
+        context_length: int | None = None,
+        max_tokens: int | None = None,
+        clip_skip: int | None = None,
+        zero_empty_prompt: bool = False,
+    ):
+        super().__init__()
+        towers = [model] if model_2 is None else [model, model_2]
+        for index, tower in enumerate(towers):
+            if not isinstance(tower, TextTransformer):
+                raise TypeError(f"model{'' if index == 0 else '_2'} must be an ldmclip CLIP model or text tower "
+                                f"(ldmclip.create_model(...)), got {type(tower).__name__}")
+        if model_2 is None and (tokenizer_2 is not None or pad_id_2 is not None):
+            raise ValueError("tokenizer_2 / pad_id_2 given without model_2")
+        self.towers = nn.ModuleList(towers)
+
+        if context_length is None:
+            context_length = min(t.context_length for t in towers)
+        if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 3:
+            raise ValueError(f"context_length must be an int >= 3 (SOT, a token, EOT), got {context_length!r}")
+        for tower in towers:
+            if context_length > tower.context_length:
+                raise ValueError(f"context_length {context_length} exceeds the text tower's {tower.context_length}")
+        self.context_length = context_length
+
+        if tokenizer is None:
+            tokenizer = build_tokenizer(context_length=context_length)
+        self.tokenizers = [tokenizer] if model_2 is None else [tokenizer, tokenizer_2 or tokenizer]
+        pads = [pad_id, pad_id_2][: len(towers)]
+        self.pad_ids = [tok.pad_id if pad is None else int(pad) for tok, pad in zip(self.tokenizers, pads)]
+        for tok, pad in zip(self.tokenizers, self.pad_ids):
+            if not 0 <= pad < tok.vocab_size:
+                raise ValueError(f"pad_id {pad} is outside the vocabulary (size {tok.vocab_size})")
+
+        if clip_skip is not None:
+            if layer is not None:
+                raise ValueError("pass either layer or clip_skip, not both (clip_skip=n means layer=-n)")
+            if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or clip_skip < 1:
+                raise ValueError(
+                    f"clip_skip counts the way A1111 and kohya do: 1 = last layer, 2 = penultimate; got {clip_skip!r}. "
+                    f"diffusers counts from 0: its clip_skip=k is clip_skip=k+1 here.")
+            layer = -clip_skip
+        self.layer = "last" if layer is None else layer
+        self.blocks = [hidden_state_index(self.layer, t.transformer.layers) for t in towers]
+        self.final_ln = bool(final_ln)
+        self.pooled = bool(pooled)
+
+        body = context_length - 2
+        if max_tokens is not None:
+            if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < body \
+                    or max_tokens % body:
+                raise ValueError(f"max_tokens must be a multiple of {body} (context_length - 2), e.g. {3 * body}; "
+                                 f"got {max_tokens!r}")
+        self.max_tokens = max_tokens
+        self.windows = 1 if max_tokens is None else max_tokens // body
+        self.zero_empty_prompt = bool(zero_empty_prompt)
+        self.preset: str | None = None  # set by from_preset
+        self._empty: dict[tuple, ConditionerOutput] = {}
+
+    # -- construction from recipes -----------------------------------------------------------------
+    @classmethod
+    def from_preset(
+        cls,
+        name: str,
+        model: TextTransformer,
+        tokenizer: CLIPTokenizer | None = None,
+        model_2: TextTransformer | None = None,
+        tokenizer_2: CLIPTokenizer | None = None,
+        **options: Any,
+    ) -> "TextConditioner":
+        """A conditioner set up as a published recipe (``sd1``, ``sd2``, ``sdxl``; see ``PRESETS``).
+
+        The models are whatever you pass (the preset does not check their size); ``options``
+        override the recipe's settings, e.g. ``clip_skip=2``, ``max_tokens=225``, ``pooled=True``.
+        """
+        preset = get_preset(name)
+        if len(preset.pad) == 2 and model_2 is None:
+            raise ValueError(f"the {name} preset conditions on two text towers: pass model_2= (and tokenizer_2=); "
+                             f"SDXL's are CLIP ViT-L/14 (model) and OpenCLIP ViT-bigG/14 (model_2)")
+        if len(preset.pad) == 1 and (model_2 is not None or tokenizer_2 is not None):
+            raise ValueError(f"the {name} preset uses one text tower; model_2/tokenizer_2 are for sdxl")
+        if tokenizer is None:
+            tokenizer = build_tokenizer(context_length=model.context_length)
+        tokenizers = [tokenizer, tokenizer_2 or tokenizer]
+        pads = [tok.eot_token_id if pad == "eot" else pad for tok, pad in zip(tokenizers, preset.pad)]
+        settings: dict[str, Any] = {"layer": preset.layer, "final_ln": preset.final_ln, "pooled": preset.pooled,
+                                    "pad_id": pads[0]}
+        if model_2 is not None:
+            settings["pad_id_2"] = pads[1]
+        if options.get("clip_skip") is not None and options.get("layer") is None:
+            settings.pop("layer")  # clip_skip takes the place of the recipe's layer
+        settings.update(options)
+        conditioner = cls(model, tokenizer, model_2=model_2, tokenizer_2=tokenizer_2, **settings)
+        conditioner.preset = preset.name
+        return conditioner
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        preset: str,
+        model: str | None = None,
+        pretrained: str | None = None,
+        model_2: str | None = None,
+        pretrained_2: str | None = None,
+        device: str | torch.device = "cpu",
+        precision: str = "fp32",
+        **options: Any,
+    ) -> "TextConditioner":
+        """Build the towers with :func:`ldmclip.create_model` and wrap them in a preset.
+
+        Model names default to the preset's (sd1: ``ViT-L-14-quickgelu``; sd2: ``ViT-H-14``; sdxl:
+        ``ViT-L-14-quickgelu`` + ``ViT-bigG-14``); ``pretrained`` takes what ``create_model`` takes.
+        Only the text towers are kept (the image towers are dropped); they are frozen and in eval mode.
+        """
+        from ..models.factory import get_tokenizer
+
+        spec = get_preset(preset)
+        if len(spec.models) == 1 and (model_2 is not None or pretrained_2 is not None):
+            raise ValueError(f"the {preset} preset uses one text tower; model_2/pretrained_2 are for sdxl")
+        names = [model or spec.models[0]] + ([model_2 or spec.models[1]] if len(spec.models) == 2 else [])
+        weights = [pretrained, pretrained_2][: len(names)]
+        towers = [load_text_tower(n, w, device=device, precision=precision) for n, w in zip(names, weights)]
+        tokenizers = [get_tokenizer(n) for n in names]
+        second = {"model_2": towers[1], "tokenizer_2": tokenizers[1]} if len(towers) == 2 else {}
+        conditioner = cls.from_preset(preset, towers[0], tokenizers[0], **second, **options)
+        return conditioner.eval().requires_grad_(False)
+
+    # -- encoding ------------------------------------------------------------------------------------
+    @property
+    def hidden_size(self) -> int:
+        """Width of ``hidden`` (summed over the towers)."""
+        return sum(t.transformer.width for t in self.towers)
+
+    @property
+    def sequence_length(self) -> int:
+        """Tokens in ``hidden``: ``context_length`` per window."""
+        return self.context_length * self.windows
+
+    @property
+    def pooled_size(self) -> int | None:
+        return self.towers[-1].text_projection.shape[1] if self.pooled else None
+
+    def forward(self, prompts: str | Sequence[str]) -> ConditionerOutput:
+        """Encode prompts: ``hidden`` ``[B, T, width]`` and ``pooled`` ``[B, embed_dim]`` or None."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = list(prompts)
+        limit = (self.context_length - 2) * self.windows
+        token_ids: dict[int, list[list[int]]] = {}  # BPE runs once per distinct tokenizer
+        truncated = 0
+        hiddens, pooled = [], None
+        for index, (tower, tokenizer, pad_id, blocks) in enumerate(
+                zip(self.towers, self.tokenizers, self.pad_ids, self.blocks)):
+            if id(tokenizer) not in token_ids:
+                token_ids[id(tokenizer)] = ids = tokenizer.encode_batch(prompts)
+                truncated = max(truncated, sum(len(x) > limit for x in ids))
+            tokens = self._windows(token_ids[id(tokenizer)], tokenizer, pad_id)
+            want_pooled = self.pooled and index == len(self.towers) - 1
+            hidden, tower_pooled = self._encode(tower, tokens, blocks, want_pooled)
+            hiddens.append(hidden)
+            if want_pooled:
+                pooled = tower_pooled
+        if truncated:
+            hint = (f"raise max_tokens (now {self.max_tokens})" if self.max_tokens else
+                    f"pass max_tokens={3 * (self.context_length - 2)} to encode long prompts in windows")
+            logger.warning("%d of %d prompts are longer than %d tokens and were cut (%s)",
+                           truncated, len(prompts), limit, hint)
+        hidden = hiddens[0] if len(hiddens) == 1 else torch.cat(hiddens, dim=-1)
+        return ConditionerOutput(hidden=hidden, pooled=pooled, truncated=truncated)
+
+    def _windows(self, ids: list[list[int]], tokenizer: CLIPTokenizer, pad_id: int) -> torch.Tensor:
+        """``[B * windows, context_length]`` ids: each window is ``SOT, up to 75 ids, EOT, pad...``
+        (with one window, exactly what ``tokenizer(prompts)`` gives with this pad id)."""
+        body, windows = self.context_length - 2, self.windows
+        out = np.full((len(ids), windows, self.context_length), pad_id, dtype=np.int64)
+        out[:, :, 0] = tokenizer.sot_token_id
+        for row, prompt_ids in enumerate(ids):
+            prompt_ids = prompt_ids[: body * windows]
+            for window in range(windows):
+                chunk = prompt_ids[window * body: (window + 1) * body]
+                if chunk or window == 0:
+                    out[row, window, 1: 1 + len(chunk)] = chunk
+                    out[row, window, 1 + len(chunk)] = tokenizer.eot_token_id
+                else:  # a window past the prompt's end holds the empty prompt
+                    out[row, window, 1] = tokenizer.eot_token_id
+        return torch.from_numpy(out.reshape(-1, self.context_length))
+
+    def _encode(self, tower: TextTransformer, tokens: torch.Tensor, blocks: int,
+                want_pooled: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One tower: ``[B, windows * ctx, width]`` hidden states and ``[B, embed_dim]`` pooled (or None)."""
+        device = tower.token_embedding.weight.device
+        tokens = tokens.to(device)
+        inverse = None
+        if self.windows > 1 and tokens.shape[0]:
+            # Short prompts leave many windows empty and identical: encode each distinct window once.
+            tokens, inverse = torch.unique(tokens, dim=0, return_inverse=True)
+        x = tower.embed_tokens(tokens)
+        x = tower.transformer(x, causal=True, stop_at=blocks)  # runs only the blocks the layer needs
+        hidden = tower.ln_final(x) if self.final_ln else x
+        pooled = None
+        if want_pooled:
+            for block in tower.transformer.resblocks[blocks:]:  # the rest of the tower, for the pooled output
+                x = block(x, causal=True)
+            pooled = tower.pool_text(x, tokens)
+        if inverse is not None:
+            hidden = hidden[inverse]
+            pooled = None if pooled is None else pooled[inverse]
+        batch = hidden.shape[0] // self.windows
+        hidden = hidden.reshape(batch, self.windows * self.context_length, hidden.shape[-1])
+        if pooled is not None:  # from each prompt's first window
+            pooled = pooled.reshape(batch, self.windows, pooled.shape[-1])[:, 0]
+        return hidden, pooled
+
+    def empty_prompt(self, zeros: bool | None = None) -> ConditionerOutput:
+        """The conditioning of ``""`` (batch of 1), for classifier-free guidance.
+
+        Encoded once and kept while the towers are frozen (no parameter requires grad), per device,
+        dtype and autocast setting. ``zeros=True`` (default: the ``zero_empty_prompt`` option) gives
+        zeros of the same shapes, as SDXL pipelines use for an empty negative prompt.
+        """
+        zeros = self.zero_empty_prompt if zeros is None else zeros
+        weight = self.towers[0].token_embedding.weight
+        frozen = not any(p.requires_grad for p in self.parameters())
+        key = (weight.device, weight.dtype, _autocast_state(weight.device))
+        out = self._empty.get(key) if frozen else None
+        if out is None:
+            with torch.no_grad() if frozen else contextlib.nullcontext():
+                out = self([""])
+            if frozen:
+                self._empty[key] = out
+        # clones: callers may modify what they get, and a tensor made under inference_mode
+        # could not be used in autograd later
+        hidden = torch.zeros_like(out.hidden) if zeros else out.hidden.clone()
+        pooled = None if out.pooled is None else torch.zeros_like(out.pooled) if zeros else out.pooled.clone()
+        return ConditionerOutput(hidden=hidden, pooled=pooled, truncated=0)
+
+    # -- identity ----------------------------------------------------------------------------------
+    def identity(self) -> dict[str, Any]:
+        """Everything that decides the outputs, JSON-serialisable: the preset and options, each tower's
+        architecture and a sha256 of its weights, each tokenizer's special ids. No paths or names, so
+        the same weights give the same identity on any machine. Caches use it to refuse mixing."""
+        return {
+            "format": IDENTITY_FORMAT,
+            "preset": self.preset,
+            "hidden_state_index": list(self.blocks),
+            "final_ln": self.final_ln,
+            "pooled": self.pooled,
+            "context_length": self.context_length,
+            "max_tokens": self.max_tokens,
+            "zero_empty_prompt": self.zero_empty_prompt,
+            "towers": [
+                {"config": text_tower_config(tower), "sha256": weights_sha256(tower),
+                 "tokenizer": {"vocab_size": tok.vocab_size, "sot_id": tok.sot_token_id,
+                               "eot_id": tok.eot_token_id, "pad_id": pad}}
+                for tower, tok, pad in zip(self.towers, self.tokenizers, self.pad_ids)
+            ],
+        }
+
+    def extra_repr(self) -> str:
+        return (f"preset={self.preset}, layer={self.layer!r}, final_ln={self.final_ln}, pooled={self.pooled}, "
+                f"pad_ids={self.pad_ids}, context_length={self.context_length}, max_tokens={self.max_tokens}")
+
+
+def load_text_tower(name: str, pretrained: str | None = None, device: str | torch.device = "cpu",
+                    precision: str = "fp32") -> TextTransformer:
+    """The text tower of ``create_model(name, pretrained)``, without the image tower (bigG's alone is
+    1.8 billion parameters that conditioning never uses)."""
+    from ..models.factory import HF_HUB_PREFIX, LOCAL_DIR_PREFIX, create_model
+
+    if pretrained is None and not name.startswith((HF_HUB_PREFIX, LOCAL_DIR_PREFIX)):
+        logger.warning("no pretrained weights given for %s: its text tower is randomly initialised", name)
+    clip = create_model(name, pretrained=pretrained, device=device, precision=precision)
+    cfg = clip.config
+    with torch.device("meta"):  # no time spent on a random init that is overwritten at once
+        tower = TextTransformer(cfg.text_cfg, cfg.embed_dim, cfg.activation)
+    tower.load_state_dict(clip.text_state_dict(), assign=True)
+    return tower
+

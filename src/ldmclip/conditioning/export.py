@@ -1,0 +1,356 @@
+"""Export to the Hugging Face layouts: ``transformers`` model folders and diffusers sub-folders.
+
+- :func:`export_transformers` writes a ``CLIPTextModel`` folder (``CLIPTextModelWithProjection`` with
+  ``with_projection=True``, a whole ``CLIPModel`` with ``full=True``): ``config.json``,
+  ``model.safetensors`` (``text_model.*`` keys, as every Stable Diffusion text encoder on the Hub has
+  them) and the tokenizer files (``vocab.json``, ``merges.txt``, ``special_tokens_map.json``,
+  ``tokenizer_config.json``).
+- :func:`export_diffusers` writes the ``text_encoder/`` + ``tokenizer/`` sub-folders of a diffusers
+  pipeline (and ``text_encoder_2/`` + ``tokenizer_2/`` for SDXL, whose second encoder is a
+  ``CLIPTextModelWithProjection``), with each preset's pad token.
+
+Nothing here imports ``transformers``: the files are plain JSON and safetensors. Every export is
+written into a temporary folder next to the destination and renamed into place when complete.
+
+Note on the pad token ``"!"`` (id 0, SD 2.x and SDXL's second tokenizer): ``transformers`` treats a
+pad token as a special token, so a literal ``"!!"`` in a prompt becomes two pad ids there instead of
+OpenCLIP's single ``"!!"`` token. The official SD 2.x / SDXL folders behave the same way
+(diffusers issue 4153); ldmclip's own tokenizer always follows OpenCLIP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from ..checkpoints import openclip_to_hf_state_dict
+from ..models.text import TextTransformer
+from ..tokenizer import CLIPTokenizer, build_tokenizer
+from .conditioner import PRESETS, TextConditioner, get_preset, text_tower_config
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_HF_ACT = {"gelu": "gelu", "quick_gelu": "quick_gelu"}
+LAYER_NORM_EPS = 1e-5  # every CLIP tower; ldmclip's LayerNorms use it
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+
+
+@contextlib.contextmanager
+def _atomic_directory(out: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``out``; it becomes ``out`` only if the block succeeds."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} already exists; choose a new output folder or delete it first")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        yield tmp
+        if out.is_dir():
+            out.rmdir()  # an empty folder made beforehand is fine to replace
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def _save_safetensors(state: dict[str, torch.Tensor], path: Path, dtype: torch.dtype | None) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: (v if dtype is None else v.to(dtype)).detach().to("cpu").contiguous() for k, v in state.items()}
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None, tower: torch.nn.Module) -> torch.dtype:
+    if dtype is None:
+        return next(tower.parameters()).dtype
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+        return DTYPES[dtype]
+    if dtype not in _DTYPE_NAMES:
+        raise ValueError(f"cannot export weights as {dtype}; use float32, float16 or bfloat16")
+    return dtype
+
+
+# --------------------------------------------------------------------------------------------
+# transformers configs
+
+
+def text_config_dict(tower: TextTransformer, tokenizer: CLIPTokenizer, pad_id: int) -> dict[str, Any]:
+    """The fields of a ``transformers`` ``CLIPTextConfig`` for ``tower``."""
+    arch = text_tower_config(tower)
+    if arch["activation"] not in _HF_ACT:
+        raise ValueError(f"activation {arch['activation']!r} has no transformers counterpart")
+    return {
+        "model_type": "clip_text_model",
+        "vocab_size": arch["vocab_size"],
+        "hidden_size": arch["width"],
+        "intermediate_size": arch["intermediate_size"],
+        "projection_dim": arch["embed_dim"],
+        "num_hidden_layers": arch["layers"],
+        "num_attention_heads": arch["heads"],
+        "max_position_embeddings": arch["context_length"],
+        "hidden_act": _HF_ACT[arch["activation"]],
+        "layer_norm_eps": LAYER_NORM_EPS,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "initializer_factor": 1.0,
+        # the real ids (not the legacy bos=0/eos=2 of early SD configs), so transformers pools at
+        # the first EOT exactly as ldmclip does
+        "bos_token_id": tokenizer.sot_token_id,
+        "eos_token_id": tokenizer.eot_token_id,
+        "pad_token_id": pad_id,
+    }
+
+
+def _vision_config_dict(model) -> dict[str, Any]:
+    cfg = model.config.vision_cfg
+    return {
+        "model_type": "clip_vision_model",
+        "hidden_size": cfg.width,
+        "intermediate_size": model.visual.transformer.resblocks[0].mlp.c_fc.out_features,
+        "projection_dim": model.config.embed_dim,
+        "num_hidden_layers": cfg.layers,
+        "num_attention_heads": cfg.heads,
+        "num_channels": 3,
+        "image_size": cfg.image_size,
+        "patch_size": cfg.patch_size,
+        "hidden_act": _HF_ACT[model.config.activation],
+        "layer_norm_eps": LAYER_NORM_EPS,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "initializer_factor": 1.0,
+    }
+
+
+def write_text_encoder(tower: TextTransformer, directory: Path, *, tokenizer: CLIPTokenizer, pad_id: int,
+                       with_projection: bool = False, dtype: str | torch.dtype | None = None) -> None:
+    """``config.json`` + ``model.safetensors`` of a ``CLIPTextModel[WithProjection]`` into ``directory``."""
+    dtype = _resolve_dtype(dtype, tower)
+    state = openclip_to_hf_state_dict(tower.text_state_dict())
+    if not with_projection:
+        del state["text_projection.weight"]
+    architecture = "CLIPTextModelWithProjection" if with_projection else "CLIPTextModel"
+    config = {"architectures": [architecture], **text_config_dict(tower, tokenizer, pad_id),
+              "torch_dtype": _DTYPE_NAMES[dtype]}
+    directory.mkdir(parents=True, exist_ok=True)
+    _save_safetensors(state, directory / "model.safetensors", dtype)
+    _write_json(directory / "config.json", config)
+
+
+def write_tokenizer(tokenizer: CLIPTokenizer, directory: Path, *, pad_id: int, context_length: int) -> None:
+    """``vocab.json``, ``merges.txt``, ``special_tokens_map.json`` and ``tokenizer_config.json``,
+    loadable by ``transformers.CLIPTokenizer`` (the files diffusers pipelines ship)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab_file, _ = tokenizer.save_pretrained_files(directory)
+    token_of = {i: t for t, i in json.loads(vocab_file.read_text(encoding="utf-8")).items()}
+    special = {"bos_token": token_of[tokenizer.sot_token_id], "eos_token": token_of[tokenizer.eot_token_id],
+               "unk_token": token_of[tokenizer.eot_token_id], "pad_token": token_of[pad_id]}
+    _write_json(directory / "special_tokens_map.json", special)
+    _write_json(directory / "tokenizer_config.json", {
+        **special, "tokenizer_class": "CLIPTokenizer", "model_max_length": context_length,
+        "do_lower_case": True, "errors": "replace", "add_prefix_space": False,
+    })
+
+
+# --------------------------------------------------------------------------------------------
+# Public exports
+
+
+def export_transformers(model: TextTransformer, out: str | os.PathLike, *, tokenizer: CLIPTokenizer | None = None,
+                        pad_id: int = 0, with_projection: bool = False, full: bool = False,
+                        dtype: str | torch.dtype | None = None) -> Path:
+    """Write ``model`` as a ``transformers`` folder (see the module docstring); returns ``out``.
+
+    ``pad_id``: the tokenizer's pad token (0 as OpenCLIP; 49407, end-of-text, for SD 1.x).
+    ``full=True`` needs a whole CLIP model and writes ``CLIPModel`` (+ ``preprocessor_config.json``).
+    """
+    tokenizer = tokenizer or build_tokenizer(context_length=model.context_length)
+    if full:
+        _check_full_model(model)
+        if with_projection:
+            raise ValueError("full=True writes the whole CLIPModel (which has the projection); "
+                             "with_projection is for text-only exports")
+    with _atomic_directory(out) as tmp:
+        if full:
+            _write_clip_model(model, tmp, tokenizer=tokenizer, pad_id=pad_id, dtype=dtype)
+        else:
+            write_text_encoder(model, tmp, tokenizer=tokenizer, pad_id=pad_id, with_projection=with_projection,
+                               dtype=dtype)
+        write_tokenizer(tokenizer, tmp, pad_id=pad_id, context_length=model.context_length)
+    return Path(out)
+
+
+def export_diffusers(conditioner: TextConditioner, out: str | os.PathLike,
+                     dtype: str | torch.dtype | None = None) -> Path:
+    """Write the conditioner's towers as diffusers sub-folders: ``text_encoder/`` + ``tokenizer/``,
+    and for a second tower (SDXL) ``text_encoder_2/`` (``CLIPTextModelWithProjection``) + ``tokenizer_2/``.
+
+    The folders go into a diffusers pipeline folder as they are, or load on their own with
+    ``CLIPTextModel.from_pretrained(out, subfolder="text_encoder")``.
+    """
+    with _atomic_directory(out) as tmp:
+        for index, (tower, tokenizer, pad_id) in enumerate(
+                zip(conditioner.towers, conditioner.tokenizers, conditioner.pad_ids)):
+            suffix = "" if index == 0 else f"_{index + 1}"
+            write_text_encoder(tower, tmp / f"text_encoder{suffix}", tokenizer=tokenizer, pad_id=pad_id,
+                               with_projection=index > 0, dtype=dtype)
+            write_tokenizer(tokenizer, tmp / f"tokenizer{suffix}", pad_id=pad_id,
+                            context_length=conditioner.context_length)
+    return Path(out)
+
+
+def _check_full_model(model) -> None:
+    if not hasattr(model, "visual"):
+        raise ValueError("full=True needs a whole CLIP model (ldmclip.create_model), not a text tower")
+    if getattr(model, "logit_bias", None) is not None:
+        raise ValueError("this model has a logit_bias (SigLIP-style loss); transformers' CLIPModel has no place "
+                         "for it. Export the text tower alone instead.")
+
+
+def _write_clip_model(model, directory: Path, *, tokenizer: CLIPTokenizer, pad_id: int,
+                      dtype: str | torch.dtype | None) -> None:
+    from ..transforms import PreprocessConfig
+
+    dtype = _resolve_dtype(dtype, model)
+    state = openclip_to_hf_state_dict(model.state_dict())
+    config = {
+        "architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": model.config.embed_dim,
+        "logit_scale_init_value": 2.6592, "initializer_factor": 1.0, "torch_dtype": _DTYPE_NAMES[dtype],
+        "text_config": text_config_dict(model, tokenizer, pad_id), "vision_config": _vision_config_dict(model),
+    }
+    _save_safetensors(state, directory / "model.safetensors", dtype)
+    _write_json(directory / "config.json", config)
+    pp = PreprocessConfig.from_dict({**model.preprocess_cfg, "size": model.image_size})
+    size = model.image_size
+    _write_json(directory / "preprocessor_config.json", {
+        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": size},
+        "resample": 3, "do_center_crop": True, "crop_size": {"height": size, "width": size},
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": list(pp.mean), "image_std": list(pp.std), "do_convert_rgb": True,
+    })
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+
+
+EXPORT_EPILOG = """examples:
+  # an SD 1.x text encoder as a transformers CLIPTextModel folder (pads with end-of-text)
+  ldmclip export --format transformers --preset sd1 --model ViT-L-14-quickgelu \
+      --pretrained weights.safetensors --out te
+  # a fine-tuned ViT-H/14 as the text_encoder/ + tokenizer/ of an SD 2.x diffusers pipeline
+  ldmclip export --format diffusers --preset sd2 --model local-dir:runs/my-run/final --out sd2-te
+  # SDXL: CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 -> text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/
+  ldmclip export --format diffusers --preset sdxl --pretrained vit-l.safetensors \
+      --pretrained-2 bigg.safetensors --out sdxl-te
+  # a whole CLIP model as a transformers CLIPModel folder
+  ldmclip export --format transformers --full --model local-dir:runs/my-run/final --out clip-hf
+"""
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--format", required=True, choices=["transformers", "diffusers"],
+                        help="transformers: one model folder (CLIPTextModel, or CLIPModel with --full); "
+                             "diffusers: text_encoder/ + tokenizer/ sub-folders (two of each for sdxl)")
+    parser.add_argument("--out", required=True, help="output folder; must not exist yet (or be empty)")
+    parser.add_argument("--preset", choices=list(PRESETS),
+                        help="the recipe the text encoder serves: sets the tokenizer's pad token (sd1 and sdxl's "
+                             "first tokenizer pad with end-of-text, sd2 and sdxl's second with 0) and the default "
+                             "--model. Required for --format diffusers. Without it the pad token is 0 (OpenCLIP's)")
+    parser.add_argument("--model", help="model name: a packaged config (ldmclip info), a JSON config, "
+                                        "'hf-hub:org/repo' or 'local-dir:/path' (default: the preset's model)")
+    parser.add_argument("--pretrained", help="weights file or folder for --model (not needed when --model is "
+                                             "'hf-hub:' or 'local-dir:', which carry their weights)")
+    parser.add_argument("--model-2", help="sdxl only: the second text encoder's model (default ViT-bigG-14)")
+    parser.add_argument("--pretrained-2", help="sdxl only: weights for --model-2")
+    parser.add_argument("--with-projection", action="store_true",
+                        help="write CLIPTextModelWithProjection (text tower + text_projection) instead of "
+                             "CLIPTextModel (--format transformers)")
+    parser.add_argument("--full", action="store_true",
+                        help="write the whole CLIP model as a transformers CLIPModel (--format transformers)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="dtype of the written weights")
+
+
+def _check_export_args(args: argparse.Namespace) -> None:
+    """Every mistake that can be seen before loading gigabytes of weights."""
+    from ..models.factory import HF_HUB_PREFIX, LOCAL_DIR_PREFIX
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out {out} already exists; choose a new folder or delete it first")
+    two_towers = args.preset is not None and len(get_preset(args.preset).models) == 2
+    if args.format == "diffusers" and args.preset is None:
+        raise ValueError("--format diffusers needs --preset (sd1, sd2 or sdxl): it decides the sub-folders "
+                         "and the pad tokens")
+    if args.format == "diffusers" and (args.full or args.with_projection):
+        raise ValueError("--full and --with-projection are for --format transformers; the diffusers layout "
+                         "fixes the classes (SDXL's text_encoder_2 is written with its projection)")
+    if args.format == "transformers" and two_towers:
+        raise ValueError(f"--preset {args.preset} has two text encoders; use --format diffusers, or export each "
+                         f"tower on its own with --format transformers (--preset sd1 for the ViT-L/14 one)")
+    if args.full and args.with_projection:
+        raise ValueError("--full already includes the projection; drop --with-projection")
+    if not two_towers and (args.model_2 or args.pretrained_2):
+        raise ValueError("--model-2/--pretrained-2 are only for --preset sdxl")
+    if args.model is None and args.preset is None:
+        raise ValueError("pass --model (a model name, 'hf-hub:org/repo' or 'local-dir:/path') or --preset")
+    pairs = [(args.model, args.pretrained, "--model", "--pretrained")]
+    if two_towers:
+        pairs.append((args.model_2, args.pretrained_2, "--model-2", "--pretrained-2"))
+    for index, (name, weights, model_flag, weights_flag) in enumerate(pairs):
+        name = name or get_preset(args.preset).models[index]
+        if weights is None and not name.startswith((HF_HUB_PREFIX, LOCAL_DIR_PREFIX)):
+            raise ValueError(f"no weights for {name}: pass {weights_flag} (a weights file or folder), or a "
+                             f"{model_flag} of the form 'hf-hub:org/repo' or 'local-dir:/path'; exporting a "
+                             f"randomly initialised model is almost never what you want")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """``ldmclip export``: check the arguments, load the model(s), write the folder."""
+    from ..models.factory import create_model, get_tokenizer
+    from .conditioner import load_text_tower
+
+    _check_export_args(args)
+    if args.format == "diffusers":
+        conditioner = TextConditioner.from_pretrained(args.preset, args.model, args.pretrained, args.model_2,
+                                                      args.pretrained_2)
+        out = export_diffusers(conditioner, args.out, dtype=args.dtype)
+        folders = ", ".join(sorted(p.name + "/" for p in out.iterdir()))
+        print(f"wrote {out}: {folders} ({args.preset}, {args.dtype})")
+        print(f"load with: CLIPTextModel.from_pretrained('{out}', subfolder='text_encoder'), or copy the "
+              f"folders into a diffusers pipeline folder")
+        return 0
+    name = args.model or get_preset(args.preset).models[0]
+    tokenizer = get_tokenizer(name)
+    pad_id = 0
+    if args.preset is not None:
+        pad = get_preset(args.preset).pad[0]
+        pad_id = tokenizer.eot_token_id if pad == "eot" else pad
+    if args.full:
+        model = create_model(name, pretrained=args.pretrained)
+        kind = "CLIPModel"
+    else:
+        model = load_text_tower(name, args.pretrained)
+        kind = "CLIPTextModelWithProjection" if args.with_projection else "CLIPTextModel"
+    out = export_transformers(model, args.out, tokenizer=tokenizer, pad_id=pad_id,
+                              with_projection=args.with_projection, full=args.full, dtype=args.dtype)
+    parameters = sum(p.numel() for p in model.parameters()) / 1e6
+    print(f"wrote {out}: {kind}, {parameters:.1f}M parameters, {args.dtype}, pad token id {pad_id}")
+    print(f"load with: transformers.{kind}.from_pretrained('{out}') and CLIPTokenizer.from_pretrained('{out}')")
+    return 0

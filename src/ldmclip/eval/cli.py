@@ -1,0 +1,200 @@
+"""``ldmclip eval``: zero-shot classification and image↔text retrieval of a model, as a table and JSON."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_eval_arguments", "run_eval", "format_results", "EVAL_EPILOG"]
+
+EVAL_EPILOG = """examples:
+  ldmclip eval --model ViT-B-32 --pretrained model.safetensors --zeroshot cifar10-test/
+  ldmclip eval --model local-dir:runs/flickr8k/final --retrieval flickr8k/captions.csv \\
+      --images flickr8k/images --split flickr8k/test.txt --out results.json
+  ldmclip eval --model ViT-L-14 --pretrained hf-hub:laion/CLIP-ViT-L-14-laion2B-s32B-b82K \\
+      --zeroshot imagenet/val/ --classnames imagenet --templates openai
+
+zero-shot data: a folder with one sub-folder of images per class (torchvision ImageFolder layout),
+a CSV/TSV/parquet table of image paths and labels, or webdataset shards with a 'cls' label.
+retrieval data: a caption table (one row per caption, Flickr/COCO style) or webdataset shards (jpg + txt).
+"""
+
+
+def _default_workers() -> int:
+    # one core stays with the main process, which runs the model
+    return max(0, min(8, (os.cpu_count() or 1) - 1))
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``ldmclip eval``."""
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", required=True,
+                       help="model name: a packaged config, a JSON config, 'hf-hub:org/repo' or 'local-dir:PATH'")
+    model.add_argument("--pretrained", default=None,
+                       help="weights: a file (.safetensors/.bin/.pt), a checkpoint folder or 'hf-hub:org/repo' "
+                            "(default: random weights, or the weights of a local-dir:/hf-hub: model)")
+    zero = parser.add_argument_group("zero-shot classification")
+    zero.add_argument("--zeroshot", metavar="DIR|TABLE|SHARDS",
+                      help="a folder of class folders, a table of image paths and labels, or webdataset shards "
+                           "with a 'cls' member")
+    zero.add_argument("--classnames", metavar="FILE|imagenet",
+                      help="class names: 'imagenet' (built in), a JSON list/object, or a text file with one name "
+                           "per line (in class order) or 'KEY name' per line (e.g. WordNet id -> name). "
+                           "Default: the folder names / label strings")
+    zero.add_argument("--templates", default="openai", metavar="openai|simple|FILE",
+                      help="prompt templates: 'openai' (the 80 ImageNet prompts of the CLIP paper), 'simple' "
+                           "(their 7-prompt subset), or a file with one template per line containing '{}' "
+                           "(default: %(default)s)")
+    zero.add_argument("--label-column", default=None,
+                      help="label column of a zero-shot table (default: the first of label, class, cls, target)")
+    zero.add_argument("--confusion-matrix", metavar="PNG", default=None,
+                      help="write the confusion matrix here (up to 50 classes; default: next to --out)")
+    ret = parser.add_argument_group("retrieval")
+    ret.add_argument("--retrieval", metavar="TABLE|SHARDS",
+                     help="a caption table (CSV/TSV/parquet, one row per caption) or webdataset shards (jpg + txt)")
+    ret.add_argument("--split", metavar="FILE", default=None,
+                     help="evaluate only the images listed in this file, one per line (retrieval tables)")
+    ret.add_argument("--caption-column", default=None,
+                     help="caption column of a retrieval table (default: the first of caption, title, text)")
+    data = parser.add_argument_group("data and run")
+    data.add_argument("--images", metavar="ROOT", default=None,
+                      help="folder the image paths in the tables are relative to (default: the table's folder)")
+    data.add_argument("--image-column", default=None,
+                      help="image-path column of the tables (default: the first of image, filepath, path, "
+                           "filename, file, image_path)")
+    data.add_argument("--batch-size", type=int, default=64, help="images or captions per batch (default: %(default)s)")
+    data.add_argument("--precision", default="auto", choices=("auto", "fp32", "amp_bf16", "amp_fp16"),
+                      help="'auto': bf16 autocast on GPUs and on CPUs with AMX/AVX512-bf16, else fp32; use fp32 to "
+                           "reproduce numbers exactly (default: %(default)s)")
+    data.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda if available)")
+    data.add_argument("--workers", type=int, default=_default_workers(),
+                      help="image-decoding worker processes (default: %(default)s)")
+    data.add_argument("--out", metavar="JSON", default=None, help="write the results to this JSON file")
+
+
+def _confusion_path(args: argparse.Namespace) -> Path | None:
+    if args.confusion_matrix:
+        return Path(args.confusion_matrix)
+    if args.out:
+        out = Path(args.out)
+        return out.with_name(out.stem + "_confusion.png")
+    return None
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write to a temporary file and rename: an interrupted run never leaves half a JSON file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def _skip_line(skipped: dict) -> str | None:
+    if not skipped.get("skipped"):
+        return None
+    reasons = ", ".join(f"{reason} {n}" for reason, n in skipped["reasons"].items() if n)
+    return f"  skipped: {skipped['skipped']} of {skipped['seen']} ({reasons})"
+
+
+def format_results(results: dict[str, Any]) -> str:
+    """The human-readable table ``ldmclip eval`` prints."""
+    lines = [f"ldmclip eval: {results['model']}"
+             + (f" ({results['pretrained']})" if results.get("pretrained") else " (random weights)")
+             + f" on {results['device']}, {results['precision']}"]
+    zs = results.get("zeroshot")
+    if zs:
+        lines += ["", f"zero-shot classification: {zs['data']}",
+                  f"  {zs['num_images']} images, {zs['num_classes']} classes, {zs['num_templates']} templates",
+                  f"  {'top-1':>8}{'top-5':>10}{'mean per-class':>17}",
+                  f"  {_percent(zs['top1']):>8}{_percent(zs.get('top5')):>10}"
+                  f"{_percent(zs['mean_per_class_accuracy']):>17}"]
+        lines += [line for line in [_skip_line(zs["skipped"])] if line]
+        if zs.get("confusion_matrix_png"):
+            lines.append(f"  confusion matrix: {zs['confusion_matrix_png']}")
+    rt = results.get("retrieval")
+    if rt:
+        lines += ["", f"retrieval: {rt['data']}", f"  {rt['num_images']} images × {rt['num_captions']} captions",
+                  f"  {'':<12}{'R@1':>8}{'R@5':>9}{'R@10':>9}{'mean rank':>11}{'median rank':>13}"]
+        for key, label in (("image_to_text", "image→text"), ("text_to_image", "text→image")):
+            lines.append(f"  {label:<12}{_percent(rt[f'{key}_R@1']):>8}{_percent(rt[f'{key}_R@5']):>9}"
+                         f"{_percent(rt[f'{key}_R@10']):>9}{rt[f'{key}_mean_rank']:>11.1f}"
+                         f"{rt[f'{key}_median_rank']:>13.0f}")
+        lines += [line for line in [_skip_line(rt["skipped"])] if line]
+        for reason, n in rt.get("captions_skipped", {}).items():
+            lines.append(f"  captions left out: {n} ({reason})")
+    if results.get("out"):
+        lines += ["", f"results written to {results['out']}"]
+    return "\n".join(lines)
+
+
+def _public(result: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in result.items() if not k.startswith("_")}
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """Run ``ldmclip eval``; prints the table, writes ``--out``; returns the exit status."""
+    import torch
+
+    from .. import __version__
+    from ..models import create_model_and_transforms, get_tokenizer
+    from ..train.precision import autocast, resolve_precision
+    from .evaluate import evaluate_retrieval, evaluate_zero_shot
+    from .sources import open_retrieval, open_zero_shot
+    from .templates import load_templates
+
+    if not args.zeroshot and not args.retrieval:
+        raise ValueError("nothing to evaluate: pass --zeroshot DATA and/or --retrieval DATA")
+    if args.batch_size < 1:
+        raise ValueError("--batch-size must be at least 1")
+    if args.workers < 0:
+        raise ValueError("--workers must be 0 or more")
+    if args.split and not args.retrieval:
+        raise ValueError("--split selects images of the --retrieval table; there is none")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    precision = resolve_precision(args.precision, device)
+    # Inputs first, the (possibly slow) model load last: a typo in a path fails at once. The data gets
+    # the model's image transform once the model (and the preprocessing its checkpoint carries) is known.
+    templates = load_templates(args.templates) if args.zeroshot else None
+    zero_source = (open_zero_shot(args.zeroshot, None, args.classnames, args.images, args.image_column,
+                                  args.label_column) if args.zeroshot else None)
+    retrieval_source = (open_retrieval(args.retrieval, None, args.images, args.split, args.image_column,
+                                       args.caption_column) if args.retrieval else None)
+    model, _, preprocess = create_model_and_transforms(args.model, pretrained=args.pretrained, device=device)
+    model.eval()
+    tokenizer = get_tokenizer(args.model)
+    for source in (zero_source, retrieval_source):
+        if source is not None:
+            source.set_transform(preprocess)
+
+    results: dict[str, Any] = {
+        "model": args.model, "pretrained": args.pretrained, "device": str(device), "precision": precision,
+        "batch_size": args.batch_size, "ldmclip_version": __version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    run = dict(batch_size=args.batch_size, device=device, workers=args.workers,
+               autocast=lambda: autocast(precision, device))
+    if zero_source is not None:
+        result = evaluate_zero_shot(model, tokenizer, zero_source, templates, confusion_png=_confusion_path(args),
+                                    **run)
+        result["templates"] = args.templates
+        result["classnames"] = args.classnames or "folder names / labels"
+        results["zeroshot"] = _public(result)
+    if retrieval_source is not None:
+        results["retrieval"] = _public(evaluate_retrieval(model, tokenizer, retrieval_source, **run))
+    if args.out:
+        _write_json(Path(args.out), results)
+        results["out"] = args.out
+    print(format_results(results))
+    sys.stdout.flush()
+    return 0

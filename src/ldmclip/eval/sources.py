@@ -1,0 +1,368 @@
+"""Evaluation data: labelled images for zero-shot classification, captioned images for retrieval.
+
+Zero-shot sources (``open_zero_shot``) all become a dataset that yields ``Sample(image, str(label),
+key)`` or ``None`` (a bad sample, counted by reason as everywhere in ldmclip), plus the class names:
+
+* an image folder with one sub-folder per class, indexed in sorted folder-name order exactly like
+  torchvision's ``ImageFolder`` (so a folder of ImageNet WordNet-id folders lines up with the
+  built-in ImageNet names); images are found recursively inside each class folder;
+* a CSV / TSV / parquet table of image paths and labels (class names or integer indices);
+* webdataset shards whose samples carry an integer label in a ``cls`` member (the webdataset
+  convention) next to the image.
+
+Class names (``--classnames``) are the folder names / label strings by default, or:
+``imagenet`` (the built-in 1,000 names); a JSON list or ``{key: name}`` object; a text file with one
+name per line (matched to the classes in order) or one ``KEY<TAB|,|space>name`` per line (matched
+by key, e.g. WordNet id -> name; extra keys are ignored).
+
+Retrieval sources (``open_retrieval``): a caption table (one row per caption, the image repeated;
+Flickr/COCO style) or webdataset shards (one caption per sample, in ``txt``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch.utils.data
+
+from ..data.samples import REASON_MISSING_IMAGE, Sample, SampleStats, load_sample
+from ..data.table import table_columns
+from .templates import imagenet_classnames, read_lines
+
+__all__ = ["IMAGE_SUFFIXES", "ZeroShotSource", "RetrievalSource", "LabelledImages", "open_zero_shot",
+           "open_retrieval", "read_classnames", "is_table"]
+
+# torchvision's IMG_EXTENSIONS plus .gif (PIL reads it; its first frame is used).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+TABLE_SUFFIXES = (".csv", ".tsv", ".tab", ".parquet", ".pq")
+REASON_MISSING_LABEL = "missing_label"
+REASON_BAD_LABEL = "bad_label"
+
+# Column names tried when the user does not name one (ldmclip/Flickr, OpenCLIP's CSV defaults, others).
+IMAGE_COLUMNS = ("image", "filepath", "path", "filename", "file", "image_path")
+CAPTION_COLUMNS = ("caption", "title", "text")
+LABEL_COLUMNS = ("label", "class", "cls", "target")
+
+
+def is_table(path: str | os.PathLike) -> bool:
+    return str(path).lower().endswith(TABLE_SUFFIXES)
+
+
+@dataclass
+class ZeroShotSource:
+    """Labelled images: ``dataset`` yields ``Sample(image, str(label), key)`` or ``None``."""
+
+    dataset: torch.utils.data.Dataset
+    classnames: list[str]
+    description: str
+    size: int | None                       # number of samples, when known (progress bars)
+    keys: list[str] | None = None          # folder names / label strings behind the classes
+    stats: SampleStats = field(default_factory=SampleStats)  # skips found before loading (e.g. blank labels)
+    shards: int = 0                        # webdataset shards (DataLoader workers are capped by it)
+
+    def set_transform(self, transform: Callable | None) -> None:
+        """Use ``transform`` from now on (sources can be opened, and checked, before the model is loaded)."""
+        self.dataset.transform = transform
+
+
+@dataclass
+class RetrievalSource:
+    """Captioned images. A table gives ``images`` (unique images, ``Sample(image, "", path)``) with
+    ``captions[i]`` the captions of image ``i``; shards give ``pairs`` (``Sample(image, caption, key)``,
+    one caption per image)."""
+
+    description: str
+    images: torch.utils.data.Dataset | None = None
+    captions: list[list[str]] | None = None
+    pairs: torch.utils.data.Dataset | None = None
+    size: int | None = None
+    shards: int = 0
+
+    def set_transform(self, transform: Callable | None) -> None:
+        """Use ``transform`` from now on (see ``ZeroShotSource.set_transform``)."""
+        for dataset in (self.images, self.pairs):
+            if dataset is not None:
+                dataset.transform = transform
+
+
+class LabelledImages(torch.utils.data.Dataset):
+    """Image files with integer labels: ``dataset[i]`` is ``Sample(image, str(label), path)`` or ``None``
+    (reason counted in ``stats``, as for every ldmclip dataset)."""
+
+    def __init__(self, paths: Sequence[str], labels: Sequence[int], transform: Callable | None = None) -> None:
+        if len(paths) != len(labels):
+            raise ValueError("one label per image path")
+        self.paths, self.labels, self.transform = list(paths), list(labels), transform
+        self.stats = SampleStats()
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> Sample | None:
+        path = self.paths[index]
+        return load_sample(path, str(self.labels[index]), path, self.transform, self.stats)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Class names
+
+
+def read_classnames(spec: str | os.PathLike, keys: Sequence[str] | None = None) -> list[str] | dict[str, str]:
+    """A class-name list or a ``{key: name}`` mapping from ``spec`` (see the module docs).
+
+    A text file is a mapping when every line is ``KEY<sep>name`` with ``KEY`` one of ``keys`` (or when
+    every line has a tab); otherwise it is a list of names, one per line."""
+    if str(spec) == "imagenet":
+        return imagenet_classnames()
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"class names: {spec!r} is neither 'imagenet' nor a file")
+    if path.suffix.lower() == ".json":
+        with open(path, encoding="utf-8-sig") as f:
+            try:
+                data = json.load(f)
+            except ValueError as e:
+                raise ValueError(f"class names file {path}: not valid JSON ({e})") from None
+        if isinstance(data, list) and all(isinstance(n, str) for n in data):
+            return data
+        if isinstance(data, dict) and all(isinstance(n, str) for n in data.values()):
+            return {str(k): v for k, v in data.items()}
+        raise ValueError(f"class names file {path}: expected a JSON list of names or an object of key -> name")
+    lines = read_lines(path, "class names file")
+    if not lines:
+        raise ValueError(f"class names file {path} is empty")
+    split = [re.split(r"\t|,|\s+", line, maxsplit=1) for line in lines]
+    key_set = set(keys or ())
+    if all(len(parts) == 2 and parts[1].strip() for parts in split) and (
+            all("\t" in line for line in lines) or (key_set and all(parts[0] in key_set for parts in split))):
+        mapping: dict[str, str] = {}
+        for parts in split:
+            mapping.setdefault(parts[0], parts[1].strip())
+        return mapping
+    return lines
+
+
+def _names_for_keys(keys: Sequence[str], spec: str | None, what: str) -> list[str]:
+    """Class names for classes known by keys (folder names or label strings), in key order."""
+    if spec is None:
+        return list(keys)
+    names = read_classnames(spec, keys)
+    if isinstance(names, dict):
+        missing = [k for k in keys if k not in names]
+        if missing:
+            raise ValueError(f"class names {spec}: no name for {len(missing)} of the {len(keys)} {what} "
+                             f"(e.g. {', '.join(repr(m) for m in missing[:5])})")
+        return [names[k] for k in keys]
+    if len(names) != len(keys):
+        raise ValueError(f"class names {spec}: {len(names)} names for {len(keys)} {what}; a list of names is "
+                         f"matched to the {what} in sorted order, so the counts must agree (or use a "
+                         "'KEY name' mapping file)")
+    return list(names)
+
+
+def _names_for_indices(spec: str | None, what: str) -> list[str]:
+    """Class names for integer labels: a list (label i -> names[i]) or a mapping with keys 0..n-1."""
+    if spec is None:
+        raise ValueError(f"{what} has integer labels: pass --classnames (a file of names, one per line, "
+                         "in label order, or 'imagenet')")
+    names = read_classnames(spec)
+    if isinstance(names, dict):
+        try:
+            order = sorted(int(k) for k in names)
+        except ValueError:
+            raise ValueError(f"class names {spec}: integer labels need integer keys, got "
+                             f"{next(iter(names))!r}") from None
+        if order != list(range(len(order))):
+            raise ValueError(f"class names {spec}: mapping keys must be 0..{len(order) - 1}")
+        return [names[str(i)] for i in range(len(order))]
+    return list(names)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Zero-shot sources
+
+
+def _class_folders(root: Path) -> list[str]:
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    # Hidden folders (.ipynb_checkpoints, .git) are not classes.
+    return sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
+
+
+def _images_under(folder: Path) -> tuple[list[str], int]:
+    """Image files under ``folder`` (recursive, sorted like torchvision's ImageFolder) and the number of
+    other files ignored."""
+    found, ignored = [], 0
+    for dirpath, dirnames, filenames in sorted(os.walk(folder, followlinks=True)):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in sorted(filenames):
+            if name.lower().endswith(IMAGE_SUFFIXES):
+                found.append(os.path.join(dirpath, name))
+            elif not name.startswith("."):
+                ignored += 1
+    return found, ignored
+
+
+def class_folder(root: str | os.PathLike, transform: Callable | None, classnames: str | None = None
+                 ) -> ZeroShotSource:
+    """An image folder with one sub-folder per class."""
+    root = Path(root)
+    folders = _class_folders(root)
+    if not folders:
+        raise ValueError(f"{root}: no class sub-folders (expected one folder of images per class)")
+    paths, labels, empty, ignored = [], [], [], 0
+    for label, name in enumerate(folders):
+        files, skipped = _images_under(root / name)
+        ignored += skipped
+        if not files:
+            empty.append(name)
+        paths += files
+        labels += [label] * len(files)
+    if empty:
+        # An empty class would still compete in the classifier and change the numbers: refuse, like
+        # torchvision's ImageFolder does, rather than guess.
+        raise ValueError(f"{root}: {len(empty)} class folder(s) have no images ({', '.join(empty[:10])}"
+                         f"{', ...' if len(empty) > 10 else ''}); image files end in {', '.join(IMAGE_SUFFIXES)}")
+    names = _names_for_keys(folders, classnames, "class folders")
+    description = f"{root} ({len(folders)} class folders"
+    description += f", {ignored} non-image files ignored)" if ignored else ")"
+    return ZeroShotSource(LabelledImages(paths, labels, transform), names, description, len(paths), keys=folders)
+
+
+def pick_column(path: str | os.PathLike, wanted: str | None, candidates: Sequence[str], what: str) -> str:
+    """``wanted`` if given, else the first of ``candidates`` that the table has (clear error otherwise)."""
+    columns = table_columns(path)
+    if wanted is not None:
+        if wanted not in columns:
+            raise ValueError(f"{path}: {what} column {wanted!r} not found; the columns are: "
+                             f"{', '.join(repr(c) for c in columns) or '(none)'}")
+        return wanted
+    for candidate in candidates:
+        if candidate in columns:
+            return candidate
+    raise ValueError(f"{path}: no {what} column (looked for {', '.join(repr(c) for c in candidates)}); the "
+                     f"columns are: {', '.join(repr(c) for c in columns) or '(none)'}. Name it with "
+                     f"--{what}-column")
+
+
+def label_table(path: str | os.PathLike, transform: Callable | None, classnames: str | None = None,
+                image_root: str | os.PathLike | None = None, image_column: str | None = None,
+                label_column: str | None = None) -> ZeroShotSource:
+    """A table of image paths and labels (class names, or integer indices with ``classnames``)."""
+    from ..data.table import read_table
+
+    path = Path(path)
+    image_column = pick_column(path, image_column, IMAGE_COLUMNS, "image")
+    label_column = pick_column(path, label_column, LABEL_COLUMNS, "label")
+    columns = read_table(path, [image_column, label_column])
+    root = Path(image_root) if image_root is not None else path.parent
+    if not root.is_dir():
+        raise FileNotFoundError(f"image root folder not found: {root}")
+    stats = SampleStats()
+    rows: list[tuple[str, str]] = []
+    for image, label in zip(columns[image_column], columns[label_column]):
+        image = str(image).strip() if image is not None else ""
+        label = str(label).strip() if label is not None else ""
+        if not image:
+            stats.record(REASON_MISSING_IMAGE)
+        elif not label:
+            stats.record(REASON_MISSING_LABEL)
+        else:
+            rows.append((os.path.join(root, image), label))
+    if not rows:
+        raise ValueError(f"{path}: no rows with both an image and a label")
+    values = sorted({label for _, label in rows})
+    if all(re.fullmatch(r"\d+", v) for v in values):
+        names = _names_for_indices(classnames, str(path))
+        too_big = [v for v in values if int(v) >= len(names)]
+        if too_big:
+            raise ValueError(f"{path}: label {too_big[-1]} but only {len(names)} class names")
+        index = {v: int(v) for v in values}
+        keys = None
+    else:
+        names = _names_for_keys(values, classnames, "labels")
+        index = {v: i for i, v in enumerate(values)}
+        keys = values
+    dataset = LabelledImages([p for p, _ in rows], [index[label] for _, label in rows], transform)
+    return ZeroShotSource(dataset, names, f"{path} ({len(rows)} images)", len(rows), keys=keys, stats=stats)
+
+
+def label_shards(pattern: str, transform: Callable | None, classnames: str | None) -> ZeroShotSource:
+    """webdataset shards with an image and an integer ``cls`` member per sample."""
+    from ..data.shards import ShardDataset, dataset_size
+
+    names = _names_for_indices(classnames, f"shards {pattern}")
+    # The label travels in the caption slot: the same decoding, collation and bad-sample counting as
+    # image–text shards. Evaluation reads every shard once, in order, on this node only.
+    dataset = ShardDataset(pattern, transform, shuffle_buffer=0, caption_extension="cls", split_by_node=False)
+    return ZeroShotSource(dataset, names, f"{pattern} ({len(dataset.urls)} shards)", dataset_size(pattern),
+                          shards=len(dataset.urls))
+
+
+def open_zero_shot(spec: str | os.PathLike, transform: Callable | None, classnames: str | None = None,
+                   image_root: str | os.PathLike | None = None, image_column: str | None = None,
+                   label_column: str | None = None) -> ZeroShotSource:
+    """A zero-shot source from a folder, a table (by suffix) or a webdataset shard pattern."""
+    text = os.fspath(spec)
+    if Path(text).is_dir():
+        return class_folder(text, transform, classnames)
+    if is_table(text):
+        return label_table(text, transform, classnames, image_root, image_column, label_column)
+    if ".tar" in text or "{" in text or "://" in text or text.startswith("pipe:"):
+        return label_shards(text, transform, classnames)
+    if not Path(text).exists():
+        raise FileNotFoundError(f"zero-shot data not found: {text}")
+    raise ValueError(f"zero-shot data {text}: expected a folder of class folders, a .csv/.tsv/.parquet table "
+                     "or webdataset shards (.tar)")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Retrieval sources
+
+
+def caption_table(path: str | os.PathLike, transform: Callable | None, image_root: str | os.PathLike | None = None,
+                  split_file: str | os.PathLike | None = None, image_column: str | None = None,
+                  caption_column: str | None = None) -> RetrievalSource:
+    """Captioned images from a table with one row per caption."""
+    from ..data.table import CaptionTable
+
+    image_column = pick_column(path, image_column, IMAGE_COLUMNS, "image")
+    caption_column = pick_column(path, caption_column, CAPTION_COLUMNS, "caption")
+    table = CaptionTable(path, image_root, transform, image_column=image_column, caption_column=caption_column,
+                         split_file=split_file)
+    groups = table.grouped()
+    if not groups:
+        raise ValueError(f"{path}: no image has a usable caption")
+    captions = [[table.captions[i] for i in rows] for _, rows in groups]
+    bad_captions = len(table) - sum(len(c) for c in captions)
+    description = f"{path} ({len(groups)} images, {sum(map(len, captions))} captions"
+    description += f", {bad_captions} rows without a usable caption or image)" if bad_captions else ")"
+    return RetrievalSource(description, images=table.image_dataset(), captions=captions, size=len(groups))
+
+
+def caption_shards(pattern: str, transform: Callable | None) -> RetrievalSource:
+    from ..data.shards import ShardDataset, dataset_size
+
+    dataset = ShardDataset(pattern, transform, shuffle_buffer=0, split_by_node=False)
+    return RetrievalSource(f"{pattern} ({len(dataset.urls)} shards)", pairs=dataset, size=dataset_size(pattern),
+                           shards=len(dataset.urls))
+
+
+def open_retrieval(spec: str | os.PathLike, transform: Callable | None, image_root: str | os.PathLike | None = None,
+                   split_file: str | os.PathLike | None = None, image_column: str | None = None,
+                   caption_column: str | None = None) -> RetrievalSource:
+    """A retrieval source from a caption table (by suffix) or a webdataset shard pattern."""
+    text = os.fspath(spec)
+    if is_table(text):
+        return caption_table(text, transform, image_root, split_file, image_column, caption_column)
+    if split_file is not None:
+        raise ValueError("--split applies to caption tables, not to webdataset shards")
+    if Path(text).is_dir():
+        raise ValueError(f"retrieval data {text} is a folder: pass a caption table (.csv/.tsv/.parquet with "
+                         "image and caption columns) or webdataset shards")
+    return caption_shards(text, transform)
