@@ -21,13 +21,13 @@ import math
 import os
 import pickle
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from .files import atomic_write
 from .models.config import CLIPConfig
 
 OPENCLIP_CONFIG_NAME = "open_clip_config.json"
@@ -409,19 +409,6 @@ def load_into_model(model: torch.nn.Module, state_dict: dict[str, torch.Tensor],
 
 # --------------------------------------------------------------------------------------------
 # Saving
-
-
-def atomic_write(path: Path, write) -> None:
-    """Run ``write(tmp_path)`` then rename onto ``path``: readers never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_state_dict(state_dict: dict[str, torch.Tensor], path: str | Path) -> None:

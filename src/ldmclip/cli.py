@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .conditioning.export import EXPORT_EPILOG, add_export_arguments, run_export
     from .data.writer import add_pack_arguments, run_pack
     from .eval.cli import EVAL_EPILOG, add_eval_arguments, run_eval
+    from .search.cli import (INDEX_EPILOG, SEARCH_EPILOG, SERVE_EPILOG, add_index_arguments, add_search_arguments,
+                             add_serve_arguments, run_index, run_search, run_serve)
     from .train.config import add_train_arguments
 
     def add(name, add_arguments, run, help, description, epilog=None):
@@ -114,6 +116,22 @@ def build_parser() -> argparse.ArgumentParser:
                     "conditioner and store hidden states (+ pooled embeddings) in sharded safetensors files, "
                     "read back by key with ldmclip.TextEmbeddingCache. Resumable: rerun to continue.",
         epilog=CACHE_TEXT_EPILOG)
+    add("index", add_index_arguments, run_index,
+        help="embed every image of a folder into a search index",
+        description="Embed every image under a folder (recursively) with a CLIP model and store the normalised "
+                    "embeddings and paths in an index folder for `ldmclip search` and `ldmclip serve`. "
+                    "Resumable: rerun to continue or to update. Unreadable files are skipped and counted.",
+        epilog=INDEX_EPILOG)
+    add("search", add_search_arguments, run_search,
+        help="find the indexed images closest to a text (or to an image)",
+        description="Print the indexed images closest to a text query, or to an image when the query is the "
+                    "path of an image file, ranked, with their cosine similarity.",
+        epilog=SEARCH_EPILOG)
+    add("serve", add_serve_arguments, run_serve,
+        help="a local web page to search an index",
+        description="Serve a small web page (and a JSON API) to search an index: a search box, a grid of results "
+                    "with scores; click a result to find similar images. Listens on 127.0.0.1 by default.",
+        epilog=SERVE_EPILOG)
     return parser
 
 

@@ -245,6 +245,7 @@ def test_resume_skips_finished_shards_and_rebuilds_missing_ones_identically(tmp_
 
 def test_an_interrupted_write_leaves_no_visible_shard(tmp_path, sdxl, monkeypatch):
     from ldmclip.conditioning import cache as cache_module
+    from ldmclip.files import atomic_write
 
     src = _text_file(tmp_path / "i.txt", CAPTIONS)
     reference = tmp_path / "reference"
@@ -258,7 +259,7 @@ def test_an_interrupted_write_leaves_no_visible_shard(tmp_path, sdxl, monkeypatc
             def write_half(temp):
                 temp.write_bytes(b"partial")
                 raise KeyboardInterrupt
-            cache_module._atomic_write(path, write_half)
+            atomic_write(path, write_half)
         real(path, tensors, meta)
 
     monkeypatch.setattr(cache_module, "_write_tensors", crash_on_second_shard)

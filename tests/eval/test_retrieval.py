@@ -121,3 +121,11 @@ def test_bad_inputs_are_clear_errors():
         retrieval_metrics(images, texts[:, :3], torch.tensor([0, 1, 2]))
     with pytest.raises(ValueError, match="at least one image"):
         retrieval_metrics(images[:0], texts, torch.tensor([0, 1, 2]))
+
+
+def test_inside_bf16_autocast_the_numbers_are_the_fp32_ones():
+    # The trainer validates inside its bf16 autocast region; the scores must stay fp32 there.
+    images, texts, text_to_image = random_features(30, [1 + i % 3 for i in range(30)], seed=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = retrieval_metrics(images, texts, text_to_image, image_chunk=7, text_chunk=11)
+    assert_same(under_autocast, retrieval_metrics(images, texts, text_to_image))

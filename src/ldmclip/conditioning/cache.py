@@ -73,6 +73,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
+from ..files import atomic_write, default_file_mode, write_json_atomic
 from .cache_inputs import DEFAULT_SHARD_SIZE, InputChunk, open_inputs
 
 __all__ = ["CacheReport", "CacheMismatchError", "build_text_cache", "CACHE_DTYPES", "MAX_CAPTION_CHARS"]
@@ -101,47 +102,8 @@ class CacheMismatchError(ValueError):
 # Files: atomic writes and shard headers
 # ----------------------------------------------------------------------------------------------------
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. platforms without directory handles
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def _temp_name(path: Path) -> Path:
-    # A fixed name (not mkstemp's random one): a killed run's leftover is found and removed on restart.
-    return path.with_name(f".{path.name}.tmp")
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(temp)``, fsync, rename onto ``path``, fsync the folder."""
-    temp = _temp_name(path)
-    try:
-        write(temp)
-        with open(temp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    text = json.dumps(data, indent=1, sort_keys=True) + "\n"
-    _atomic_write(path, lambda temp: temp.write_text(text, encoding="utf-8"))
-
-
-def _file_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+    write_json_atomic(path, data, sort_keys=True)  # sorted: a rerun writes byte-identical files
 
 
 def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -152,9 +114,9 @@ def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str,
     def write(temp: Path) -> None:
         save_file(tensors, str(temp), metadata=header)
         # safetensors creates files readable by their owner only; a cache is usually shared.
-        os.chmod(temp, _file_mode())
+        os.chmod(temp, default_file_mode())
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def _read_shard_meta(path: Path) -> dict[str, Any]:

@@ -37,7 +37,6 @@ says how many.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -46,6 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..files import tensors_sha256
 from ..models.text import TextTransformer
 from ..tokenizer import CLIPTokenizer, build_tokenizer
 
@@ -135,13 +135,7 @@ def text_tower_config(tower: TextTransformer) -> dict[str, Any]:
 
 def weights_sha256(tower: TextTransformer) -> str:
     """sha256 over the text tower's tensors (names, dtypes, shapes and bytes), in key order."""
-    digest = hashlib.sha256()
-    state = tower.text_state_dict()
-    for key in sorted(state):
-        tensor = state[key].detach().to("cpu").contiguous()
-        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
+    return tensors_sha256(tower.text_state_dict())
 
 
 def _autocast_state(device: torch.device) -> tuple:

@@ -41,7 +41,10 @@ TEXT_CHUNK = 8192
 def _block_similarities(images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
     """One ``[images, texts]`` block of similarities (a separate function so tests can watch the
     block sizes)."""
-    return images @ texts.T
+    # fp32 even inside an autocast region (the trainer validates under bf16 autocast): the scores are
+    # compared for exact ties and stored into fp32 tensors.
+    with torch.autocast(images.device.type, enabled=False):
+        return images @ texts.T
 
 
 @torch.inference_mode()

@@ -1,0 +1,387 @@
+"""A search index: the normalised image embeddings of every image under a folder.
+
+Layout of an index folder::
+
+    manifest.json              what made the index (model identity, image root, dtype) and, once the
+                               build finished, the chunk list and totals
+    chunks/00000.safetensors   ``embeddings`` [n, D] (unit length) of up to ``chunk_size`` images, with
+                               their relative paths and skipped files in the safetensors metadata
+
+The images are listed once (recursively, sorted by relative path) and cut into chunks of
+``chunk_size`` files. A chunk file is written under a temporary name and renamed into place, so a
+chunk file that exists is finished. Each chunk records a signature of the files it was planned from
+(relative path, size, modification time) and the stored dtype: a rerun skips the chunks whose
+signature still matches and recomputes the others (new, changed or removed files), so rerunning the
+same command after a crash or Ctrl-C continues where it stopped, and rerunning it after the folder
+changed brings the index up to date.
+
+The model identity (config, preprocessing, sha256 of every weight) is stored in the manifest:
+adding to, or searching, an index with another model is refused, since embeddings of two models
+are not comparable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.utils.data
+
+from ..files import atomic_write, default_file_mode, tensors_sha256, write_json_atomic
+from ..data.samples import BadSample, apply_transform, decode_image
+from ..eval.sources import IMAGE_SUFFIXES
+
+__all__ = ["IMAGE_SUFFIXES", "SearchIndexError", "IndexMismatchError", "ImageFile", "BuildResult", "SearchIndex",
+           "build_index", "find_images", "model_identity", "check_same_model"]
+
+FORMAT = "ldmclip-search-index"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+CHUNK_DIR = "chunks"
+META_KEY = "ldmclip"
+DEFAULT_CHUNK_SIZE = 4096
+DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+class SearchIndexError(ValueError):
+    """An index folder that cannot be used (missing, unfinished, damaged). A ``ValueError``, so the
+    command line prints it as a one-line error."""
+
+
+class IndexMismatchError(SearchIndexError):
+    """The index was built by another model (or from another image folder)."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Files and model identity
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    path: str          # relative to the image root, with '/' separators
+    size: int
+    mtime_ns: int
+
+
+def find_images(root: str | os.PathLike) -> list[ImageFile]:
+    """Every image file under ``root`` (recursive, by suffix, hidden files and folders left out),
+    sorted by relative path so the chunks come out the same on every run."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    found: list[ImageFile] = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in files:
+            if name.startswith(".") or not name.lower().endswith(IMAGE_SUFFIXES):
+                continue
+            full = os.path.join(folder, name)
+            try:
+                st = os.stat(full)
+            except OSError:  # a dangling link: kept, so it is counted as unreadable like other bad files
+                st = None
+            rel = Path(full).relative_to(root).as_posix()
+            found.append(ImageFile(rel, st.st_size if st else -1, st.st_mtime_ns if st else -1))
+    found.sort(key=lambda f: f.path)
+    return found
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """sha256 over every tensor of the model's state dict (names, dtypes, shapes and bytes)."""
+    return tensors_sha256(model.state_dict())
+
+
+def model_identity(model: Any, name: str, pretrained: str | None) -> dict[str, Any]:
+    """What identifies the embeddings a model makes: its config, its image preprocessing and a hash of
+    its weights. ``name``/``pretrained`` are kept so search can load the same model again."""
+    return {"name": name, "pretrained": pretrained, "config": model.config.to_dict(),
+            "preprocess": dict(model.preprocess_cfg), "sha256": weights_sha256(model)}
+
+
+def _describe(identity: dict[str, Any]) -> str:
+    weights = identity.get("pretrained") or "its own weights"
+    return f"{identity.get('name')} ({weights}; weights sha256 {str(identity.get('sha256'))[:12]}…)"
+
+
+def check_same_model(stored: dict[str, Any], current: dict[str, Any], where: str) -> None:
+    """Raise :class:`IndexMismatchError` unless both identities describe the same embeddings."""
+    keys = ("config", "preprocess", "sha256")
+    if all(stored.get(k) == current.get(k) for k in keys):
+        return
+    differs = [k if k != "sha256" else "weights" for k in keys if stored.get(k) != current.get(k)]
+    raise IndexMismatchError(
+        f"{where} was built with another model: {_describe(stored)}; the model given is {_describe(current)} "
+        f"(differs in: {', '.join(differs)}). Embeddings of different models cannot be compared: use the model "
+        f"that built the index, or build a new index with --out pointing to another folder.")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Atomic files
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    write_json_atomic(path, data)
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except ValueError as e:
+        raise SearchIndexError(f"{what} {path} is damaged (not valid JSON: {e})") from None
+    if not isinstance(data, dict):
+        raise SearchIndexError(f"{what} {path} is damaged (not a JSON object)")
+    return data
+
+
+def _chunk_signature(files: Sequence[ImageFile], dtype: str) -> str:
+    digest = hashlib.sha256(dtype.encode())
+    for f in files:
+        digest.update(f"\0{f.path}\0{f.size}\0{f.mtime_ns}".encode())
+    return digest.hexdigest()
+
+
+def _read_chunk_meta(path: Path) -> dict[str, Any] | None:
+    """The metadata of a finished chunk, or ``None`` when the file is not a readable chunk."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {})[META_KEY])
+    except Exception:  # noqa: BLE001 - any unreadable chunk is simply recomputed
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Building
+
+
+class _ImageFiles(torch.utils.data.Dataset):
+    """``dataset[i]`` is ``(i, tensor, None)`` or ``(i, None, reason)`` for an unreadable file."""
+
+    def __init__(self, root: Path, paths: Sequence[str], transform: Callable) -> None:
+        self.root, self.paths, self.transform = root, list(paths), transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            image = decode_image(self.root / self.paths[i])
+            return i, apply_transform(image, self.transform), None
+        except BadSample as bad:
+            return i, None, bad.reason
+
+
+def _collate(items):
+    good = [(i, x) for i, x, _ in items if x is not None]
+    bad = [(i, reason) for i, _, reason in items if reason is not None]
+    images = torch.stack([x for _, x in good]) if good else None
+    return [i for i, _ in good], images, bad
+
+
+@dataclass
+class BuildResult:
+    """What ``build_index`` did: totals over the whole index and the work of this run."""
+
+    out: Path
+    files: int
+    images: int
+    skipped: dict[str, int]
+    skipped_files: list[tuple[str, str]]
+    chunks: int
+    chunks_reused: int
+    seconds: float
+    embed_dim: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _prepare(out: Path, header: dict[str, Any]) -> None:
+    """Create ``out`` or check that it holds an index of the same model and image folder."""
+    manifest = out / MANIFEST
+    if manifest.is_file():
+        existing = _read_json(manifest, "index manifest")
+        if existing.get("format") != FORMAT:
+            raise SearchIndexError(f"{out} holds a manifest.json that is not an ldmclip search index")
+        check_same_model(existing.get("model", {}), header["model"], f"the index {out}")
+        if existing.get("image_root") != header["image_root"]:
+            raise IndexMismatchError(
+                f"the index {out} is an index of {existing.get('image_root')}, not of {header['image_root']}: "
+                "pass that folder, or another --out for a new index")
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SearchIndexError(f"--out {out} exists and is not an ldmclip search index: pick a new or empty folder")
+    (out / CHUNK_DIR).mkdir(parents=True, exist_ok=True)
+    for leftover in (out / CHUNK_DIR).glob(".*.tmp"):
+        leftover.unlink(missing_ok=True)
+    _write_json(manifest, {**header, "complete": False})
+
+
+@torch.inference_mode()
+def build_index(model: Any, transform: Callable, root: str | os.PathLike, out: str | os.PathLike, *,
+                identity: dict[str, Any], batch_size: int = 64, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                dtype: str = "float16", device: str | torch.device = "cpu", workers: int = 0,
+                autocast: Callable[[], Any] | None = None, progress: bool = True) -> BuildResult:
+    """Embed every image under ``root`` into the index folder ``out`` (see the module docs).
+
+    ``identity`` is :func:`model_identity` of ``model``; ``transform`` its eval transform. Finished chunks
+    of an earlier run are kept; unreadable files are skipped and counted by reason.
+    """
+    from tqdm.auto import tqdm
+
+    from .. import __version__
+
+    if batch_size < 1 or chunk_size < 1:
+        raise ValueError("batch size and chunk size must be at least 1")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    started = time.perf_counter()
+    root, out, device = Path(root).resolve(), Path(out), torch.device(device)
+    files = find_images(root)
+    if not files:
+        raise ValueError(f"no image files under {root} (looked for {', '.join(IMAGE_SUFFIXES)}, recursively)")
+    embed_dim = model.config.embed_dim
+    header = {"format": FORMAT, "version": FORMAT_VERSION, "model": identity, "image_root": str(root),
+              "dtype": dtype, "embed_dim": embed_dim, "chunk_size": chunk_size, "ldmclip_version": __version__}
+    _prepare(out, header)
+
+    plan = [files[i:i + chunk_size] for i in range(0, len(files), chunk_size)]
+    names = [f"{n:05d}.safetensors" for n in range(len(plan))]
+    signatures = [_chunk_signature(chunk, dtype) for chunk in plan]
+    chunk_dir = out / CHUNK_DIR
+    todo = [n for n, (name, sig) in enumerate(zip(names, signatures))
+            if ((_read_chunk_meta(chunk_dir / name) or {}).get("signature") != sig)]
+    autocast = autocast or contextlib.nullcontext
+    bar = tqdm(total=sum(len(plan[n]) for n in todo), desc="index", unit="img", dynamic_ncols=True,
+               disable=None if progress else True)  # None: a bar on a terminal, silence in logs
+    try:
+        for n in todo:
+            _embed_chunk(model, transform, root, plan[n], chunk_dir / names[n], signatures[n], dtype,
+                         embed_dim, batch_size, device, workers, autocast, bar)
+    finally:
+        bar.close()
+    for stale in chunk_dir.glob("*.safetensors"):  # chunks of an earlier, longer listing
+        if stale.name not in names:
+            stale.unlink()
+
+    skipped: Counter = Counter()
+    skipped_files: list[tuple[str, str]] = []
+    images = 0
+    for name in names:
+        meta = _read_chunk_meta(chunk_dir / name)
+        if meta is None:
+            raise SearchIndexError(f"chunk {chunk_dir / name} cannot be read back; rerun the command")
+        images += len(meta["paths"])
+        skipped.update(meta["skipped"])
+        skipped_files += [tuple(item) for item in meta["skipped_files"]]
+    _write_json(out / MANIFEST, {**header, "complete": True, "chunks": names, "files": len(files),
+                                  "images": images, "skipped": dict(sorted(skipped.items()))})
+    return BuildResult(out=out, files=len(files), images=images, skipped=dict(sorted(skipped.items())),
+                       skipped_files=skipped_files, chunks=len(names), chunks_reused=len(names) - len(todo),
+                       seconds=time.perf_counter() - started, embed_dim=embed_dim)
+
+
+def _embed_chunk(model, transform, root: Path, files: Sequence[ImageFile], path: Path, signature: str,
+                 dtype: str, embed_dim: int, batch_size: int, device: torch.device, workers: int,
+                 autocast, bar) -> None:
+    from safetensors.torch import save_file
+
+    dataset = _ImageFiles(root, [f.path for f in files], transform)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                                         collate_fn=_collate, pin_memory=device.type == "cuda")
+    rows: list[torch.Tensor] = []
+    kept: list[str] = []
+    bad: list[tuple[str, str]] = []
+    for positions, images, failures in loader:
+        bad += [(files[i].path, reason) for i, reason in failures]
+        if images is not None:
+            with autocast():
+                features = model.encode_image(images.to(device, non_blocking=True))
+            # Normalise in fp32: a bf16 autocast norm would leave vectors visibly off unit length.
+            features = torch.nn.functional.normalize(features.float(), dim=-1)
+            rows.append(features.to("cpu", DTYPES[dtype]))
+            kept += [files[i].path for i in positions]
+        bar.update(len(positions) + len(failures))
+    embeddings = torch.cat(rows) if rows else torch.zeros(0, embed_dim, dtype=DTYPES[dtype])
+    meta = {"signature": signature, "paths": kept, "skipped_files": bad,
+            "skipped": dict(Counter(reason for _, reason in bad))}
+
+    def write(temp: Path) -> None:
+        save_file({"embeddings": embeddings.contiguous()}, str(temp),
+                  metadata={META_KEY: json.dumps(meta, ensure_ascii=False)})
+        os.chmod(temp, default_file_mode())  # safetensors makes owner-only files; an index is often shared
+
+    atomic_write(path, write)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading
+
+
+class SearchIndex:
+    """A finished index, read into memory: ``embeddings`` [N, D] float32 (unit rows), ``paths`` (relative
+    to ``root``), ``manifest`` (as written) and ``identity`` (the model that made it)."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any], embeddings: torch.Tensor, paths: list[str],
+                 root: Path) -> None:
+        self.path, self.manifest, self.embeddings, self.paths, self.root = path, manifest, embeddings, paths, root
+        self.identity: dict[str, Any] = manifest["model"]
+        self._ids = {p: i for i, p in enumerate(paths)}
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, images: str | os.PathLike | None = None) -> "SearchIndex":
+        """Read the index at ``path``. ``images`` replaces the stored image root (a moved folder)."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        manifest_path = path / MANIFEST
+        if not manifest_path.is_file():
+            what = "folder not found" if not path.exists() else "no manifest.json in it"
+            raise FileNotFoundError(f"search index {path}: {what} (build one with `ldmclip index IMAGES --out {path}`)")
+        manifest = _read_json(manifest_path, "index manifest")
+        if manifest.get("format") != FORMAT:
+            raise SearchIndexError(f"{path} is not an ldmclip search index")
+        if manifest.get("version", 0) > FORMAT_VERSION:
+            raise SearchIndexError(f"{path} was written by a newer ldmclip (index format {manifest.get('version')}); "
+                              "upgrade ldmclip to read it")
+        if not manifest.get("complete"):
+            raise SearchIndexError(f"the index {path} is not finished: rerun the `ldmclip index` command that "
+                              "built it (it continues where it stopped)")
+        rows, paths = [], []
+        for name in manifest["chunks"]:
+            chunk = path / CHUNK_DIR / name
+            try:
+                with safe_open(str(chunk), framework="pt") as f:
+                    meta = json.loads(f.metadata()[META_KEY])
+                    rows.append(f.get_tensor("embeddings").float())
+            except Exception as e:  # noqa: BLE001
+                raise SearchIndexError(f"chunk {chunk} of the index is missing or damaged ({type(e).__name__}: {e}); "
+                                  "rerun `ldmclip index` to rebuild it") from None
+            if rows[-1].shape[0] != len(meta["paths"]):
+                raise SearchIndexError(f"chunk {chunk} is damaged: {rows[-1].shape[0]} rows for "
+                                       f"{len(meta['paths'])} paths")
+            paths += meta["paths"]
+        embed_dim = int(manifest.get("embed_dim", 0))
+        embeddings = torch.cat(rows) if rows else torch.zeros(0, embed_dim)
+        root = Path(images) if images is not None else Path(manifest["image_root"])
+        return cls(path, manifest, embeddings, paths, root)
+
+    def id_of(self, relative_path: str) -> int | None:
+        """The id of an indexed relative path, or ``None``."""
+        return self._ids.get(relative_path)
+
+    def file(self, i: int) -> Path:
+        """The image file of entry ``i`` (an id from this index, never a user-supplied path)."""
+        if not 0 <= i < len(self.paths):
+            raise KeyError(i)
+        return self.root / self.paths[i]
