@@ -307,11 +307,16 @@ def test_build_loss():
         ClipLoss(tile_size=0)
 
 
-def test_world_size_above_one_not_implemented():
-    for make in (lambda: ClipLoss(world_size=2, rank=1), lambda: ClipLoss(tile_size=8, world_size=4),
-                 lambda: SigLipLoss(world_size=2), lambda: build_loss("clip", world_size=2)):
-        with pytest.raises(NotImplementedError, match="world_size"):
+def test_world_size_above_one_needs_a_process_group():
+    # the multi-process paths themselves are tested with 2 gloo processes in tests/train/test_distributed.py
+    for make in (lambda: ClipLoss(world_size=2, rank=2), lambda: SigLipLoss(rank=-1, world_size=2),
+                 lambda: build_loss("clip", world_size=0)):
+        with pytest.raises(ValueError, match="rank"):
             make()
+    features = F.normalize(torch.randn(4, 8), dim=-1)
+    for loss_fn in (ClipLoss(world_size=2, rank=1), ClipLoss(tile_size=2, world_size=2), SigLipLoss(world_size=2)):
+        with pytest.raises(RuntimeError, match="process group"):
+            loss_fn(features, features, torch.tensor(10.0))
     loss = ClipLoss(tile_size=8, rank=0, world_size=1)
     assert (loss.rank, loss.world_size) == (0, 1)
 

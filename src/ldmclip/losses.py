@@ -18,12 +18,32 @@ so it needs only the row and column log-sum-exps of ``S`` and its diagonal. The 
 (``ClipLoss(tile_size=k)``, built on :func:`tiled_clip_cross_entropy`) computes them by streaming
 ``k×k`` tiles of ``S`` through a custom autograd function that recomputes the tiles in backward,
 so the ``N×N`` matrix never exists.
+
+Distributed (``world_size > 1``, inside an initialised ``torch.distributed`` process group): each
+process holds ``n`` pairs of a global batch of ``N = world_size · n`` (equal ``n`` everywhere). The
+features are all-gathered *with gradients* (:func:`gather_features`, on
+``torch.distributed.nn.functional.all_gather``, whose backward sums every process's gradient for a
+slice back onto the process that owns it). Each process then computes only its *local* part of
+the global loss (the "local loss" of OpenCLIP): its ``n`` rows (image→text, against all ``N``
+texts) and its ``n`` columns (text→image, against all ``N`` images), each averaged over ``n``::
+
+    loss_r = ½ · mean_{i ∈ r}(LSE_j S_ij − S_ii) + ½ · mean_{j ∈ r}(LSE_i S_ij − S_jj)
+
+**Scaling.** The global loss is ``L = (1/W) Σ_r loss_r``: the mean of the local losses. The gradient
+that reaches a process's parameters through its own features and the gather's backward is
+``Σ_r ∂loss_r/∂θ = W · ∂L/∂θ``; DDP (and FSDP2's reduce-scatter) *average* gradients over the ``W``
+processes, giving exactly ``∂L/∂θ`` — the single-process gradient on the whole global batch. The
+same holds for parameters the loss sees directly (``logit_scale``, ``logit_bias``). So a
+distributed loss needs no extra factor; what a process returns is its ``loss_r`` and the value to
+log is its mean over processes. The SigLIP loss follows the same rule (its ``1/N`` normalisation
+becomes ``1/n`` locally).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +56,7 @@ __all__ = [
     "SIGLIP_INIT_LOGIT_BIAS",
     "build_loss",
     "clamp_logit_scale_",
+    "gather_features",
     "tiled_clip_cross_entropy",
 ]
 
@@ -56,11 +77,32 @@ def _check_features(image_features: torch.Tensor, text_features: torch.Tensor) -
                          f"{tuple(image_features.shape)} and {tuple(text_features.shape)}")
 
 
-def _check_single_process(name: str, world_size: int) -> None:
-    if world_size != 1:
-        raise NotImplementedError(
-            f"{name}: world_size={world_size} is not supported yet; gathering features across "
-            f"processes is still to come, so only world_size=1 works for now")
+def _check_world(name: str, rank: int, world_size: int) -> None:
+    if not isinstance(world_size, int) or world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"{name}: need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+
+
+def gather_features(features: torch.Tensor, rank: int, world_size: int, group=None) -> torch.Tensor:
+    """All processes' ``[n, D]`` features concatenated in rank order, ``[world_size·n, D]``, with
+    gradients: the backward sums, over processes, the gradient each one computes for a slice and
+    returns it to the slice's owner. Every process must pass the same ``n``."""
+    if world_size == 1:
+        return features
+    import torch.distributed as dist
+    import torch.distributed.nn.functional as dist_nn
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(f"world_size={world_size} needs an initialised torch.distributed process group "
+                           f"(launch with torchrun, or call torch.distributed.init_process_group)")
+    if dist.get_world_size(group) != world_size or dist.get_rank(group) != rank:
+        raise RuntimeError(f"the loss was built for rank {rank} of {world_size}, but this process is rank "
+                           f"{dist.get_rank(group)} of {dist.get_world_size(group)}")
+    with warnings.catch_warnings():
+        # torch >= 2.10 marks it deprecated in favour of a private functional API; it is still the
+        # public autograd-aware all-gather.
+        warnings.filterwarnings("ignore", message=".*all_gather is deprecated.*", category=FutureWarning)
+        parts = dist_nn.all_gather(features.contiguous(), group=group)
+    return torch.cat(parts)
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,7 +170,7 @@ class _TiledClipCrossEntropy(torch.autograd.Function):
     inputs' dtype, or autocast's; bf16/fp16 for tensor-core / AMX speed); their outputs are
     turned to fp32 before any exponentiation or accumulation.
 
-    Distributed use (coming): after all-gathering features, call it with the *local* rows against
+    Distributed use (``ClipLoss(tile_size=k, world_size=W)``): after all-gathering features, call it with the *local* rows against
     the *gathered* columns, ``a = local_image_features [n, D]``, ``b = all_text_features
     [world·n, D]``, ``offset = rank·n``, ``with_cols=False``: ``ce_rows`` are then exactly the local
     image→text cross-entropies. The text→image ones come from a second call with
@@ -300,15 +342,18 @@ class ClipLoss(nn.Module):
     with ``O(N·D + k²)`` extra memory instead of ``O(N²)``. Its matmuls run in the features' dtype
     (or autocast's), its softmax statistics in fp32, and its result is an fp32 scalar.
 
-    ``rank`` / ``world_size`` are kept for the multi-process loss (features all-gathered across
-    ranks); for now ``world_size`` must be 1.
+    With ``world_size > 1`` each process passes its own ``n`` pairs; the features of all processes
+    are gathered with gradients and the process returns its local loss (its rows and columns of the
+    global ``N×N`` similarity matrix, see the module docs for why no rescaling is needed). Dense:
+    an ``n×N`` logits block per direction; tiled: local rows against gathered columns, exact, with
+    ``O(N·D + k²)`` memory.
     """
 
     def __init__(self, tile_size: int | None = None, rank: int = 0, world_size: int = 1):
         super().__init__()
         if tile_size is not None and (not isinstance(tile_size, int) or tile_size < 1):
             raise ValueError(f"tile_size must be None or a positive int, got {tile_size!r}")
-        _check_single_process("ClipLoss", world_size)
+        _check_world("ClipLoss", rank, world_size)
         self.tile_size = tile_size
         self.rank = rank
         self.world_size = world_size
@@ -319,11 +364,32 @@ class ClipLoss(nn.Module):
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale,
                 logit_bias=None, output_dict: bool = False):
         _check_features(image_features, text_features)
-        if self.tile_size is None:
+        if self.world_size > 1:
+            loss = self._distributed(image_features, text_features, logit_scale, logit_bias)
+        elif self.tile_size is None:
             loss = self._dense(image_features, text_features, logit_scale, logit_bias)
         else:
             loss = self._tiled(image_features, text_features, logit_scale, logit_bias)
         return {"contrastive_loss": loss} if output_dict else loss
+
+    def _distributed(self, image_features, text_features, logit_scale, logit_bias):
+        n = image_features.shape[0]
+        offset = self.rank * n  # where this process's pairs sit in the global batch
+        all_images = gather_features(image_features, self.rank, self.world_size)
+        all_texts = gather_features(text_features, self.rank, self.world_size)
+        if self.tile_size is not None:
+            ce_image, _ = tiled_clip_cross_entropy(image_features, all_texts, logit_scale, logit_bias,
+                                                   tile_size=self.tile_size, with_cols=False, offset=offset)
+            ce_text, _ = tiled_clip_cross_entropy(text_features, all_images, logit_scale, logit_bias,
+                                                  tile_size=self.tile_size, with_cols=False, offset=offset)
+            return (ce_image.mean() + ce_text.mean()) / 2
+        logits_per_image = logit_scale * image_features @ all_texts.T   # local rows     [n, N]
+        logits_per_text = logit_scale * text_features @ all_images.T    # local columns  [n, N]
+        if logit_bias is not None:
+            logits_per_image = logits_per_image + logit_bias
+            logits_per_text = logits_per_text + logit_bias
+        labels = torch.arange(offset, offset + n, device=image_features.device)
+        return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
 
     @staticmethod
     def _dense(image_features, text_features, logit_scale, logit_bias):
@@ -357,11 +423,18 @@ class SigLipLoss(nn.Module):
     normalised by the batch size ``N`` (not ``N²``), exactly as OpenCLIP's ``SigLipLoss``.
     Models trained with it start from ``logit_scale = exp(SIGLIP_INIT_LOGIT_SCALE) = 10`` and
     ``logit_bias = SIGLIP_INIT_LOGIT_BIAS = -10``. ``logit_bias=None`` means no bias.
+
+    With ``world_size > 1`` each process scores its ``n`` images against the texts of *all*
+    processes and normalises by its own ``n``: the local loss, whose mean over processes is the
+    global loss (module docs). The texts are exchanged with one all-gather with gradients rather
+    than passed around the ring with send/recv as in the SigLIP paper and OpenCLIP: the same
+    numbers and gradients, one collective instead of ``world_size - 1`` exchanges, for an extra
+    ``N×D`` buffer of text features (a few MB even at N=65536) and an ``n×N`` logits block.
     """
 
     def __init__(self, rank: int = 0, world_size: int = 1):
         super().__init__()
-        _check_single_process("SigLipLoss", world_size)
+        _check_world("SigLipLoss", rank, world_size)
         self.rank = rank
         self.world_size = world_size
 
@@ -369,10 +442,14 @@ class SigLipLoss(nn.Module):
                 logit_bias=None, output_dict: bool = False):
         _check_features(image_features, text_features)
         n = image_features.shape[0]
-        logits = logit_scale * image_features @ text_features.T
+        all_texts = gather_features(text_features, self.rank, self.world_size)
+        logits = logit_scale * image_features @ all_texts.T
         if logit_bias is not None:
             logits = logits + logit_bias
-        labels = 2 * torch.eye(n, device=logits.device, dtype=image_features.dtype) - 1
+        # +1 on this process's diagonal block (its own pairs), -1 everywhere else
+        labels = torch.full_like(logits, -1.0, dtype=image_features.dtype)
+        labels[:, self.rank * n:(self.rank + 1) * n] = 2 * torch.eye(n, device=logits.device,
+                                                                     dtype=image_features.dtype) - 1
         loss = -F.logsigmoid(labels * logits).sum() / n
         return {"contrastive_loss": loss} if output_dict else loss
 

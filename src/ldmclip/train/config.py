@@ -42,9 +42,11 @@ class TrainConfig:
     output: str | None = _opt(None, "run directory (default: runs/<model>-<timestamp>)")
     steps: int | None = _opt(None, "optimizer steps to run (default 1000 on synthetic data; or use --epochs)")
     epochs: float | None = _opt(None, "passes over the data (CSV data only); converted to steps")
-    batch_size: int = _opt(64, "contrastive batch size (global, all accumulation micro-batches together)")
-    accum: int = _opt(1, "split each batch into this many micro-batches (features are cached, so the loss "
-                         "still sees the whole batch)")
+    batch_size: int = _opt(64, "contrastive batch size: the GLOBAL batch, over all processes and accumulation "
+                               "micro-batches (each of W processes loads batch_size/W samples a step; the "
+                               "loss sees all batch_size pairs)")
+    accum: int = _opt(1, "split each process's batch into this many micro-batches (features are cached, so "
+                         "the loss still sees the whole batch)")
     lr: float = _opt(3e-3, "peak learning rate")
     wd: float = _opt(0.1, "AdamW weight decay (not applied to gains, biases, embeddings or logit_scale)")
     beta1: float = _opt(0.9, "AdamW beta1")
@@ -64,7 +66,13 @@ class TrainConfig:
     lock_image: bool = _opt(False, "freeze the image tower (LiT)")
     lock_text: bool = _opt(False, "freeze the text tower")
     patch_dropout: float = _opt(0.0, "fraction of image patches dropped during training (FLIP)")
-    device: str = _opt("auto", "'auto' (cuda if available), 'cpu' or 'cuda[:N]'")
+    device: str = _opt("auto", "'auto' (cuda if available; cuda:LOCAL_RANK under torchrun/srun), 'cpu' or 'cuda[:N]'")
+    # several processes (launched by torchrun or srun; see README "Training on many GPUs")
+    fsdp: bool = _opt(False, "shard parameters, gradients and optimizer state with FSDP2 (for models that do "
+                             "not fit replicated; with amp_bf16, bf16 all-gathers and fp32 gradient "
+                             "reduction); default under several processes: DDP")
+    dist_timeout: float = _opt(600.0, "seconds a process waits in a collective before giving up (a dead or "
+                                      "hung peer then stops the run with an error instead of a hang)")
     # bookkeeping
     seed: int = _opt(0, "random seed (the whole run is reproducible from it on CPU)")
     save_every: int = _opt(500, "write a resumable checkpoint every N steps (0: only at the end)")

@@ -4,6 +4,13 @@ Map-style data (the synthetic scenes, CSV/TSV/parquet tables) is read in a seede
 epoch, so a data position ``(epoch, batches)`` pins down exactly what comes next: a resumed run sees
 the same batches as an uninterrupted one. Webdataset shards are a stream; on resume the stream is
 reshuffled with a new seed (as OpenCLIP does) rather than replayed.
+
+``--batch-size`` is the *global* batch. With ``W`` processes, map-style data cuts each global batch
+of the permutation into ``W`` consecutive slices and process ``r`` loads slice ``r`` only: the set
+of samples at a step does not depend on ``W``, so runs on 1 and on 8 GPUs see the same batches
+(and, with the loss over the global batch, take the same steps). Shards are split across
+processes and DataLoader workers by :mod:`ldmclip.data.shards`; each process reads
+``batch_size / W`` samples per step from its own shards.
 """
 
 from __future__ import annotations
@@ -53,6 +60,33 @@ class EpochPermutation(Sampler[int]):
         return self.length - self.start
 
 
+class GlobalBatchSlices(Sampler[list[int]]):
+    """This process's slice of each global batch of an :class:`EpochPermutation` (full batches only).
+
+    Global batch ``b`` is ``order[b·B:(b+1)·B]``; process ``rank`` of ``world_size`` takes its
+    ``[rank·B/W, (rank+1)·B/W)`` part, so the processes together load every sample of the batch
+    exactly once."""
+
+    def __init__(self, order: Sampler[int], batch_size: int, rank: int = 0, world_size: int = 1):
+        if batch_size % world_size:
+            raise ValueError(f"--batch-size {batch_size} (the global batch) must be divisible by the "
+                             f"number of processes ({world_size})")
+        self.order, self.batch_size, self.rank, self.world_size = order, batch_size, rank, world_size
+        self.local = batch_size // world_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batch: list[int] = []
+        lo, hi = self.rank * self.local, (self.rank + 1) * self.local
+        for index in self.order:
+            batch.append(index)
+            if len(batch) == self.batch_size:
+                yield batch[lo:hi]
+                batch = []
+
+    def __len__(self) -> int:
+        return len(self.order) // self.batch_size
+
+
 def _is_table(path: str) -> bool:
     return path.lower().endswith(TABLE_SUFFIXES)
 
@@ -63,15 +97,22 @@ def _on_device(batch, device: torch.device, position: DataPosition) -> TrainBatc
 
 
 class MapStyleData:
-    """Batches from a map-style dataset, epoch after epoch, resumable at any batch."""
+    """Batches from a map-style dataset, epoch after epoch, resumable at any batch.
+
+    ``batch_size`` is the global batch; this process gets its ``rank``-th slice of each (see the
+    module docs), so ``position`` counts global batches and is the same on every process."""
 
     def __init__(self, dataset: Dataset, collate, batch_size: int, workers: int, seed: int,
-                 default_steps: int | None = None):
+                 default_steps: int | None = None, rank: int = 0, world_size: int = 1):
         if len(dataset) < batch_size:
             raise ValueError(f"the training data has {len(dataset)} samples, fewer than one batch "
                              f"(--batch-size {batch_size})")
+        if batch_size % world_size:
+            raise ValueError(f"--batch-size {batch_size} is the global batch: it must be divisible by the "
+                             f"number of processes ({world_size})")
         self.dataset, self.collate = dataset, collate
         self.batch_size, self.workers, self.seed = batch_size, workers, seed
+        self.rank, self.world_size = rank, world_size
         self.batches_per_epoch = len(dataset) // batch_size
         self.default_steps = default_steps
 
@@ -87,13 +128,14 @@ class MapStyleData:
     def batches(self, position: DataPosition, device: torch.device) -> Iterator[TrainBatch]:
         epoch, done = position.epoch, position.batches
         while True:
-            sampler = EpochPermutation(len(self.dataset), self.seed, epoch, done * self.batch_size)
-            loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True,
+            order = EpochPermutation(len(self.dataset), self.seed, epoch, done * self.batch_size)
+            slices = GlobalBatchSlices(order, self.batch_size, self.rank, self.world_size)
+            loader = DataLoader(self.dataset, batch_sampler=slices,
                                 num_workers=self.workers, collate_fn=self.collate,
                                 persistent_workers=False, pin_memory=device.type == "cuda",
                                 # a private generator: worker seeding must not consume the global RNG,
                                 # or a resumed run would drift from an uninterrupted one
-                                generator=torch.Generator().manual_seed(self.seed + epoch),
+                                generator=torch.Generator().manual_seed(self.seed + epoch + 7919 * self.rank),
                                 prefetch_factor=4 if self.workers else None)
             for batch in loader:
                 done += 1
@@ -102,11 +144,19 @@ class MapStyleData:
 
 
 class StreamData:
-    """Batches from webdataset shards (an endless stream when resampled)."""
+    """Batches from webdataset shards (an endless stream when resampled).
 
-    def __init__(self, make_dataset, collate, batch_size: int, workers: int, seed: int):
+    ``batch_size`` is the global batch; each process reads ``batch_size / world_size`` samples a
+    step from its own shards (split by rank and worker in :mod:`ldmclip.data.shards`)."""
+
+    def __init__(self, make_dataset, collate, batch_size: int, workers: int, seed: int,
+                 rank: int = 0, world_size: int = 1):
+        if batch_size % world_size:
+            raise ValueError(f"--batch-size {batch_size} is the global batch: it must be divisible by the "
+                             f"number of processes ({world_size})")
         self.make_dataset, self.collate = make_dataset, collate
-        self.batch_size, self.workers, self.seed = batch_size, workers, seed
+        self.batch_size, self.workers, self.seed = batch_size // world_size, workers, seed
+        self.rank = rank
 
     def total_steps(self, cfg: TrainConfig) -> int:
         if not cfg.steps:
@@ -120,7 +170,7 @@ class StreamData:
             dataset = self.make_dataset(epoch=epoch * 1000 + done)
             loader = DataLoader(dataset, batch_size=self.batch_size, num_workers=self.workers,
                                 collate_fn=self.collate, pin_memory=device.type == "cuda",
-                                generator=torch.Generator().manual_seed(self.seed + epoch))
+                                generator=torch.Generator().manual_seed(self.seed + epoch + 7919 * self.rank))
             produced = 0
             for batch in loader:
                 done += 1
@@ -131,7 +181,8 @@ class StreamData:
             epoch, done = epoch + 1, 0
 
 
-def build_train_data(cfg: TrainConfig, tokenizer, preprocess: PreprocessConfig) -> MapStyleData | StreamData:
+def build_train_data(cfg: TrainConfig, tokenizer, preprocess: PreprocessConfig, rank: int = 0,
+                     world_size: int = 1) -> MapStyleData | StreamData:
     from ..data import ImageTextCollator
 
     collate = ImageTextCollator(tokenizer)
@@ -143,7 +194,8 @@ def build_train_data(cfg: TrainConfig, tokenizer, preprocess: PreprocessConfig) 
         dataset = SyntheticScenes("train", image_size=preprocess.image_size, length=steps * cfg.batch_size,
                                   seed=cfg.seed, transform=EvalTransform(preprocess.image_size, preprocess.mean,
                                                                          preprocess.std))
-        return MapStyleData(dataset, collate, cfg.batch_size, cfg.workers, cfg.seed, default_steps=steps)
+        return MapStyleData(dataset, collate, cfg.batch_size, cfg.workers, cfg.seed, default_steps=steps,
+                            rank=rank, world_size=world_size)
     train_transform = image_transform(preprocess, is_train=True, seed=cfg.seed)
     if _is_table(cfg.data):
         from ..data import CaptionTable
@@ -152,14 +204,14 @@ def build_train_data(cfg: TrainConfig, tokenizer, preprocess: PreprocessConfig) 
             raise ValueError(f"--data {cfg.data} is a table of image paths: also pass --images ROOT")
         dataset = CaptionTable(cfg.data, cfg.images, train_transform, image_column=cfg.image_column,
                                caption_column=cfg.caption_column, split_file=cfg.split)
-        return MapStyleData(dataset, collate, cfg.batch_size, cfg.workers, cfg.seed)
+        return MapStyleData(dataset, collate, cfg.batch_size, cfg.workers, cfg.seed, rank=rank, world_size=world_size)
     from ..data import make_shard_pipeline
 
     def make_dataset(epoch: int):
         return make_shard_pipeline(cfg.data, train_transform, shuffle_buffer=cfg.shuffle_buffer,
                                    resampled=True, seed=cfg.seed, epoch=epoch)
 
-    return StreamData(make_dataset, collate, cfg.batch_size, cfg.workers, cfg.seed)
+    return StreamData(make_dataset, collate, cfg.batch_size, cfg.workers, cfg.seed, rank=rank, world_size=world_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,13 +240,15 @@ class Validation:
     tokenizer: Any = None
     batch_size: int = 256
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: FSDP2 keeps gathered parameters that training reuses
     def evaluate(self, model, device: torch.device) -> dict[str, float]:
         from ..eval import build_zero_shot_classifier, retrieval_metrics, zero_shot_accuracy
 
         image_features = self._encode(model.encode_image, self.images, device)
         text_features = self._encode(model.encode_text, self.tokens, device)
-        metrics = retrieval_metrics(image_features, text_features, self.text_to_image.to(device))
+        # the features are fp32; score them in fp32 even when the caller runs under autocast
+        with torch.autocast(device.type, enabled=False):
+            metrics = retrieval_metrics(image_features, text_features, self.text_to_image.to(device))
         keep = {k: v for k, v in metrics.items() if k.endswith(("R@1", "R@5", "R@10"))}
         for name, task in self.zero_shot:
             classifier = build_zero_shot_classifier(model, self.tokenizer, task.classnames, task.templates,

@@ -2,27 +2,20 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import nn
 
+from .parallelize import gradient_sync
 from .precision import autocast
 
 
-def _features(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, lock_image: bool, lock_text: bool):
-    """Normalised features; a locked tower runs without building a graph (LiT)."""
-    with torch.no_grad() if lock_image else contextlib.nullcontext():
-        image_features = model.encode_image(images, normalize=True)
-    with torch.no_grad() if lock_text else contextlib.nullcontext():
-        text_features = model.encode_text(tokens, normalize=True)
-    return image_features, text_features
+def _forward(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor):
+    """``model(images, tokens)``: normalised features, ``logit_scale.exp()`` (and ``logit_bias``).
 
-
-def _scale_and_bias(model: nn.Module) -> tuple[torch.Tensor, ...]:
-    scale = model.logit_scale.exp()
-    bias = getattr(model, "logit_bias", None)
-    return (scale,) if bias is None else (scale, bias)
+    Going through ``forward`` is what lets DDP and FSDP2 hook in. A locked tower's parameters do
+    not require gradients, so no graph is built through it (LiT)."""
+    image_features, text_features, *scale_and_bias = model(images, tokens)
+    return image_features, text_features, scale_and_bias
 
 
 def contrastive_step(model: nn.Module, loss_fn: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
@@ -30,18 +23,22 @@ def contrastive_step(model: nn.Module, loss_fn: nn.Module, images: torch.Tensor,
     """Forward and backward for one batch; returns the (detached) loss. Gradients accumulate in
     ``.grad``; the caller clips, steps and zeroes them.
 
+    ``model`` may be wrapped by DDP or sharded by FSDP2, and ``loss_fn`` distributed (features
+    gathered over processes); the returned loss is then this process's local loss.
+
     With ``accum > 1`` the batch runs in ``accum`` micro-batches without losing contrastive
     negatives (the GradCache method, Gao et al. 2021): first every micro-batch's features are
     computed without a graph, the loss over the whole batch gives the gradient with respect to each
-    feature, then each micro-batch is recomputed with a graph and back-propagated from that gradient.
-    The random state is replayed, so patch dropout draws the same patches in both passes. The
-    gradients equal those of one big batch.
+    feature (and to ``logit_scale`` / ``logit_bias``), then each micro-batch is recomputed with a
+    graph and back-propagated from those gradients (the scale's with the last one, when the
+    gradients are also reduced across processes). The random state is replayed, so patch dropout
+    draws the same patches in both passes. The gradients equal those of one big batch.
     """
     device = images.device
     if accum <= 1:
         with autocast(precision, device):
-            image_features, text_features = _features(model, images, tokens, lock_image, lock_text)
-            loss = loss_fn(image_features.float(), text_features.float(), *_scale_and_bias(model))
+            image_features, text_features, scale_and_bias = _forward(model, images, tokens)
+            loss = loss_fn(image_features.float(), text_features.float(), *scale_and_bias)
         loss.backward()
         return loss.detach()
 
@@ -50,32 +47,40 @@ def contrastive_step(model: nn.Module, loss_fn: nn.Module, images: torch.Tensor,
     with torch.no_grad(), autocast(precision, device):
         for image_chunk, token_chunk in zip(image_chunks, token_chunks):
             rng_states.append(_rng_state(device))
-            image_features, text_features = _features(model, image_chunk, token_chunk, True, True)
+            image_features, text_features, scale_and_bias = _forward(model, image_chunk, token_chunk)
             cached_images.append(image_features.float())
             cached_texts.append(text_features.float())
     all_images = torch.cat(cached_images).requires_grad_(not lock_image)
     all_texts = torch.cat(cached_texts).requires_grad_(not lock_text)
+    scale_leaves = [t.detach().requires_grad_(True) for t in scale_and_bias]
     with autocast(precision, device):
-        loss = loss_fn(all_images, all_texts, *_scale_and_bias(model))
+        loss = loss_fn(all_images, all_texts, *scale_leaves)
     loss.backward()  # gradients for the cached features and for logit_scale / logit_bias
 
     offsets = [0]
     for chunk in image_chunks:
         offsets.append(offsets[-1] + chunk.shape[0])
     final_state = _rng_state(device)
+    last = len(image_chunks) - 1
     for index, (image_chunk, token_chunk) in enumerate(zip(image_chunks, token_chunks)):
         _set_rng_state(device, rng_states[index])
         rows = slice(offsets[index], offsets[index + 1])
-        with autocast(precision, device):
-            image_features, text_features = _features(model, image_chunk, token_chunk, lock_image, lock_text)
-        outputs, grads = [], []
-        if not lock_image:
-            outputs.append(image_features.float())
-            grads.append(all_images.grad[rows])
-        if not lock_text:
-            outputs.append(text_features.float())
-            grads.append(all_texts.grad[rows])
-        torch.autograd.backward(outputs, grads)
+        with gradient_sync(model, index == last):
+            with autocast(precision, device):
+                image_features, text_features, scale_and_bias = _forward(model, image_chunk, token_chunk)
+            outputs, grads = [], []
+            if not lock_image:
+                outputs.append(image_features.float())
+                grads.append(all_images.grad[rows])
+            if not lock_text:
+                outputs.append(text_features.float())
+                grads.append(all_texts.grad[rows])
+            if index == last:
+                for value, leaf in zip(scale_and_bias, scale_leaves):
+                    if leaf.grad is not None and value.requires_grad:
+                        outputs.append(value)
+                        grads.append(leaf.grad.to(value.dtype))
+            torch.autograd.backward(outputs, grads)
     _set_rng_state(device, final_state)
     return loss.detach()
 

@@ -1,0 +1,205 @@
+"""Process-group setup and the few collectives the trainer needs, on ``torch.distributed``.
+
+A run is distributed when it is launched with several processes:
+
+* ``torchrun`` (single node or multi-node rendezvous) sets ``RANK``, ``WORLD_SIZE``,
+  ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``;
+* SLURM's ``srun`` (one task per GPU) sets ``SLURM_PROCID``, ``SLURM_NTASKS`` and
+  ``SLURM_LOCALID``; the rendezvous host is the first node of ``SLURM_JOB_NODELIST`` (or
+  ``MASTER_ADDR`` when set) and the port ``MASTER_PORT`` (default: derived from the job id).
+
+torchrun's variables win when both are present (``srun torchrun ...``). Backends: NCCL for CUDA
+tensors (with gloo beside it for the small CPU-side agreements), gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_PORT = 29500
+
+
+@dataclass
+class Launch:
+    """Where this process sits, as the launcher said."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str | None = None
+    master_port: int | None = None
+    launcher: str = "torchrun"
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    owns_group: bool = False  # this module initialised the process group (and tears it down)
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def slurm_first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: ``"gpu[003-005,010],cpu1"`` -> ``"gpu003"``.
+
+    Uses ``scontrol show hostnames`` when it is on the PATH, else parses the compressed form."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=20, check=True).stdout.split()
+        if out:
+            return out[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    first = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    if first is None:
+        raise ValueError(f"cannot read the SLURM node list {nodelist!r}")
+    prefix, ranges = first.group(1), first.group(3)
+    if ranges is None:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def detect_launch(env: dict[str, str] | None = None) -> Launch | None:
+    """The launch this process belongs to, from the environment; None for a single process."""
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        world = int(env["WORLD_SIZE"])
+        if world <= 1:
+            return None
+        port = env.get("MASTER_PORT")
+        return Launch(int(env["RANK"]), world, int(env.get("LOCAL_RANK", 0)), env.get("MASTER_ADDR"),
+                      int(port) if port else None, "torchrun")
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        addr = env.get("MASTER_ADDR") or slurm_first_host(env.get("SLURM_JOB_NODELIST") or env["SLURMD_NODENAME"])
+        port = env.get("MASTER_PORT")
+        port = int(port) if port else DEFAULT_PORT + int(env.get("SLURM_JOB_ID", "0")) % 10_000
+        return Launch(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
+                      addr, port, "slurm")
+    return None
+
+
+def init_distributed(device_name: str, timeout_s: float) -> DistInfo:
+    """Join the process group of this launch (or the one already initialised); pick the device.
+
+    ``timeout_s`` bounds every collective: a process whose peer died or hangs raises instead of
+    waiting forever (gloo notices a closed connection at once; NCCL's watchdog aborts after the
+    timeout)."""
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+        return DistInfo(rank, world, local, _device(device_name, local, world), owns_group=False)
+    launch = detect_launch()
+    if launch is None:
+        return DistInfo(device=_device(device_name, 0, 1))
+    if not dist.is_available():
+        raise RuntimeError("this PyTorch build has no torch.distributed; run a single process")
+    device = _device(device_name, launch.local_rank, launch.world_size)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        backend = "cpu:gloo,cuda:nccl"
+    else:
+        backend = "gloo"
+    timeout = timedelta(seconds=timeout_s)
+    if launch.launcher == "slurm":
+        init_method = f"tcp://{launch.master_addr}:{launch.master_port}"
+        dist.init_process_group(backend, init_method=init_method, rank=launch.rank,
+                                world_size=launch.world_size, timeout=timeout)
+    else:
+        dist.init_process_group(backend, timeout=timeout)  # env:// (torchrun's variables)
+    return DistInfo(launch.rank, launch.world_size, launch.local_rank, device, owns_group=True)
+
+
+def _device(name: str, local_rank: int, world_size: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank if world_size > 1 else torch.cuda.current_device())
+    return device
+
+
+def shutdown(info: DistInfo) -> None:
+    if info.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# Agreements: every rank takes the same decision, so none is left waiting in a collective.
+
+
+def agree(info: DistInfo, *, stop: bool, bad: bool, batch: int) -> tuple[bool, bool, int]:
+    """One small all-reduce per step: (any rank asked to stop, any rank's data is bad, the smallest
+    local batch). Ranks whose batches differ (unreadable samples in a stream) trim to the smallest,
+    so the features they gather have one shape."""
+    if not info.enabled:
+        return stop, bad, batch
+    flags = torch.tensor([float(stop), float(bad), -float(batch)], dtype=torch.float64)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return bool(flags[0]), bool(flags[1]), int(-flags[2])
+
+
+def mean_over_ranks(info: DistInfo, value: torch.Tensor) -> torch.Tensor:
+    """The mean of a scalar over the ranks (the global loss from the local losses)."""
+    if not info.enabled:
+        return value
+    total = value.detach().to(torch.float64).reshape(1).cpu()
+    dist.all_reduce(total)
+    return (total / info.world_size).reshape(())
+
+
+def sum_over_ranks(info: DistInfo, value: int) -> int:
+    if not info.enabled:
+        return value
+    total = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(total)
+    return int(total)
+
+
+def broadcast_object(info: DistInfo, value):
+    """Rank 0's ``value`` on every rank."""
+    if not info.enabled:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(info: DistInfo, value) -> list | None:
+    """Every rank's ``value`` on rank 0 (in rank order); None on the other ranks."""
+    if not info.enabled:
+        return [value]
+    out = [None] * info.world_size if info.is_main else None
+    dist.gather_object(value, out, dst=0)
+    return out
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """Whether ``error`` is what a collective raises when a peer died, hung or was killed."""
+    dist_error = getattr(dist, "DistError", None)
+    if dist_error is not None and isinstance(error, dist_error):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and any(
+        word in text for word in ("gloo", "nccl", "connection closed", "connection reset", "timed out",
+                                  "broken pipe", "socket", "watchdog"))
