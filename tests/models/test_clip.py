@@ -80,6 +80,24 @@ def test_text_tower_skips_positions_after_the_longest_caption():
         assert torch.allclose(model.encode_text(tokens), expected, atol=1e-6)
 
 
+def test_encode_text_batched_equals_openclip_in_input_order():
+    # Length-bucketed batches: rows sorted by length, each batch cut to its own longest caption,
+    # results scattered back to the input order; every row equals OpenCLIP's full-length encode_text.
+    reference = openclip_model("ViT-Tiny-64")
+    model = ldmclip.create_model("ViT-Tiny-64").eval()
+    model.load_state_dict(reference.state_dict())
+    captions = ["a dog", "two children play football on a wide green field near the sea", "red", "",
+                "a man rides a bike down the street", "cat on a mat"]
+    tokens = ldmclip.get_tokenizer("ViT-Tiny-64")(captions)
+    with torch.no_grad():
+        expected = reference.encode_text(tokens)
+        for batch_size in (1, 2, 4, 64):
+            assert relative_error(model.encode_text_batched(tokens, batch_size=batch_size), expected) <= 1e-5
+        assert model.encode_text_batched(tokens[:0]).shape == (0, expected.shape[1])
+        normalized = model.encode_text_batched(tokens, batch_size=4, normalize=True)
+        assert relative_error(normalized, torch.nn.functional.normalize(expected, dim=-1)) <= 1e-5
+
+
 def test_hidden_states_give_every_layer_and_stop_early():
     model = ldmclip.create_model("ViT-Tiny-64").eval()
     _, tokens = sample_inputs(64, 32)

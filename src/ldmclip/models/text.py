@@ -87,3 +87,25 @@ class TextTransformer(nn.Module):
         hidden = self.transformer(self.embed_tokens(tokens), causal=True)
         features = self.pool_text(hidden, tokens)
         return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_text_batched(self, tokens: torch.Tensor, batch_size: int = 256,
+                            normalize: bool = False) -> torch.Tensor:
+        """``encode_text`` of many tokenized texts, ``batch_size`` at a time, in batches of similar
+        length: the rows are sorted by caption length first (stable), so each batch runs the tower
+        only to its own longest caption, and the features come back in the input order.
+
+        Each row's result is ``encode_text`` of that row (up to floating-point rounding)."""
+        self._check_tokens(tokens)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        order = torch.argsort(tokens.argmax(dim=-1), stable=True)
+        out: torch.Tensor | None = None
+        for start in range(0, tokens.shape[0], batch_size):
+            rows = order[start:start + batch_size]
+            features = self.encode_text(tokens[rows], normalize=normalize)
+            if out is None:
+                out = features.new_empty(tokens.shape[0], features.shape[1])
+            out[rows] = features
+        if out is None:
+            return self.encode_text(tokens, normalize=normalize)
+        return out
