@@ -56,6 +56,7 @@ def test_zeroshot_and_retrieval_end_to_end(tmp_path, model_dir, capsys):
     assert "zero-shot classification" in stdout and "top-1" in stdout and "mean per-class" in stdout
     assert "image→text" in stdout and "text→image" in stdout and "8 images × 24 captions" in stdout
     assert "skipped: 1 of 19 (not_an_image 1)" in stdout
+    assert "random weights" not in stdout  # a local-dir: model brings its weights
 
 
 def test_retrieval_numbers_equal_the_metric_on_directly_computed_features(tmp_path, model_dir, capsys):

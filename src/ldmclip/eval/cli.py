@@ -109,9 +109,14 @@ def _skip_line(skipped: dict) -> str | None:
 
 def format_results(results: dict[str, Any]) -> str:
     """The human-readable table ``ldmclip eval`` prints."""
-    lines = [f"ldmclip eval: {results['model']}"
-             + (f" ({results['pretrained']})" if results.get("pretrained") else " (random weights)")
-             + f" on {results['device']}, {results['precision']}"]
+    model = str(results["model"])
+    if results.get("pretrained"):
+        weights = f" ({results['pretrained']})"
+    elif model.startswith(("local-dir:", "hf-hub:")):
+        weights = ""  # the weights come with the model folder
+    else:
+        weights = " (random weights)"
+    lines = [f"ldmclip eval: {model}{weights} on {results['device']}, {results['precision']}"]
     zs = results.get("zeroshot")
     if zs:
         lines += ["", f"zero-shot classification: {zs['data']}",
