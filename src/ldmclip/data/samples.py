@@ -404,6 +404,12 @@ class ImageTextCollator:
         return Batch(stacked, tokens, captions, skipped, keys)
 
 
+def default_workers() -> int:
+    """Decoding worker processes for an inference pass: every core but one, which stays with the
+    process running the model (at most 8)."""
+    return max(0, min(8, (os.cpu_count() or 1) - 1))
+
+
 def make_dataloader(
     dataset: torch.utils.data.Dataset,
     tokenizer: Callable[[list[str]], torch.Tensor] | None,

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..data.samples import default_workers
+
 __all__ = ["add_eval_arguments", "run_eval", "format_results", "EVAL_EPILOG"]
 
 EVAL_EPILOG = """examples:
@@ -23,11 +25,6 @@ zero-shot data: a folder with one sub-folder of images per class (torchvision Im
 a CSV/TSV/parquet table of image paths and labels, or webdataset shards with a 'cls' label.
 retrieval data: a caption table (one row per caption, Flickr/COCO style) or webdataset shards (jpg + txt).
 """
-
-
-def _default_workers() -> int:
-    # one core stays with the main process, which runs the model
-    return max(0, min(8, (os.cpu_count() or 1) - 1))
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,7 +69,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                       help="'auto': bf16 autocast on GPUs and on CPUs with AMX/AVX512-bf16, else fp32; use fp32 to "
                            "reproduce numbers exactly (default: %(default)s)")
     data.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda if available)")
-    data.add_argument("--workers", type=int, default=_default_workers(),
+    data.add_argument("--workers", type=int, default=default_workers(),
                       help="image-decoding worker processes (default: %(default)s)")
     data.add_argument("--out", metavar="JSON", default=None, help="write the results to this JSON file")
 

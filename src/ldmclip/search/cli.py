@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import sys
 from pathlib import Path
 
+from ..data.samples import default_workers
 from .neighbors import DEFAULT_ANN_THRESHOLD
 
 __all__ = ["add_index_arguments", "run_index", "add_search_arguments", "run_search", "add_serve_arguments",
@@ -33,10 +33,6 @@ SERVE_EPILOG = """examples:
 
 JSON API: /api/search?q=TEXT&k=N, /api/similar?id=ID&k=N, /api/info; images: /image/ID, /thumb/ID.
 """
-
-
-def _default_workers() -> int:
-    return max(0, min(8, (os.cpu_count() or 1) - 1))  # one core stays with the process running the model
 
 
 def _absolute(spec: str | None) -> str | None:
@@ -98,7 +94,7 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
                         help="'auto': bf16 autocast on GPUs and on CPUs with AMX/AVX512-bf16, else fp32 "
                              "(default: %(default)s)")
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
-    parser.add_argument("--workers", type=int, default=_default_workers(),
+    parser.add_argument("--workers", type=int, default=default_workers(),
                         help="image-decoding worker processes (default: %(default)s)")
 
 
