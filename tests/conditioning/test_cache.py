@@ -381,7 +381,7 @@ def test_cli_needs_weights_or_random_init(tmp_path, capsys):
 
 
 KILL_CLI = ["--preset", "sd2", "--model", MODEL, "--precision", "fp32", "--quiet", "--random-init",
-            "--shard-size", "2", "--batch-size", "2"]
+            "--shard-size", "10", "--batch-size", "2"]
 
 
 def _one_thread_main(argv: list[str]) -> int:
@@ -397,7 +397,9 @@ def _one_thread_main(argv: list[str]) -> int:
 
 @pytest.mark.slow
 def test_sigkill_at_random_moments_then_restart_gives_an_identical_cache(tmp_path):
-    captions = [f"caption number {i} of a {['cat', 'dog', 'car'][i % 3]}" for i in range(40)]
+    # 20 shards of 10 captions: each shard takes several milliseconds, so a kill after at most 14 shards
+    # lands while work is left (with 2-caption shards the last run could finish before its SIGKILL)
+    captions = [f"caption number {i} of a {['cat', 'dog', 'car'][i % 3]}" for i in range(200)]
     src = _text_file(tmp_path / "k.txt", captions)
     reference, out = tmp_path / "reference", tmp_path / "killed"
     assert _one_thread_main(["cache-text", str(src), "--out", str(reference), *KILL_CLI]) == 0
