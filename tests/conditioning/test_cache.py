@@ -381,7 +381,7 @@ def test_cli_needs_weights_or_random_init(tmp_path, capsys):
 
 
 KILL_CLI = ["--preset", "sd2", "--model", MODEL, "--precision", "fp32", "--quiet", "--random-init",
-            "--shard-size", "10", "--batch-size", "2"]
+            "--shard-size", "2", "--batch-size", "2"]
 
 
 def _one_thread_main(argv: list[str]) -> int:
@@ -399,10 +399,11 @@ def _one_thread_main(argv: list[str]) -> int:
 def test_sigkill_at_random_moments_then_restart_gives_an_identical_cache(tmp_path):
     # 20 shards of 10 captions: each shard takes several milliseconds, so a kill after at most 14 shards
     # lands while work is left (with 2-caption shards the last run could finish before its SIGKILL)
+    cli = [*KILL_CLI, "--shard-size", "10"]  # (the last --shard-size wins)
     captions = [f"caption number {i} of a {['cat', 'dog', 'car'][i % 3]}" for i in range(200)]
     src = _text_file(tmp_path / "k.txt", captions)
     reference, out = tmp_path / "reference", tmp_path / "killed"
-    assert _one_thread_main(["cache-text", str(src), "--out", str(reference), *KILL_CLI]) == 0
+    assert _one_thread_main(["cache-text", str(src), "--out", str(reference), *cli]) == 0
     assert len(list((reference / "shards").iterdir())) == 20
 
     rng = random.Random(1234)
@@ -411,7 +412,7 @@ def test_sigkill_at_random_moments_then_restart_gives_an_identical_cache(tmp_pat
     for _ in range(3):
         done = len(list(shards.glob("*.safetensors"))) if shards.is_dir() else 0
         target = rng.randint(done, min(done + 7, 14))  # kill after this many shards, at a random moment
-        command = [sys.executable, "-m", "ldmclip", "cache-text", str(src), "--out", str(out), *KILL_CLI]
+        command = [sys.executable, "-m", "ldmclip", "cache-text", str(src), "--out", str(out), *cli]
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                    env={**os.environ, "OMP_NUM_THREADS": "1"})
         deadline = time.time() + 120
@@ -430,7 +431,7 @@ def test_sigkill_at_random_moments_then_restart_gives_an_identical_cache(tmp_pat
             for key in cache:
                 cache[key]
     assert kills >= 2 and seen[-1] < 20, f"the runs finished before they could be killed ({seen} shards)"
-    assert _one_thread_main(["cache-text", str(src), "--out", str(out), *KILL_CLI]) == 0
+    assert _one_thread_main(["cache-text", str(src), "--out", str(out), *cli]) == 0
     assert _tree(out) == _tree(reference)
 
 
