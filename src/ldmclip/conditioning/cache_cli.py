@@ -102,16 +102,6 @@ def _check_weights(args: argparse.Namespace, model: str, model_2: str | None) ->
             "hf-hub:org/repo, or a model named hf-hub:... / local-dir:...), or --random-init for a test or benchmark.")
 
 
-def _device(name: str) -> str:
-    import torch
-
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    return "cpu"
-
-
 def _init_distributed() -> Any:
     """Under torchrun with several ranks: a gloo process group, used only for two barriers."""
     import datetime
@@ -130,6 +120,7 @@ def run_cache_text(args: argparse.Namespace) -> int:
     retries them). Bad options and a mismatching cache raise ``ValueError`` with a clear message."""
     import torch
 
+    from ..devices import resolve_device
     from .conditioner import TextConditioner
 
     defaults = _default_models()[args.preset]
@@ -149,7 +140,7 @@ def run_cache_text(args: argparse.Namespace) -> int:
     try:
         rank = dist.get_rank() if dist else 0
         world = dist.get_world_size() if dist else 1
-        device = _device(args.device)
+        device = resolve_device(args.device)
         with torch.random.fork_rng(devices=[]):
             # --random-init: the same random weights in every run, so that a stopped run can be resumed
             # (the cache refuses weights that differ from those it was started with).

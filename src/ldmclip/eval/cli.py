@@ -146,9 +146,8 @@ def _public(result: dict[str, Any]) -> dict[str, Any]:
 
 def run_eval(args: argparse.Namespace) -> int:
     """Run ``ldmclip eval``; prints the table, writes ``--out``; returns the exit status."""
-    import torch
-
     from .. import __version__
+    from ..devices import resolve_device
     from ..models import create_model_and_transforms, get_tokenizer
     from ..train.precision import autocast, resolve_precision
     from .evaluate import evaluate_retrieval, evaluate_zero_shot
@@ -163,7 +162,7 @@ def run_eval(args: argparse.Namespace) -> int:
         raise ValueError("--workers must be 0 or more")
     if args.split and not args.retrieval:
         raise ValueError("--split selects images of the --retrieval table; there is none")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     # Inputs first, the (possibly slow) model load last: a typo in a path fails at once. The data gets
     # the model's image transform once the model (and the preprocessing its checkpoint carries) is known.

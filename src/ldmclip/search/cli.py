@@ -100,8 +100,7 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_index(args: argparse.Namespace) -> int:
     """Run ``ldmclip index``."""
-    import torch
-
+    from ..devices import resolve_device
     from ..models import create_model_and_transforms
     from ..models.factory import HF_HUB_PREFIX, LOCAL_DIR_PREFIX
     from ..train.precision import autocast, resolve_precision
@@ -117,7 +116,7 @@ def run_index(args: argparse.Namespace) -> int:
                          "random weights cannot be searched (the weights would differ next time)")
     if not find_images(args.images):  # before the (slow) model load: a wrong folder fails at once
         raise ValueError(f"no image files under {args.images}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     name, pretrained = _absolute(args.model), _absolute(args.pretrained)
     model, _, transform = create_model_and_transforms(name, pretrained=pretrained, device=device)

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ..data.samples import BadSample, apply_transform, decode_image
+from ..devices import resolve_device
 from .index import SearchIndex, check_same_model, model_identity
 from .neighbors import DEFAULT_ANN_THRESHOLD, Searcher, make_searcher
 
@@ -57,7 +58,7 @@ class SearchEngine:
         stored = loaded.identity
         name = model or stored["name"]
         weights = pretrained if (pretrained or model) else stored.get("pretrained")
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dev = resolve_device(device)
         net, _, transform = create_model_and_transforms(name, pretrained=weights, device=dev)
         net.eval()
         check_same_model(stored, model_identity(net, name, weights), f"the index {index}")

@@ -23,6 +23,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from ..devices import resolve_device
+
 DEFAULT_PORT = 29500
 
 
@@ -103,13 +105,13 @@ def init_distributed(device_name: str, timeout_s: float) -> DistInfo:
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
         local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
-        return DistInfo(rank, world, local, _device(device_name, local, world), owns_group=False)
+        return DistInfo(rank, world, local, resolve_device(device_name, local, world), owns_group=False)
     launch = detect_launch()
     if launch is None:
-        return DistInfo(device=_device(device_name, 0, 1))
+        return DistInfo(device=resolve_device(device_name, 0, 1))
     if not dist.is_available():
         raise RuntimeError("this PyTorch build has no torch.distributed; run a single process")
-    device = _device(device_name, launch.local_rank, launch.world_size)
+    device = resolve_device(device_name, launch.local_rank, launch.world_size)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         backend = "cpu:gloo,cuda:nccl"
@@ -123,15 +125,6 @@ def init_distributed(device_name: str, timeout_s: float) -> DistInfo:
     else:
         dist.init_process_group(backend, timeout=timeout)  # env:// (torchrun's variables)
     return DistInfo(launch.rank, launch.world_size, launch.local_rank, device, owns_group=True)
-
-
-def _device(name: str, local_rank: int, world_size: int) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank if world_size > 1 else torch.cuda.current_device())
-    return device
 
 
 def shutdown(info: DistInfo) -> None:
