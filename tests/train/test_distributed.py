@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -196,8 +198,10 @@ def _worker_pids(launcher: subprocess.Popen) -> list[int]:
     raise AssertionError("torchrun did not start 2 workers")
 
 
-def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
-    output = tmp_path / "run"
+@contextlib.contextmanager
+def _endless_torchrun_run(output: Path) -> Iterator[tuple[subprocess.Popen, list[int]]]:
+    """A 2-process run that would go on for ages: yields the torchrun launcher and its two worker pids
+    once 2 steps are logged; the launcher is killed on the way out, whatever the test did."""
     command = _torchrun_command("-m", "ldmclip", "train", *COMMON, "--output", str(output), "--batch-size", "8",
                                 "--steps", "100000", "--save-every", "0")
     launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
@@ -205,10 +209,16 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     try:
         workers = _worker_pids(launcher)
         _wait_for_steps(output / "metrics.jsonl", launcher)
-        os.kill(workers[1], signal.SIGTERM)  # one worker only (which one is rank 1 does not matter)
-        out, _ = launcher.communicate(timeout=120)
+        yield launcher, workers
     finally:
         launcher.kill()
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    output = tmp_path / "run"
+    with _endless_torchrun_run(output) as (launcher, workers):
+        os.kill(workers[1], signal.SIGTERM)  # one worker only (which one is rank 1 does not matter)
+        out, _ = launcher.communicate(timeout=120)
     assert launcher.returncode == 0, out[-3000:]
     assert "saving a checkpoint" in out
     saved = list((output / "checkpoints").glob("step_*.pt"))
@@ -247,20 +257,11 @@ def test_killing_one_rank_makes_the_other_exit_with_a_clear_error(tmp_path):
 
 
 def test_torchrun_tears_down_the_run_when_a_worker_is_killed(tmp_path):
-    output = tmp_path / "run"
-    command = _torchrun_command("-m", "ldmclip", "train", *COMMON, "--output", str(output), "--batch-size", "8",
-                                "--steps", "100000", "--save-every", "0")
-    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
-                                cwd=REPO)
-    try:
-        workers = _worker_pids(launcher)
-        _wait_for_steps(output / "metrics.jsonl", launcher)
+    with _endless_torchrun_run(tmp_path / "run") as (launcher, workers):
         os.kill(workers[1], signal.SIGKILL)
         killed_at = time.time()
         out, _ = launcher.communicate(timeout=90)
         waited = time.time() - killed_at
-    finally:
-        launcher.kill()
     assert launcher.returncode != 0
     assert "FAILED" in out or "ChildFailedError" in out, out[-3000:]
     assert waited < 60, waited
