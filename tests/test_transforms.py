@@ -415,3 +415,17 @@ def test_load_image_decompression_bomb(monkeypatch):
     assert load_image(data).size == (40, 40)
     with pytest.raises(TypeError):
         load_image(12345)
+
+
+@pytest.mark.parametrize("mean, std", [((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+                                       ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), ((0.1, 0.7, 0.3), (0.9, 0.05, 1.7))])
+def test_normalisation_equals_torchvision_ops_for_every_uint8_value(mean, std):
+    from ldmclip.transforms import _Normalize
+
+    v = np.arange(256)
+    pixels = np.stack([v, 255 - v, (7 * v) % 256], -1)[None]  # each channel takes all 256 values
+    img = Image.fromarray(pixels.astype(np.uint8), "RGB")
+    chw = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+    # torchvision's ToTensor + Normalize, written out
+    expected = chw.to(torch.float32).div(255).sub_(torch.tensor(mean).view(-1, 1, 1)).div_(torch.tensor(std).view(-1, 1, 1))
+    assert torch.equal(_Normalize(mean, std)(img), expected)

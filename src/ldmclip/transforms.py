@@ -13,8 +13,8 @@ image) operation by operation, so its output is bit-identical for every PIL mode
   zero padding (OpenCLIP's ``fill_color`` in ``'longest'`` mode) when the image is smaller than the crop;
 * the image is converted to RGB only *after* resizing and cropping, as OpenCLIP does (this matters: an
   ``RGBA`` image is resized with its alpha, a ``P`` image is resized on palette indices);
-* ``/255`` and the normalisation give torchvision's float32 values exactly (they are tabulated per
-  channel for the 256 possible uint8 inputs with torchvision's own tensor operations).
+* ``/255`` and the normalisation give torchvision's float32 values exactly (the same correctly rounded
+  float32 divide and subtract, in the same order, done in numpy per colour plane).
 
 The training transform is torchvision's ``RandomResizedCrop`` (``get_params``: 10 attempts, then a
 centre-crop fallback) followed by the same RGB conversion, ``/255`` and normalisation. It draws its random
@@ -239,32 +239,32 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 class _Normalize:
-    """``ToTensor`` + ``Normalize`` for an RGB uint8 PIL image.
+    """``ToTensor`` + ``Normalize`` for an RGB uint8 PIL image, in numpy on the image's own planes.
 
-    Every output value depends only on one uint8 input value and its channel, so the float32 result of
-    torchvision's ``x.to(float32).div(255).sub_(mean).div_(std)`` is tabulated once for the 3 x 256
-    possible inputs (with those same torch operations) and looked up per pixel: bit-identical to
-    torchvision, and no torch kernels (or intra-op thread pool) run per image.
+    torchvision computes ``x.to(float32).div(255).sub_(mean).div_(std)``; numpy's float32 divide and
+    subtract are the same correctly rounded IEEE operations in the same order, so the result is
+    bit-identical (tested on all 256 values of each channel) without running torch kernels (or their
+    intra-op thread pool) per image. Working per PIL band (contiguous planes) is ~2x faster than a
+    per-value lookup table or strided HWC views.
     """
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         self.mean = _three_floats("mean", mean)
         self.std = _three_floats("std", std)
-        mean_t = torch.tensor(self.mean, dtype=torch.float32).view(-1, 1)
-        std_t = torch.tensor(self.std, dtype=torch.float32).view(-1, 1)
-        if bool((std_t == 0).any()):
+        # float32 constants, as torchvision's torch.as_tensor(mean, dtype=float32)
+        self._mean = np.asarray(self.mean, dtype=np.float32).reshape(3, 1, 1)
+        self._std = np.asarray(self.std, dtype=np.float32).reshape(3, 1, 1)
+        if bool((self._std == 0).any()):
             raise ValueError(f"std evaluated to zero in float32: {self.std}")
-        values = torch.arange(256, dtype=torch.uint8).expand(3, 256)
-        lut = values.to(torch.float32).div(255).sub_(mean_t).div_(std_t)
-        self._lut = np.ascontiguousarray(lut.numpy())  # (3, 256) float32
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         if img.mode != "RGB":
             raise ValueError(f"expected an RGB image, got mode {img.mode!r}")
         out = np.empty((3, img.height, img.width), dtype=np.float32)
-        # One contiguous plane per channel (PIL's split) gathers ~1.6x faster than strided HWC views.
         for c, band in enumerate(img.split()):
-            np.take(self._lut[c], np.asarray(band), out=out[c])
+            np.divide(np.asarray(band), np.float32(255), out=out[c], dtype=np.float32)
+        out -= self._mean
+        out /= self._std
         return torch.from_numpy(out)
 
 
