@@ -60,7 +60,7 @@ class Profile:
 
 
 PROFILES = {
-    "full": Profile("full", repeats=5, train_steps=2, small_steps=5, cond_prompts=512, pooled_captions=4096,
+    "full": Profile("full", repeats=5, train_steps=2, small_steps=5, cond_prompts=512, pooled_captions=2048,
                     decode_images=48, loader_samples=2048, loss_sizes=(8192, 16_384, 32_768)),
     "quick": Profile("quick", repeats=3, train_steps=1, small_steps=2, cond_prompts=64, pooled_captions=512,
                      tokenizer_captions=10_000, decode_images=12, loader_samples=512, loss_sizes=(8192,)),
