@@ -5,8 +5,11 @@
                                      [--threads N] [--device cpu|cuda]
 
 Measurements run in fresh Python subprocesses, so peak-memory counters start clean. On CPU (one
-process per case and repeat) the peak is ``ru_maxrss`` after the forward+backward minus
-``ru_maxrss`` once the inputs exist; on CUDA (one process per case, the counter reset before each
+process per case and repeat) the process's resident-set high-water mark is reset once the inputs
+exist (``/proc/self/clear_refs``), and the peak is the mark after the forward+backward minus the RSS
+at the reset. (``ru_maxrss`` alone cannot do this: a child inherits its parent's high-water mark
+across fork and exec, so under a parent that once held a large model every loss read 0 MB.) Where
+the reset is not possible the peak falls back to the ``ru_maxrss`` growth. On CUDA (one process per case, the counter reset before each
 repeat) it is ``torch.cuda.max_memory_allocated()`` minus the memory allocated once the inputs
 exist. Each process first runs a small warm-up pass (N ≤ 1024) that is not measured. Both
 measures include the gradients of the two feature matrices (``2·N·D`` values), which every
@@ -103,6 +106,36 @@ def _normalised_features(n: int, d: int, dtype, device, generator, chunk: int = 
     return out.requires_grad_()
 
 
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _reset_peak_rss() -> int:
+    """Reset this process's RSS high-water mark to its current RSS (Linux ``clear_refs`` value 5) and
+    return that RSS in bytes; without the reset, return ``ru_maxrss`` (the growth is then measured)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        hwm = _status_kib("VmHWM")
+        if hwm is not None:
+            return hwm * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def _peak_rss() -> int:
+    hwm = _status_kib("VmHWM")
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return hwm * 1024 if hwm is not None else maxrss
+
+
 def measure(impl: str, n: int, d: int, dtype_name: str, tile_size: int, device: str, iters: int = 1,
             threads: int | None = None) -> dict:
     """``iters`` forward+backward passes in this process: {'peak_bytes': [...], 'time_s': [...], 'loss'}.
@@ -140,7 +173,7 @@ def measure(impl: str, n: int, d: int, dtype_name: str, tile_size: int, device: 
             torch.cuda.reset_peak_memory_stats(dev)
             base = torch.cuda.memory_allocated(dev)
         else:
-            base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+            base = _reset_peak_rss()
 
         start = time.perf_counter()
         loss = loss_fn(image, text, scale)
@@ -152,7 +185,7 @@ def measure(impl: str, n: int, d: int, dtype_name: str, tile_size: int, device: 
         if cuda:
             peaks.append(torch.cuda.max_memory_allocated(dev) - base)
         else:
-            peaks.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)
+            peaks.append(_peak_rss() - base)
         loss = float(loss.detach())
     return {"peak_bytes": peaks, "time_s": times, "loss": loss}
 
