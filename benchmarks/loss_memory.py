@@ -9,8 +9,8 @@ process per case and repeat) the process's resident-set high-water mark is reset
 exist (``/proc/self/clear_refs``), and the peak is the mark after the forward+backward minus the RSS
 at the reset. (``ru_maxrss`` alone cannot do this: a child inherits its parent's high-water mark
 across fork and exec, so under a parent that once held a large model every loss read 0 MB.) Where
-the reset is not possible the peak falls back to the ``ru_maxrss`` growth. On CUDA (one process per case, the counter reset before each
-repeat) it is ``torch.cuda.max_memory_allocated()`` minus the memory allocated once the inputs
+the reset is not possible the peak falls back to the ``ru_maxrss`` growth. On CUDA (one process per
+case, the counter reset before each repeat) it is ``torch.cuda.max_memory_allocated()`` minus the memory allocated once the inputs
 exist. Each process first runs a small warm-up pass (N ≤ 1024) that is not measured. Both
 measures include the gradients of the two feature matrices (``2·N·D`` values), which every
 implementation has to produce. The table reports medians over repeats. A dense case whose
@@ -132,8 +132,7 @@ def _reset_peak_rss() -> int:
 
 def _peak_rss() -> int:
     hwm = _status_kib("VmHWM")
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return hwm * 1024 if hwm is not None else maxrss
+    return hwm * 1024 if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def measure(impl: str, n: int, d: int, dtype_name: str, tile_size: int, device: str, iters: int = 1,

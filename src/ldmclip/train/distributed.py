@@ -23,7 +23,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from ..devices import resolve_device
+from ..devices import local_process, resolve_device
 
 DEFAULT_PORT = 29500
 
@@ -104,7 +104,7 @@ def init_distributed(device_name: str, timeout_s: float) -> DistInfo:
     timeout)."""
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
-        local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+        local = local_process()[0]
         return DistInfo(rank, world, local, resolve_device(device_name, local, world), owns_group=False)
     launch = detect_launch()
     if launch is None:
