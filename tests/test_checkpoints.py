@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,7 @@ def test_openclip_hub_folder_both_ways(name, tmp_path):
     model = ldmclip.create_model(f"local-dir:{folder}")
     assert_same_outputs(model, reference, model.image_size, 77)
     del reference
+    shutil.rmtree(folder)  # ViT-L/14 is 1.7 GB per copy: hold one at a time
     # and back: what ldmclip saves, OpenCLIP loads with the same outputs
     model.save_pretrained(tmp_path / "ours")
     reloaded = open_clip.create_model(f"local-dir:{tmp_path / 'ours'}").eval()
