@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .files import atomic_write
+from .files import atomic_write, write_safetensors
 from .models.config import CLIPConfig
 
 OPENCLIP_CONFIG_NAME = "open_clip_config.json"
@@ -412,10 +412,7 @@ def load_into_model(model: torch.nn.Module, state_dict: dict[str, torch.Tensor],
 
 
 def save_state_dict(state_dict: dict[str, torch.Tensor], path: str | Path) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    write_safetensors(path, state_dict, {"format": "pt"})
 
 
 def save_hub_layout(model, directory: str | Path) -> Path:

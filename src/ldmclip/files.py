@@ -11,7 +11,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-__all__ = ["temp_name", "atomic_write", "write_json_atomic", "fsync_dir", "default_file_mode", "tensors_sha256"]
+__all__ = ["temp_name", "atomic_write", "write_json_atomic", "fsync_dir", "write_safetensors", "tensors_sha256"]
 
 
 def temp_name(path: Path) -> Path:
@@ -55,12 +55,48 @@ def write_json_atomic(path: str | os.PathLike, data: Mapping[str, Any], *, sort_
     atomic_write(path, lambda temp: temp.write_text(text, encoding="utf-8"))
 
 
-def default_file_mode() -> int:
-    """The mode a plain ``open()`` would give a new file (safetensors makes owner-only files, and caches
-    and indexes are often shared)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+# dtype names of the safetensors format (https://github.com/huggingface/safetensors, "Format" section).
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
+                      metadata: Mapping[str, str] | None = None) -> None:
+    """Write ``tensors`` as a .safetensors file, atomically, one tensor at a time.
+
+    Written here rather than with ``safetensors.torch.save_file`` because that one (0.8) writes through
+    a randomly named temporary file of its own (``.tmpXXXXXX``) that a killed run leaves behind where no
+    cleanup can recognise it, makes owner-only files, and ``safetensors.torch.save`` would hold a second
+    copy of everything in memory. The bytes follow the published format: an 8-byte little-endian header
+    length, a JSON header padded with spaces to 8 bytes, then each tensor's little-endian bytes."""
+    cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for name in sorted(cpu):
+        tensor = cpu[name]
+        if tensor.dtype not in _SAFETENSORS_DTYPES:
+            raise TypeError(f"cannot write {name!r}: safetensors has no dtype {tensor.dtype}")
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)
+
+    def write(temp: Path) -> None:
+        with open(temp, "wb") as f:
+            f.write(len(encoded).to_bytes(8, "little"))
+            f.write(encoded)
+            for name in sorted(cpu):
+                if cpu[name].numel():
+                    f.write(cpu[name].reshape(-1).view(torch.uint8).numpy().data)
+
+    atomic_write(path, write)
 
 
 def tensors_sha256(state: Mapping[str, torch.Tensor]) -> str:

@@ -73,7 +73,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from ..files import atomic_write, default_file_mode, write_json_atomic
+from ..files import write_json_atomic, write_safetensors
 from .cache_inputs import DEFAULT_SHARD_SIZE, InputChunk, open_inputs
 
 __all__ = ["CacheReport", "CacheMismatchError", "build_text_cache", "CACHE_DTYPES", "MAX_CAPTION_CHARS"]
@@ -107,16 +107,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    from safetensors.torch import save_file
-
-    header = {_META_KEY: json.dumps(meta, sort_keys=True, separators=(",", ":"))}
-
-    def write(temp: Path) -> None:
-        save_file(tensors, str(temp), metadata=header)
-        # safetensors creates files readable by their owner only; a cache is usually shared.
-        os.chmod(temp, default_file_mode())
-
-    atomic_write(path, write)
+    write_safetensors(path, tensors, {_META_KEY: json.dumps(meta, sort_keys=True, separators=(",", ":"))})
 
 
 def _read_shard_meta(path: Path) -> dict[str, Any]:

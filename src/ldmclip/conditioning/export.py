@@ -32,6 +32,7 @@ from typing import Any, Iterator
 import torch
 
 from ..checkpoints import openclip_to_hf_state_dict
+from ..files import write_safetensors
 from ..models.text import TextTransformer
 from ..tokenizer import CLIPTokenizer, build_tokenizer
 from .conditioner import PRESETS, TextConditioner, get_preset, text_tower_config
@@ -69,10 +70,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def _save_safetensors(state: dict[str, torch.Tensor], path: Path, dtype: torch.dtype | None) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {k: (v if dtype is None else v.to(dtype)).detach().to("cpu").contiguous() for k, v in state.items()}
-    save_file(tensors, str(path), metadata={"format": "pt"})
+    write_safetensors(path, {k: v if dtype is None else v.to(dtype) for k, v in state.items()}, {"format": "pt"})
 
 
 def _resolve_dtype(dtype: str | torch.dtype | None, tower: torch.nn.Module) -> torch.dtype:

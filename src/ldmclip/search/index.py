@@ -35,7 +35,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.utils.data
 
-from ..files import atomic_write, default_file_mode, tensors_sha256, write_json_atomic
+from ..files import tensors_sha256, write_json_atomic, write_safetensors
 from ..data.samples import BadSample, apply_transform, decode_image
 from ..eval.sources import IMAGE_SUFFIXES
 
@@ -291,8 +291,6 @@ def build_index(model: Any, transform: Callable, root: str | os.PathLike, out: s
 def _embed_chunk(model, transform, root: Path, files: Sequence[ImageFile], path: Path, signature: str,
                  dtype: str, embed_dim: int, batch_size: int, device: torch.device, workers: int,
                  autocast, bar) -> None:
-    from safetensors.torch import save_file
-
     dataset = _ImageFiles(root, [f.path for f in files], transform)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                          collate_fn=_collate, pin_memory=device.type == "cuda")
@@ -312,13 +310,7 @@ def _embed_chunk(model, transform, root: Path, files: Sequence[ImageFile], path:
     embeddings = torch.cat(rows) if rows else torch.zeros(0, embed_dim, dtype=DTYPES[dtype])
     meta = {"signature": signature, "paths": kept, "skipped_files": bad,
             "skipped": dict(Counter(reason for _, reason in bad))}
-
-    def write(temp: Path) -> None:
-        save_file({"embeddings": embeddings.contiguous()}, str(temp),
-                  metadata={META_KEY: json.dumps(meta, ensure_ascii=False)})
-        os.chmod(temp, default_file_mode())  # safetensors makes owner-only files; an index is often shared
-
-    atomic_write(path, write)
+    write_safetensors(path, {"embeddings": embeddings}, {META_KEY: json.dumps(meta, ensure_ascii=False)})
 
 
 # ---------------------------------------------------------------------------------------------------
