@@ -8,6 +8,9 @@ Supported on load:
 - OpenCLIP training checkpoints (``{"state_dict": ...}``), DDP ``module.`` and ``torch.compile``
   ``_orig_mod.`` prefixes, OpenCLIP's custom-text layout (``text.*``);
 - a Hugging Face ``transformers`` ``CLIPModel`` folder (``config.json`` + ``model.safetensors``);
+- a text tower alone: a ``CLIPTextModel`` / ``CLIPTextModelWithProjection`` folder such as
+  diffusers' ``text_encoder/`` (read by :func:`ldmclip.conditioning.load_text_tower`; a whole
+  CLIP cannot be built from it);
 - ``hf-hub:org/repo`` through the Hugging Face cache (offline once cached).
 
 Pickled files are only read with ``torch.load(weights_only=True)``, which refuses anything that
@@ -28,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .files import atomic_write, write_safetensors
-from .models.config import CLIPConfig
+from .models.config import CLIPConfig, TextConfig
 
 OPENCLIP_CONFIG_NAME = "open_clip_config.json"
 OPENCLIP_WEIGHT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
@@ -86,6 +89,10 @@ _CUSTOM_TEXT_KEYS = ("token_embedding", "positional_embedding", "transformer", "
 
 def normalize_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Map any supported layout to OpenCLIP ``CLIP`` keys."""
+    if "embeddings.token_embedding.weight" in state_dict:
+        # transformers 5 saves a CLIPTextModel without the "text_model." prefix that version 4 (and
+        # every published diffusers text_encoder/) has
+        state_dict = {k if k == "text_projection.weight" else f"text_model.{k}": v for k, v in state_dict.items()}
     if any(k.startswith(("text_model.", "vision_model.")) for k in state_dict):
         return hf_to_openclip_state_dict(state_dict)
     out = {}
@@ -206,21 +213,42 @@ def _mlp_ratio(hidden: int, width: int) -> float:
     return (hidden + 0.25) / width
 
 
+# transformers' defaults for CLIPTextConfig / CLIPVisionConfig where a config.json omits a value.
+_HF_TEXT_DEFAULTS = {"vocab_size": 49408, "hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12,
+                     "num_attention_heads": 8, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+                     "layer_norm_eps": 1e-5}
+_HF_VISION_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                       "num_attention_heads": 12, "image_size": 224, "patch_size": 32, "hidden_act": "quick_gelu",
+                       "layer_norm_eps": 1e-5}
+
+
+def _check_hf_tower(name: str, tower: dict[str, Any]) -> None:
+    if tower["hidden_act"] not in ("gelu", "quick_gelu"):
+        raise CheckpointError(f"unsupported {name} activation {tower['hidden_act']!r} in config.json "
+                              "(ldmclip supports 'gelu' and 'quick_gelu')")
+    if not math.isclose(tower["layer_norm_eps"], 1e-5):
+        raise CheckpointError(f"{name} layer_norm_eps={tower['layer_norm_eps']} is not CLIP's 1e-5")
+
+
+def _text_cfg_from_hf(t: dict[str, Any]) -> dict[str, Any]:
+    return {"context_length": t["max_position_embeddings"], "vocab_size": t["vocab_size"], "width": t["hidden_size"],
+            "heads": t["num_attention_heads"], "layers": t["num_hidden_layers"],
+            "mlp_ratio": _mlp_ratio(t["intermediate_size"], t["hidden_size"])}
+
+
 def config_from_hf(hf_config: dict[str, Any]) -> CLIPConfig:
     """Build a :class:`CLIPConfig` from a ``transformers`` ``CLIPConfig`` dict (``config.json``)."""
-    text, vision = hf_config.get("text_config") or {}, hf_config.get("vision_config") or {}
-    # transformers' defaults for CLIPTextConfig / CLIPVisionConfig where the file omits a value.
-    t = {"vocab_size": 49408, "hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12,
-         "num_attention_heads": 8, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
-         "layer_norm_eps": 1e-5, **text}
-    v = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
-         "image_size": 224, "patch_size": 32, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, **vision}
-    if t["hidden_act"] != v["hidden_act"] or t["hidden_act"] not in ("gelu", "quick_gelu"):
-        raise CheckpointError(f"unsupported activations in config.json: text {t['hidden_act']!r}, "
-                              f"vision {v['hidden_act']!r} (ldmclip supports 'gelu' or 'quick_gelu' in both towers)")
-    for name, tower in (("text", t), ("vision", v)):
-        if not math.isclose(tower["layer_norm_eps"], 1e-5):
-            raise CheckpointError(f"{name} layer_norm_eps={tower['layer_norm_eps']} is not CLIP's 1e-5")
+    if is_hf_text_config(hf_config):
+        raise CheckpointError(
+            "this config.json describes a text encoder alone (transformers CLIPTextModel), not a whole CLIP; "
+            "load it with ldmclip.conditioning.load_text_tower('local-dir:FOLDER') or TextConditioner")
+    t = {**_HF_TEXT_DEFAULTS, **(hf_config.get("text_config") or {})}
+    v = {**_HF_VISION_DEFAULTS, **(hf_config.get("vision_config") or {})}
+    _check_hf_tower("text", t)
+    _check_hf_tower("vision", v)
+    if t["hidden_act"] != v["hidden_act"]:
+        raise CheckpointError(f"config.json has text activation {t['hidden_act']!r} but vision "
+                              f"{v['hidden_act']!r}; ldmclip uses one activation for both towers")
     return CLIPConfig.from_dict({
         "embed_dim": hf_config.get("projection_dim", 512),
         "quick_gelu": t["hidden_act"] == "quick_gelu",
@@ -228,10 +256,22 @@ def config_from_hf(hf_config: dict[str, Any]) -> CLIPConfig:
                        "layers": v["num_hidden_layers"],
                        "head_width": v["hidden_size"] // v["num_attention_heads"],
                        "mlp_ratio": _mlp_ratio(v["intermediate_size"], v["hidden_size"])},
-        "text_cfg": {"context_length": t["max_position_embeddings"], "vocab_size": t["vocab_size"],
-                     "width": t["hidden_size"], "heads": t["num_attention_heads"], "layers": t["num_hidden_layers"],
-                     "mlp_ratio": _mlp_ratio(t["intermediate_size"], t["hidden_size"])},
+        "text_cfg": _text_cfg_from_hf(t),
     })
+
+
+def is_hf_text_config(hf_config: dict[str, Any]) -> bool:
+    """Whether a ``config.json`` is a ``CLIPTextModel[WithProjection]``'s (diffusers' ``text_encoder/``)."""
+    architectures = hf_config.get("architectures") or []
+    return hf_config.get("model_type") == "clip_text_model" or any(
+        str(a).startswith("CLIPTextModel") for a in architectures)
+
+
+def text_config_from_hf(hf_config: dict[str, Any]) -> tuple[TextConfig, str]:
+    """``(text tower config, activation)`` of a ``CLIPTextModel[WithProjection]`` ``config.json``."""
+    t = {**_HF_TEXT_DEFAULTS, **hf_config}
+    _check_hf_tower("text", t)
+    return TextConfig(**_text_cfg_from_hf(t)), t["hidden_act"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,6 +286,16 @@ def is_hf_dir(path: Path) -> bool:
     return (path / HF_CONFIG_NAME).is_file() and any((path / n).is_file() for n in HF_WEIGHT_NAMES)
 
 
+def read_hf_config(path: Path) -> dict[str, Any]:
+    with open(path / HF_CONFIG_NAME, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def is_hf_text_dir(path: Path) -> bool:
+    """A folder holding a ``transformers`` text encoder alone (e.g. diffusers' ``text_encoder/``)."""
+    return is_hf_dir(path) and is_hf_text_config(read_hf_config(path))
+
+
 def read_dir_config(path: Path) -> tuple[CLIPConfig, dict[str, Any]]:
     """The model config and the preprocessing config of a checkpoint folder."""
     if is_openclip_dir(path):
@@ -255,8 +305,12 @@ def read_dir_config(path: Path) -> tuple[CLIPConfig, dict[str, Any]]:
             raise CheckpointError(f"{path / OPENCLIP_CONFIG_NAME} has no 'model_cfg' entry")
         return CLIPConfig.from_dict(raw["model_cfg"]), dict(raw.get("preprocess_cfg") or {})
     if is_hf_dir(path):
-        with open(path / HF_CONFIG_NAME, encoding="utf-8") as f:
-            raw = json.load(f)
+        raw = read_hf_config(path)
+        if is_hf_text_config(raw):
+            raise CheckpointError(
+                f"{path} holds a text encoder alone (transformers {', '.join(raw.get('architectures') or ['CLIPTextModel'])}), "
+                f"not a whole CLIP; load it with ldmclip.conditioning.load_text_tower('local-dir:{path}') or "
+                f"TextConditioner.from_pretrained(preset, model='local-dir:{path}')")
         preprocess = {}
         processor = path / "preprocessor_config.json"
         if processor.is_file():
@@ -378,8 +432,10 @@ def _group_block_keys(keys: list[str]) -> list[str]:
     return out
 
 
-def load_into_model(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """Copy ``state_dict`` into ``model``; any mismatch raises one error that names every problem."""
+def load_into_model(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str = "checkpoint",
+                    assign: bool = False) -> None:
+    """Copy ``state_dict`` into ``model`` (``assign=True``: take its tensors, for a model built on the
+    meta device); any mismatch raises one error that names every problem."""
     state_dict = dict(state_dict)
     expected = model.state_dict()
     pos_key = "visual.positional_embedding"
@@ -404,7 +460,7 @@ def load_into_model(model: torch.nn.Module, state_dict: dict[str, torch.Tensor],
         elif found:
             lines.append(f"  The checkpoint describes: {json.dumps(found)}")
         raise CheckpointError("\n".join(lines))
-    model.load_state_dict(state_dict, strict=True)
+    model.load_state_dict(state_dict, strict=True, assign=assign)
 
 
 # --------------------------------------------------------------------------------------------

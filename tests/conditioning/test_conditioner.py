@@ -15,7 +15,9 @@ import pytest
 import torch
 
 import ldmclip
+from ldmclip.checkpoints import CheckpointError
 from ldmclip.conditioning import ConditionerOutput, TextConditioner
+from ldmclip.conditioning.conditioner import load_text_tower
 from tests.conditioning.reference_towers import EOT, SOT, hf_text_tower, openclip_text_model
 from tests.conftest import relative_error
 
@@ -388,6 +390,72 @@ def test_from_pretrained_builds_frozen_text_towers(tmp_path, openclip_pair):
     sdxl = TextConditioner.from_pretrained("sdxl", model=str(config), pretrained=str(weights), model_2=str(config),
                                            pretrained_2=str(weights))
     assert sdxl.pad_ids == [EOT, 0] and sdxl.pooled and sdxl.hidden_size == 128
+
+
+# ---------------------------------------------------------------------------------------------
+# a transformers text encoder alone (diffusers' text_encoder/ and text_encoder_2/)
+
+
+def test_text_encoder_with_projection_folder_loads_with_its_numerics(tmp_path, clip_l, hf_tokenizer):
+    reference, _ = clip_l
+    reference.save_pretrained(tmp_path / "text_encoder_2")
+    tower = load_text_tower(f"local-dir:{tmp_path / 'text_encoder_2'}")
+    assert tower.activation == "quick_gelu" and tower.transformer.layers == 3
+    ids = hf_ids(hf_tokenizer, PROMPTS)
+    with torch.no_grad():
+        theirs = reference(ids, output_hidden_states=True)
+        assert relative_error(tower.encode_text(ids), theirs.text_embeds) <= TOL
+        blocks = tower.text_hidden_states(ids)  # block outputs; transformers' [0] is the embedding
+        for layer in range(3):
+            assert relative_error(blocks[layer], theirs.hidden_states[layer + 1]) <= TOL, layer
+
+
+def test_text_encoder_without_projection_pools_the_eot_state(tmp_path, hf_tokenizer):
+    torch.manual_seed(3)
+    config = hf_text_tower("gelu")[0].config
+    reference = transformers.CLIPTextModel(config).eval()
+    with torch.no_grad():  # move LayerNorms off 1/0 so a mis-mapped one shows
+        for param in reference.parameters():
+            if param.dim() <= 1:
+                param.add_(0.1 * torch.randn_like(param))
+    reference.save_pretrained(tmp_path / "text_encoder")
+    assert json.loads((tmp_path / "text_encoder" / "config.json").read_text())["architectures"] == ["CLIPTextModel"]
+    # what SD 1.x's pipeline does with its text_encoder/, through the sd1 preset
+    conditioner = TextConditioner.from_pretrained("sd1", model=f"local-dir:{tmp_path / 'text_encoder'}", pooled=True)
+    ids = hf_ids(hf_tokenizer, PROMPTS)
+    with torch.no_grad():
+        out = conditioner(PROMPTS)
+        theirs = reference(ids)
+    assert conditioner.towers[0].activation == "gelu"
+    assert relative_error(out.hidden, theirs.last_hidden_state) <= TOL
+    assert relative_error(out.pooled, theirs.pooler_output) <= TOL  # no projection: the EOT state itself
+
+
+def test_exported_text_encoder_loads_back_bit_identical(tmp_path, openclip_pair):
+    from ldmclip.conditioning.export import export_transformers
+
+    _, model = openclip_pair
+    tower = load_text_tower_of(model)
+    export_transformers(tower, tmp_path / "export", with_projection=True)
+    again = load_text_tower(f"local-dir:{tmp_path / 'export'}", precision="bf16")
+    assert next(again.parameters()).dtype == torch.bfloat16
+    for key, value in tower.state_dict().items():
+        assert torch.equal(value.bfloat16(), again.state_dict()[key]), key
+    assert ldmclip.get_tokenizer(f"local-dir:{tmp_path / 'export'}").context_length == 77
+
+
+def test_a_whole_clip_cannot_be_built_from_a_text_encoder_folder(tmp_path, clip_l):
+    reference, _ = clip_l
+    reference.save_pretrained(tmp_path / "text_encoder")
+    with pytest.raises(CheckpointError, match="text encoder alone.*load_text_tower"):
+        ldmclip.create_model(f"local-dir:{tmp_path / 'text_encoder'}")
+
+
+def load_text_tower_of(model):
+    with torch.device("meta"):
+        tower = ldmclip.models.TextTransformer(model.config.text_cfg, model.config.embed_dim, model.config.activation)
+    tower.load_state_dict(model.text_state_dict(), assign=True)
+    return tower.eval()
 
 
 # ---------------------------------------------------------------------------------------------

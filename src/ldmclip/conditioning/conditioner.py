@@ -39,12 +39,14 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from .. import checkpoints
 from ..files import tensors_sha256
 from ..models.text import TextTransformer
 from ..tokenizer import CLIPTokenizer, build_tokenizer
@@ -447,9 +449,22 @@ class TextConditioner(nn.Module):
 def load_text_tower(name: str, pretrained: str | None = None, device: str | torch.device = "cpu",
                     precision: str = "fp32") -> TextTransformer:
     """The text tower of ``create_model(name, pretrained)``, without the image tower (bigG's alone is
-    1.8 billion parameters that conditioning never uses)."""
-    from ..models.factory import HF_HUB_PREFIX, LOCAL_DIR_PREFIX, create_model
+    1.8 billion parameters that conditioning never uses).
 
+    ``name`` may also be ``local-dir:``/``hf-hub:`` a ``transformers`` text encoder alone
+    (``CLIPTextModel`` or ``CLIPTextModelWithProjection``, e.g. a diffusers pipeline's
+    ``text_encoder/`` or ``text_encoder_2/``). Without a projection the pooled output is the
+    final-LayerNorm EOT state itself (``pooler_output``). Note that diffusers' Stable Diffusion 2.x
+    ``text_encoder/`` keeps 23 of ViT-H/14's 24 blocks (2.x never uses the last one), so its
+    ``layer="last"`` is the ``sd2`` preset's ``"penultimate"``.
+    """
+    from ..models.factory import HF_HUB_PREFIX, LOCAL_DIR_PREFIX, PRECISIONS, checkpoint_folder, create_model
+
+    folder = checkpoint_folder(name)
+    if folder is not None and pretrained is None and checkpoints.is_hf_text_dir(folder):
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+        return _text_tower_from_hf_dir(folder).to(device=device, dtype=PRECISIONS[precision])
     if pretrained is None and not name.startswith((HF_HUB_PREFIX, LOCAL_DIR_PREFIX)):
         logger.warning("no pretrained weights given for %s: its text tower is randomly initialised", name)
     clip = create_model(name, pretrained=pretrained, device=device, precision=precision)
@@ -457,5 +472,18 @@ def load_text_tower(name: str, pretrained: str | None = None, device: str | torc
     with torch.device("meta"):  # no time spent on a random init that is overwritten at once
         tower = TextTransformer(cfg.text_cfg, cfg.embed_dim, cfg.activation)
     tower.load_state_dict(clip.text_state_dict(), assign=True)
+    return tower
+
+
+def _text_tower_from_hf_dir(folder: Path) -> TextTransformer:
+    text_cfg, activation = checkpoints.text_config_from_hf(checkpoints.read_hf_config(folder))
+    weights = checkpoints.find_weights_in_dir(folder)
+    state = checkpoints.read_state_dict(weights)  # OpenCLIP key names
+    if "text_projection" not in state:
+        # CLIPTextModel has no projection: its pooled output is the EOT state, i.e. an identity projection
+        state["text_projection"] = torch.eye(text_cfg.width, dtype=state["positional_embedding"].dtype)
+    with torch.device("meta"):
+        tower = TextTransformer(text_cfg, state["text_projection"].shape[1], activation)
+    checkpoints.load_into_model(tower, state, source=str(weights), assign=True)
     return tower
 

@@ -50,15 +50,21 @@ def _read_json(path: Path | Any) -> dict[str, Any]:
         return json.load(f)
 
 
-def resolve_model(name: str) -> tuple[CLIPConfig, dict[str, Any], Path | None]:
-    """``(model config, preprocess config, checkpoint folder or None)`` for any model name form."""
-    folder: Path | None = None
+def checkpoint_folder(name: str) -> Path | None:
+    """The folder an ``hf-hub:``/``local-dir:`` model name points at; ``None`` for other name forms."""
     if name.startswith(HF_HUB_PREFIX):
-        folder = checkpoints.resolve_hf_hub(name[len(HF_HUB_PREFIX):])
-    elif name.startswith(LOCAL_DIR_PREFIX):
+        return checkpoints.resolve_hf_hub(name[len(HF_HUB_PREFIX):])
+    if name.startswith(LOCAL_DIR_PREFIX):
         folder = Path(name[len(LOCAL_DIR_PREFIX):]).expanduser()
         if not folder.is_dir():
             raise FileNotFoundError(f"'local-dir:' folder not found: {folder}")
+        return folder
+    return None
+
+
+def resolve_model(name: str) -> tuple[CLIPConfig, dict[str, Any], Path | None]:
+    """``(model config, preprocess config, checkpoint folder or None)`` for any model name form."""
+    folder = checkpoint_folder(name)
     if folder is not None:
         cfg, preprocess = checkpoints.read_dir_config(folder)
         return cfg, preprocess, folder
@@ -152,8 +158,12 @@ def get_tokenizer(name: str, context_length: int | None = None, pad_id: int = 0)
     """
     from ..tokenizer import CLIPTokenizer, build_tokenizer
 
-    cfg, _, folder = resolve_model(name)
-    length = context_length or cfg.text_cfg.context_length
+    folder = checkpoint_folder(name)
+    if folder is not None and checkpoints.is_hf_text_dir(folder):  # a text encoder alone
+        text_cfg, _ = checkpoints.text_config_from_hf(checkpoints.read_hf_config(folder))
+    else:
+        text_cfg = resolve_model(name)[0].text_cfg
+    length = context_length or text_cfg.context_length
     if folder is not None and (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
         return CLIPTokenizer.from_pretrained_dir(folder, context_length=length, pad_id=pad_id)
     return build_tokenizer(context_length=length, pad_id=pad_id)
