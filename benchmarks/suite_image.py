@@ -187,7 +187,8 @@ def bench_loader(profile: Profile) -> list[Row]:
     with tempfile.TemporaryDirectory() as tmp:
         per_shard = max(1, profile.loader_samples // 4)
         urls = write_test_shards(Path(tmp), profile.loader_samples, per_shard, flickr)
-        ours_train = image_transform(PreprocessConfig(image_size=size), is_train=True, seed=0)
+        # as the trainer builds it: RGB PIL images out of the dataset, normalised into the batch by the collator
+        ours_train = image_transform(PreprocessConfig(image_size=size), is_train=True, seed=0, defer_normalize=True)
         theirs_train = open_clip.image_transform(size, is_train=True)
         seen: dict[str, list] = {}
 
@@ -210,7 +211,8 @@ def bench_loader(profile: Profile) -> list[Row]:
         row.checks["same_samples_same_token_ids"] = check(torch.equal(ours_tokens, theirs_tokens),
                                                           samples=[len(ours_tokens), len(theirs_tokens)])
         # exact decode + eval transform on both sides: the first batch's images are equal
-        a = next(iter(ldmclip_loader(urls, image_transform(PreprocessConfig(image_size=size)), tokenizer, batch)))
+        a = next(iter(ldmclip_loader(urls, image_transform(PreprocessConfig(image_size=size), defer_normalize=True),
+                                     tokenizer, batch)))
         b = next(iter(openclip_loader(urls, open_clip.image_transform(size, is_train=False), oc_tokenizer, batch)))
         row.checks["eval_batch_images_equal"] = close_check(a.images, b[0], rtol=0, atol=1e-5)
     row.ours_all, row.theirs_all = rates["ours"], rates["theirs"]

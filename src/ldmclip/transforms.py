@@ -258,14 +258,19 @@ class _Normalize:
             raise ValueError(f"std evaluated to zero in float32: {self.std}")
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
+        out = np.empty((3, img.height, img.width), dtype=np.float32)
+        self.into(img, out)
+        return torch.from_numpy(out)
+
+    def into(self, img: Image.Image, out: np.ndarray) -> None:
+        """Write the normalised ``img`` into ``out`` (float32 ``[3, H, W]``, e.g. one image of a batch)."""
         if img.mode != "RGB":
             raise ValueError(f"expected an RGB image, got mode {img.mode!r}")
-        out = np.empty((3, img.height, img.width), dtype=np.float32)
         for c, band in enumerate(img.split()):
-            np.divide(np.asarray(band), np.float32(255), out=out[c], dtype=np.float32)
-        out -= self._mean
-        out /= self._std
-        return torch.from_numpy(out)
+            plane = out[c]  # one plane at a time: it stays in cache for the three passes
+            np.divide(np.asarray(band), np.float32(255), out=plane, dtype=np.float32)
+            plane -= self._mean[c]
+            plane /= self._std[c]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -273,9 +278,20 @@ class _Normalize:
 # ----------------------------------------------------------------------------------------------------
 
 class _CLIPTransform:
-    """What both transforms share: ``resize_and_crop`` (defined by each) -> RGB -> tensor -> normalise."""
+    """What both transforms share: ``resize_and_crop`` (defined by each) -> RGB -> tensor -> normalise.
+
+    With ``defer_normalize = True`` the transform stops at the RGB ``S x S`` PIL image and
+    ``ImageTextCollator(normalizer=transform.normalizer)`` normalises a whole batch straight into
+    one tensor: no float32 copy per image and no stacking copy (the same values, bit for bit).
+    """
 
     _normalize: _Normalize
+    defer_normalize: bool = False
+
+    @property
+    def normalizer(self) -> _Normalize:
+        """The ``ToTensor`` + ``Normalize`` step, with ``into(img, out)`` to fill a batch slot."""
+        return self._normalize
 
     def resize_and_crop(self, img: Image.Image) -> Image.Image:
         raise NotImplementedError
@@ -288,8 +304,9 @@ class _CLIPTransform:
     def std(self) -> tuple[float, float, float]:
         return self._normalize.std
 
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        return self._normalize(_to_rgb(self.resize_and_crop(img)))
+    def __call__(self, img: Image.Image) -> torch.Tensor | Image.Image:
+        rgb = _to_rgb(self.resize_and_crop(img))
+        return rgb if self.defer_normalize else self._normalize(rgb)
 
 
 class EvalTransform(_CLIPTransform):
@@ -446,18 +463,24 @@ def image_transform(
     scale: tuple[float, float] = (0.9, 1.0),
     generator: torch.Generator | None = None,
     seed: int | None = None,
+    defer_normalize: bool = False,
 ) -> EvalTransform | TrainTransform:
     """The transform OpenCLIP's ``image_transform_v2(cfg, is_train)`` builds.
 
     Training, like OpenCLIP, always crops with bicubic interpolation and ignores ``resize_mode`` and
-    ``cfg.interpolation``; ``scale``/``generator``/``seed`` only apply to training.
+    ``cfg.interpolation``; ``scale``/``generator``/``seed`` only apply to training. ``defer_normalize``:
+    return RGB PIL images and normalise in ``ImageTextCollator`` (see ``_CLIPTransform``).
     """
     cfg = cfg if cfg is not None else PreprocessConfig()
+    transform: EvalTransform | TrainTransform
     if is_train:
-        return TrainTransform(cfg.image_size, cfg.mean, cfg.std, scale=scale, interpolation="bicubic",
-                              generator=generator, seed=seed)
-    return EvalTransform(cfg.image_size, cfg.mean, cfg.std, interpolation=cfg.interpolation,
-                         resize_mode=cfg.resize_mode, fill_color=cfg.fill_color)
+        transform = TrainTransform(cfg.image_size, cfg.mean, cfg.std, scale=scale, interpolation="bicubic",
+                                   generator=generator, seed=seed)
+    else:
+        transform = EvalTransform(cfg.image_size, cfg.mean, cfg.std, interpolation=cfg.interpolation,
+                                  resize_mode=cfg.resize_mode, fill_color=cfg.fill_color)
+    transform.defer_normalize = defer_normalize
+    return transform
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -193,6 +193,59 @@ def test_collator_without_tokenizer_and_empty_first_batch():
     assert moved.images.shape == batch.images.shape and moved.keys == ["k"]
 
 
+def _deferred_pair(is_train: bool):
+    kwargs = {"seed": 5} if is_train else {}
+    plain = image_transform(PreprocessConfig(image_size=SIZE), is_train=is_train, **kwargs)
+    deferred = image_transform(PreprocessConfig(image_size=SIZE), is_train=is_train, defer_normalize=True, **kwargs)
+    return plain, deferred
+
+
+@pytest.mark.parametrize("is_train", [False, True])
+def test_deferred_normalisation_gives_the_same_batch_bit_for_bit(is_train):
+    plain, deferred = _deferred_pair(is_train)
+    images = [rgb_image(40 + i, 30 + 2 * i, seed=i).convert(mode) for i, mode in enumerate(["RGB", "L", "P", "RGBA"])]
+    rgbs = [deferred(img) for img in images]
+    assert all(isinstance(r, Image.Image) and r.mode == "RGB" and r.size == (SIZE, SIZE) for r in rgbs)
+    expected = ImageTextCollator(None)([Sample(plain(img), "x") for img in images]).images
+    batch = ImageTextCollator(None, normalizer=deferred.normalizer)([Sample(r, "x") for r in rgbs]).images
+    assert batch.dtype == torch.float32 and batch.shape == (4, 3, SIZE, SIZE)
+    assert torch.equal(batch, expected)
+
+
+def _first_batch(loader):
+    batch = next(iter(loader))
+    return batch.images.clone(), batch.captions
+
+
+def test_deferred_normalisation_through_dataloader_workers():
+    from ldmclip.data import make_dataloader
+
+    class Images(torch.utils.data.Dataset):
+        def __init__(self, transform):
+            self.transform = transform
+
+        def __len__(self):
+            return 6
+
+        def __getitem__(self, i):
+            return Sample(self.transform(rgb_image(50, 40, seed=i)), f"caption {i}", str(i))
+
+    plain, deferred = _deferred_pair(False)
+    expected, captions = _first_batch(make_dataloader(Images(plain), None, 6))
+    for workers in (0, 1):
+        images, got = _first_batch(make_dataloader(Images(deferred), None, 6, num_workers=workers))
+        assert torch.equal(images, expected) and got == captions, workers
+
+
+def test_pil_samples_without_a_normalizer_or_of_mixed_sizes_are_refused():
+    with pytest.raises(TypeError, match="normalizer=transform.normalizer"):
+        ImageTextCollator(None)([Sample(rgb_image(), "x")])
+    _, deferred = _deferred_pair(False)
+    collate = ImageTextCollator(None, normalizer=deferred.normalizer)
+    with pytest.raises(ValueError, match="different sizes"):
+        collate([Sample(rgb_image(8, 8), "x"), Sample(rgb_image(9, 8), "y")])
+
+
 def test_shard_level_reasons_do_not_count_as_samples():
     stats = SampleStats()
     stats.record("truncated_shard")

@@ -5,7 +5,8 @@ Samples
 Every dataset (``CaptionTable``, ``ShardDataset``, ...) yields, per sample, either
 
 * a :class:`Sample` ``(image, caption, key)`` named tuple: ``image`` is the output of the dataset's
-  transform (a float32 tensor ``[3, S, S]`` for the ldmclip transforms), ``caption`` a non-empty
+  transform (a float32 tensor ``[3, S, S]`` for the ldmclip transforms; their RGB PIL image with
+  ``defer_normalize=True``, normalised by the collator), ``caption`` a non-empty
   ``str`` (surrounding whitespace removed), ``key`` a string that identifies the sample in its source
   (``""`` when unknown). Being a tuple, ``sample[0]`` / ``sample[1]`` are the image and caption; or
 * ``None`` when the sample is bad. The reason is never silent: it is recorded in the dataset's
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import os
 import threading
 from dataclasses import dataclass, field
@@ -366,12 +368,15 @@ class ImageTextCollator:
             ``None`` leaves ``Batch.tokens`` as ``None``.
         image_size: shape of the empty image tensor of a batch with no good sample (``[0, 3, S, S]``);
             defaults to the size of the last image seen by this collator (0 before any).
+        normalizer: ``transform.normalizer`` of an ldmclip transform built with ``defer_normalize=True``:
+            the samples then carry RGB PIL images, normalised here straight into the batch tensor.
     """
 
     def __init__(self, tokenizer: Callable[[list[str]], torch.Tensor] | None = None,
-                 image_size: int | None = None) -> None:
+                 image_size: int | None = None, normalizer: Any = None) -> None:
         self.tokenizer = tokenizer
         self.image_size = image_size
+        self.normalizer = normalizer
         self._image_shape: tuple[int, ...] | None = (3, image_size, image_size) if image_size else None
 
     def _empty_tokens(self) -> torch.Tensor | None:
@@ -396,12 +401,39 @@ class ImageTextCollator:
         if not images:
             shape = self._image_shape or (3, 0, 0)
             return Batch(torch.empty((0, *shape), dtype=torch.float32), self._empty_tokens(), [], skipped, [])
-        self._image_shape = tuple(images[0].shape)
-        # default_collate stacks straight into shared memory inside DataLoader workers (one copy fewer
-        # on the way to the main process).
-        stacked = torch.utils.data.default_collate(images)
+        if isinstance(images[0], Image.Image):
+            stacked = self._normalize_batch(images)
+        else:
+            # default_collate stacks straight into shared memory inside DataLoader workers (one copy
+            # fewer on the way to the main process).
+            stacked = torch.utils.data.default_collate(images)
+        self._image_shape = tuple(stacked.shape[1:])
         tokens = self.tokenizer(captions) if self.tokenizer is not None else None
         return Batch(stacked, tokens, captions, skipped, keys)
+
+
+    def _normalize_batch(self, images: list[Image.Image]) -> torch.Tensor:
+        if self.normalizer is None:
+            raise TypeError("the samples hold PIL images: build the collator with normalizer=transform.normalizer "
+                            "(a transform made with defer_normalize=True), or use a transform that returns tensors")
+        width, height = images[0].size
+        if any(img.size != (width, height) for img in images):
+            sizes = sorted({img.size for img in images})
+            raise ValueError(f"images of different sizes cannot form one batch: {sizes[:4]}")
+        batch = _batch_tensor((len(images), 3, height, width))
+        slots = batch.numpy()
+        for slot, img in zip(slots, images):
+            self.normalizer.into(img, slot)
+        return batch
+
+
+def _batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised float32 tensor; in shared memory inside a DataLoader worker, as default_collate
+    does, so the batch reaches the main process without a copy."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.float32)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * 4)
+    return torch.empty(0, dtype=torch.float32).set_(storage, 0, shape)
 
 
 def default_workers() -> int:
@@ -431,6 +463,7 @@ def make_dataloader(
     ``TrainTransform`` draws its crops from). ``persistent_workers`` defaults to ``num_workers > 0``.
     """
     iterable = isinstance(dataset, torch.utils.data.IterableDataset)
+    transform = getattr(dataset, "transform", None)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     kwargs: dict[str, Any] = {}
     if num_workers > 0:
@@ -443,7 +476,8 @@ def make_dataloader(
         shuffle=False if (iterable or sampler is not None) else shuffle,
         sampler=sampler,
         num_workers=num_workers,
-        collate_fn=ImageTextCollator(tokenizer, image_size=_target_size(getattr(dataset, "transform", None))),
+        collate_fn=ImageTextCollator(tokenizer, image_size=_target_size(transform),
+                                     normalizer=getattr(transform, "normalizer", None)),
         pin_memory=pin_memory,
         drop_last=drop_last,
         generator=generator,

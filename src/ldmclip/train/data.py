@@ -185,30 +185,34 @@ def build_train_data(cfg: TrainConfig, tokenizer, preprocess: PreprocessConfig, 
                      world_size: int = 1) -> MapStyleData | StreamData:
     from ..data import ImageTextCollator
 
-    collate = ImageTextCollator(tokenizer)
+    if cfg.data == SYNTHETIC:  # scenes are drawn at the model's size; a random crop would falsify captions
+        transform = EvalTransform(preprocess.image_size, preprocess.mean, preprocess.std)
+    else:
+        transform = image_transform(preprocess, is_train=True, seed=cfg.seed)
+    # samples stay RGB PIL images; the collator normalises each batch straight into one tensor
+    transform.defer_normalize = True
+    collate = ImageTextCollator(tokenizer, normalizer=transform.normalizer)
     if cfg.data == SYNTHETIC:
         from ..data.synthetic import SyntheticScenes
 
         steps = cfg.steps or DEFAULT_SYNTHETIC_STEPS
         # one epoch covers the whole run, so no scene is repeated
         dataset = SyntheticScenes("train", image_size=preprocess.image_size, length=steps * cfg.batch_size,
-                                  seed=cfg.seed, transform=EvalTransform(preprocess.image_size, preprocess.mean,
-                                                                         preprocess.std))
+                                  seed=cfg.seed, transform=transform)
         return MapStyleData(dataset, collate, cfg.batch_size, cfg.workers, cfg.seed, default_steps=steps,
                             rank=rank, world_size=world_size)
-    train_transform = image_transform(preprocess, is_train=True, seed=cfg.seed)
     if _is_table(cfg.data):
         from ..data import CaptionTable
 
         if not cfg.images:
             raise ValueError(f"--data {cfg.data} is a table of image paths: also pass --images ROOT")
-        dataset = CaptionTable(cfg.data, cfg.images, train_transform, image_column=cfg.image_column,
+        dataset = CaptionTable(cfg.data, cfg.images, transform, image_column=cfg.image_column,
                                caption_column=cfg.caption_column, split_file=cfg.split)
         return MapStyleData(dataset, collate, cfg.batch_size, cfg.workers, cfg.seed, rank=rank, world_size=world_size)
     from ..data import make_shard_pipeline
 
     def make_dataset(epoch: int):
-        return make_shard_pipeline(cfg.data, train_transform, shuffle_buffer=cfg.shuffle_buffer,
+        return make_shard_pipeline(cfg.data, transform, shuffle_buffer=cfg.shuffle_buffer,
                                    resampled=True, seed=cfg.seed, epoch=epoch)
 
     return StreamData(make_dataset, collate, cfg.batch_size, cfg.workers, cfg.seed, rank=rank, world_size=world_size)
