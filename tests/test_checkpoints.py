@@ -196,6 +196,7 @@ def _fake_hub_cache(cache: Path, repo_id: str, files: dict[str, Path]) -> None:
     snapshot = repo / "snapshots" / commit
     snapshot.mkdir(parents=True)
     for name, source in files.items():
+        (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
         (snapshot / name).write_bytes(source.read_bytes())
 
 
@@ -219,6 +220,19 @@ def test_hf_hub_name_loads_from_cache_offline(tiny_reference, tmp_path, offline_
     assert_same_outputs(model, tiny_reference, 64, 32)
     model = ldmclip.create_model(TINY, pretrained="hf-hub:someone/tiny-clip")
     assert_same_outputs(model, tiny_reference, 64, 32)
+
+
+def test_hf_hub_name_with_a_sub_folder(tiny_reference, tmp_path, offline_hub):
+    # a diffusers-style repo: the model sits in a folder of the repository (e.g. text_encoder/)
+    folder = save_openclip_hub(tiny_reference, TINY, tmp_path / "hub")
+    _fake_hub_cache(offline_hub, "someone/pipeline",
+                    {f"models/tiny/{n}": folder / n for n in ("open_clip_config.json", "open_clip_model.safetensors")})
+    model = ldmclip.create_model("hf-hub:someone/pipeline/models/tiny")
+    assert_same_outputs(model, tiny_reference, 64, 32)
+    with pytest.raises(CheckpointError, match="has no folder 'models/other'"):
+        ldmclip.create_model("hf-hub:someone/pipeline/models/other")
+    with pytest.raises(CheckpointError, match="not a repository name"):
+        ldmclip.create_model("hf-hub:just-a-name")
 
 
 def test_hf_hub_not_cached_offline_is_a_clear_error(offline_hub):

@@ -11,7 +11,8 @@ Supported on load:
 - a text tower alone: a ``CLIPTextModel`` / ``CLIPTextModelWithProjection`` folder such as
   diffusers' ``text_encoder/`` (read by :func:`ldmclip.conditioning.load_text_tower`; a whole
   CLIP cannot be built from it);
-- ``hf-hub:org/repo`` through the Hugging Face cache (offline once cached).
+- ``hf-hub:org/repo`` (or ``hf-hub:org/repo/folder``) through the Hugging Face cache (offline once
+  cached).
 
 Pickled files are only read with ``torch.load(weights_only=True)``, which refuses anything that
 would run code.
@@ -332,25 +333,39 @@ def find_weights_in_dir(path: Path) -> Path:
     raise CheckpointError(f"no weights in {path}; expected one of: {', '.join(names)}")
 
 
-def resolve_hf_hub(repo_id: str) -> Path:
-    """A local folder holding ``hf-hub:`` repo ``repo_id``: the cache when present, else a download."""
+def resolve_hf_hub(name: str) -> Path:
+    """A local folder holding ``hf-hub:`` repo ``name``: the cache when present, else a download.
+
+    ``name`` is ``org/repo`` or ``org/repo/sub/folder`` (e.g. a diffusers pipeline's
+    ``org/repo/text_encoder``), whose folder is returned."""
     from huggingface_hub import snapshot_download
 
+    parts = name.strip("/").split("/")
+    if len(parts) < 2 or not all(parts):
+        raise CheckpointError(f"hf-hub:{name} is not a repository name: use hf-hub:org/repo or hf-hub:org/repo/folder")
+    repo_id, sub = "/".join(parts[:2]), "/".join(parts[2:])
     patterns = [OPENCLIP_CONFIG_NAME, *OPENCLIP_WEIGHT_NAMES, HF_CONFIG_NAME, *HF_WEIGHT_NAMES,
                 "preprocessor_config.json", "vocab.json", "merges.txt", "tokenizer*.json"]
+    if sub:
+        patterns = [f"{sub}/{p}" for p in patterns]
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+        snapshot = Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
     except Exception:  # not cached (huggingface_hub raises several types): try the network
-        pass
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
-    except Exception as error:
-        raise CheckpointError(
-            f"cannot get hf-hub:{repo_id}: it is not in the Hugging Face cache "
-            f"({os.environ.get('HF_HUB_CACHE') or os.environ.get('HF_HOME') or '~/.cache/huggingface'}) and "
-            f"downloading failed ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). "
-            f"Download it on a machine with network access (huggingface-cli download {repo_id}) and copy the cache."
-        ) from None
+        snapshot = None
+    if snapshot is None:
+        try:
+            snapshot = Path(snapshot_download(repo_id, allow_patterns=patterns))
+        except Exception as error:
+            raise CheckpointError(
+                f"cannot get hf-hub:{name}: it is not in the Hugging Face cache "
+                f"({os.environ.get('HF_HUB_CACHE') or os.environ.get('HF_HOME') or '~/.cache/huggingface'}) and "
+                f"downloading failed ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). "
+                f"Download it on a machine with network access (huggingface-cli download {repo_id}) and copy the cache."
+            ) from None
+    folder = snapshot / sub if sub else snapshot
+    if not folder.is_dir():
+        raise CheckpointError(f"hf-hub:{name}: the repository {repo_id} has no folder {sub!r} (in {snapshot})")
+    return folder
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ A model is named the way OpenCLIP names it, so an OpenCLIP user changes only the
 
 - a packaged config name (``ViT-L-14``; see :func:`list_models`);
 - a path to a JSON config file;
-- ``hf-hub:org/repo`` (config and weights from the Hugging Face cache);
+- ``hf-hub:org/repo`` or ``hf-hub:org/repo/folder`` (config and weights from the Hugging Face cache);
 - ``local-dir:/path`` (config and weights from a checkpoint folder).
 """
 
