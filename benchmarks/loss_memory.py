@@ -116,23 +116,22 @@ def _status_kib(field: str) -> int | None:
     return None
 
 
+def _peak_rss() -> int:
+    """This process's RSS high-water mark in bytes (``VmHWM``; ``ru_maxrss`` where /proc is missing)."""
+    hwm = _status_kib("VmHWM")
+    return hwm * 1024 if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _reset_peak_rss() -> int:
-    """Reset this process's RSS high-water mark to its current RSS (Linux ``clear_refs`` value 5) and
-    return that RSS in bytes; without the reset, return ``ru_maxrss`` (the growth is then measured)."""
+    """Reset the RSS high-water mark to the current RSS (Linux ``clear_refs`` value 5) and return it;
+    where the reset is not allowed the mark stays, and its growth is what gets measured. Read through
+    :func:`_peak_rss`, like the peak after the pass, so both ends use the same counter."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        hwm = _status_kib("VmHWM")
-        if hwm is not None:
-            return hwm * 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
-def _peak_rss() -> int:
-    hwm = _status_kib("VmHWM")
-    return hwm * 1024 if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return _peak_rss()
 
 
 def measure(impl: str, n: int, d: int, dtype_name: str, tile_size: int, device: str, iters: int = 1,

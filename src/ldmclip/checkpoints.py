@@ -237,12 +237,15 @@ def _text_cfg_from_hf(t: dict[str, Any]) -> dict[str, Any]:
             "mlp_ratio": _mlp_ratio(t["intermediate_size"], t["hidden_size"])}
 
 
-def config_from_hf(hf_config: dict[str, Any]) -> CLIPConfig:
-    """Build a :class:`CLIPConfig` from a ``transformers`` ``CLIPConfig`` dict (``config.json``)."""
+def config_from_hf(hf_config: dict[str, Any], folder: Path | str = "FOLDER") -> CLIPConfig:
+    """Build a :class:`CLIPConfig` from a ``transformers`` ``CLIPConfig`` dict (``config.json`` of
+    ``folder``, named in errors)."""
     if is_hf_text_config(hf_config):
+        architectures = ", ".join(hf_config.get("architectures") or ["CLIPTextModel"])
         raise CheckpointError(
-            "this config.json describes a text encoder alone (transformers CLIPTextModel), not a whole CLIP; "
-            "load it with ldmclip.conditioning.load_text_tower('local-dir:FOLDER') or TextConditioner")
+            f"{folder} holds a text encoder alone (transformers {architectures}), not a whole CLIP; load it "
+            f"with ldmclip.conditioning.load_text_tower('local-dir:{folder}') or "
+            f"TextConditioner.from_pretrained(preset, model='local-dir:{folder}')")
     t = {**_HF_TEXT_DEFAULTS, **(hf_config.get("text_config") or {})}
     v = {**_HF_VISION_DEFAULTS, **(hf_config.get("vision_config") or {})}
     _check_hf_tower("text", t)
@@ -268,13 +271,6 @@ def is_hf_text_config(hf_config: dict[str, Any]) -> bool:
         str(a).startswith("CLIPTextModel") for a in architectures)
 
 
-def text_config_from_hf(hf_config: dict[str, Any]) -> tuple[TextConfig, str]:
-    """``(text tower config, activation)`` of a ``CLIPTextModel[WithProjection]`` ``config.json``."""
-    t = {**_HF_TEXT_DEFAULTS, **hf_config}
-    _check_hf_tower("text", t)
-    return TextConfig(**_text_cfg_from_hf(t)), t["hidden_act"]
-
-
 # --------------------------------------------------------------------------------------------
 # Folders
 
@@ -292,9 +288,17 @@ def read_hf_config(path: Path) -> dict[str, Any]:
         return json.load(f)
 
 
-def is_hf_text_dir(path: Path) -> bool:
-    """A folder holding a ``transformers`` text encoder alone (e.g. diffusers' ``text_encoder/``)."""
-    return is_hf_dir(path) and is_hf_text_config(read_hf_config(path))
+def read_text_encoder_config(path: Path) -> tuple[TextConfig, str] | None:
+    """``(text tower config, activation)`` when ``path`` holds a ``transformers`` text encoder alone
+    (``CLIPTextModel[WithProjection]``, e.g. diffusers' ``text_encoder/``); ``None`` for any other folder."""
+    if not is_hf_dir(path):
+        return None
+    raw = read_hf_config(path)
+    if not is_hf_text_config(raw):
+        return None
+    t = {**_HF_TEXT_DEFAULTS, **raw}
+    _check_hf_tower("text", t)
+    return TextConfig(**_text_cfg_from_hf(t)), t["hidden_act"]
 
 
 def read_dir_config(path: Path) -> tuple[CLIPConfig, dict[str, Any]]:
@@ -307,18 +311,13 @@ def read_dir_config(path: Path) -> tuple[CLIPConfig, dict[str, Any]]:
         return CLIPConfig.from_dict(raw["model_cfg"]), dict(raw.get("preprocess_cfg") or {})
     if is_hf_dir(path):
         raw = read_hf_config(path)
-        if is_hf_text_config(raw):
-            raise CheckpointError(
-                f"{path} holds a text encoder alone (transformers {', '.join(raw.get('architectures') or ['CLIPTextModel'])}), "
-                f"not a whole CLIP; load it with ldmclip.conditioning.load_text_tower('local-dir:{path}') or "
-                f"TextConditioner.from_pretrained(preset, model='local-dir:{path}')")
         preprocess = {}
         processor = path / "preprocessor_config.json"
         if processor.is_file():
             with open(processor, encoding="utf-8") as f:
                 proc = json.load(f)
             preprocess = {k: tuple(proc[src]) for k, src in (("mean", "image_mean"), ("std", "image_std")) if src in proc}
-        return config_from_hf(raw), preprocess
+        return config_from_hf(raw, path), preprocess
     raise CheckpointError(
         f"{path} is not a checkpoint folder: expected {OPENCLIP_CONFIG_NAME} (OpenCLIP hub layout) or "
         f"{HF_CONFIG_NAME} with {' or '.join(HF_WEIGHT_NAMES)} (transformers CLIPModel)"

@@ -48,6 +48,7 @@ from torch import nn
 
 from .. import checkpoints
 from ..files import tensors_sha256
+from ..models.config import TextConfig
 from ..models.text import TextTransformer
 from ..tokenizer import CLIPTokenizer, build_tokenizer
 
@@ -458,13 +459,13 @@ def load_text_tower(name: str, pretrained: str | None = None, device: str | torc
     ``text_encoder/`` keeps 23 of ViT-H/14's 24 blocks (2.x never uses the last one), so its
     ``layer="last"`` is the ``sd2`` preset's ``"penultimate"``.
     """
-    from ..models.factory import HF_HUB_PREFIX, LOCAL_DIR_PREFIX, PRECISIONS, checkpoint_folder, create_model
+    from ..models.factory import HF_HUB_PREFIX, LOCAL_DIR_PREFIX, checkpoint_folder, create_model, precision_dtype
 
-    folder = checkpoint_folder(name)
-    if folder is not None and pretrained is None and checkpoints.is_hf_text_dir(folder):
-        if precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
-        return _text_tower_from_hf_dir(folder).to(device=device, dtype=PRECISIONS[precision])
+    folder = checkpoint_folder(name) if pretrained is None else None
+    text_encoder = checkpoints.read_text_encoder_config(folder) if folder is not None else None
+    if text_encoder is not None:
+        dtype = precision_dtype(precision)
+        return _text_tower_from_hf_dir(folder, *text_encoder).to(device=device, dtype=dtype)
     if pretrained is None and not name.startswith((HF_HUB_PREFIX, LOCAL_DIR_PREFIX)):
         logger.warning("no pretrained weights given for %s: its text tower is randomly initialised", name)
     clip = create_model(name, pretrained=pretrained, device=device, precision=precision)
@@ -475,8 +476,7 @@ def load_text_tower(name: str, pretrained: str | None = None, device: str | torc
     return tower
 
 
-def _text_tower_from_hf_dir(folder: Path) -> TextTransformer:
-    text_cfg, activation = checkpoints.text_config_from_hf(checkpoints.read_hf_config(folder))
+def _text_tower_from_hf_dir(folder: Path, text_cfg: TextConfig, activation: str) -> TextTransformer:
     weights = checkpoints.find_weights_in_dir(folder)
     state = checkpoints.read_state_dict(weights)  # OpenCLIP key names
     if "text_projection" not in state:

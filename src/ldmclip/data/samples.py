@@ -411,7 +411,6 @@ class ImageTextCollator:
         tokens = self.tokenizer(captions) if self.tokenizer is not None else None
         return Batch(stacked, tokens, captions, skipped, keys)
 
-
     def _normalize_batch(self, images: list[Image.Image]) -> torch.Tensor:
         if self.normalizer is None:
             raise TypeError("the samples hold PIL images: build the collator with normalizer=transform.normalizer "

@@ -45,6 +45,13 @@ def _unknown_model_error(name: str) -> ValueError:
     )
 
 
+def precision_dtype(precision: str) -> torch.dtype:
+    """The weight dtype of a ``precision`` name (mixed-precision names keep fp32 weights)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    return PRECISIONS[precision]
+
+
 def _read_json(path: Path | Any) -> dict[str, Any]:
     with path.open("r", encoding="utf-8") as f:
         return json.load(f)
@@ -123,8 +130,7 @@ def create_model(
     cast) or ``amp``/``amp_bf16``/``amp_fp16`` (fp32 weights, for autocast). ``overrides`` set
     vision-tower options such as ``patch_dropout=0.5`` or ``image_size=336``.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    dtype = precision_dtype(precision)
     cfg, preprocess, folder = resolve_model(name)
     for key, value in overrides.items():
         if hasattr(cfg.vision_cfg, key):
@@ -138,7 +144,7 @@ def create_model(
         preprocess = {**preprocess, **_load_pretrained(model, pretrained)}
     preprocess["size"] = cfg.vision_cfg.image_size
     model.preprocess_cfg = preprocess
-    return model.to(device=device, dtype=PRECISIONS[precision])
+    return model.to(device=device, dtype=dtype)
 
 
 def create_model_and_transforms(name: str, pretrained: str | Path | None = None, **kwargs: Any):
@@ -159,8 +165,11 @@ def get_tokenizer(name: str, context_length: int | None = None, pad_id: int = 0)
     from ..tokenizer import CLIPTokenizer, build_tokenizer
 
     folder = checkpoint_folder(name)
-    if folder is not None and checkpoints.is_hf_text_dir(folder):  # a text encoder alone
-        text_cfg, _ = checkpoints.text_config_from_hf(checkpoints.read_hf_config(folder))
+    text_encoder = checkpoints.read_text_encoder_config(folder) if folder is not None else None
+    if text_encoder is not None:  # a text encoder alone
+        text_cfg = text_encoder[0]
+    elif folder is not None:
+        text_cfg = checkpoints.read_dir_config(folder)[0].text_cfg
     else:
         text_cfg = resolve_model(name)[0].text_cfg
     length = context_length or text_cfg.context_length
