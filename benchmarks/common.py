@@ -18,6 +18,23 @@ if str(REPO / "src") not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO / "src"))
 
 
+def write_json(target: str | os.PathLike, data: Any) -> None:
+    """The one meaning of ``--json`` in every benchmark: ``-`` is standard output, anything else a file
+    (written whole under a temporary name, then renamed, so a killed run leaves no half file)."""
+    import json
+
+    text = json.dumps(data, indent=2, default=str) + "\n"
+    if os.fspath(target) == "-":
+        sys.stdout.write(text)
+        return
+    path = Path(target)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.tmp")
+    temp.write_text(text, encoding="utf-8")
+    os.replace(temp, path)
+    print(f"wrote {path}", file=sys.stderr)
+
+
 # ----------------------------------------------------------------------------------------------------
 # size profiles
 # ----------------------------------------------------------------------------------------------------
@@ -192,12 +209,18 @@ def median(values: list[float]) -> float | None:
 # data
 # ----------------------------------------------------------------------------------------------------
 
-def find_flickr8k() -> Path | None:
-    """``$LDMCLIP_DATA/flickr8k`` or ``../shared/data/flickr8k`` next to the checkout, if present."""
-    for root in (os.environ.get("LDMCLIP_DATA"), REPO.parent / "shared" / "data", "/work/shared/data"):
-        if root and (Path(root) / "flickr8k" / "captions.csv").is_file():
-            return Path(root) / "flickr8k"
+def data_root() -> Path | None:
+    """``$LDMCLIP_DATA``, else ``../shared/data`` next to the checkout, if present."""
+    for root in (os.environ.get("LDMCLIP_DATA"), REPO.parent / "shared" / "data"):
+        if root and Path(root).is_dir():
+            return Path(root)
     return None
+
+
+def find_flickr8k() -> Path | None:
+    """``flickr8k/`` (with its captions.csv) under :func:`data_root`, if present."""
+    root = data_root()
+    return root / "flickr8k" if root and (root / "flickr8k" / "captions.csv").is_file() else None
 
 
 def flickr_rows(flickr: Path, n: int | None = None) -> list[tuple[str, str]]:

@@ -28,8 +28,6 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib.util
-import json
-import os
 import sys
 import tempfile
 import time
@@ -38,14 +36,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
+from benchmarks.common import data_root, write_json  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def data_root() -> Path | None:
-    for root in (os.environ.get("LDMCLIP_DATA"), REPO.parent / "shared" / "data", "/work/shared/data"):
-        if root and Path(root).is_dir():
-            return Path(root)
-    return None
 
 
 def make_model_dir(args, workdir: Path) -> Path:
@@ -80,7 +74,7 @@ def cifar_subset(cifar: Path, per_class: int | None, workdir: Path) -> Path:
 
 
 def autocast_for(precision: str):
-    from ldmclip.train.precision import autocast
+    from ldmclip.core.precision import autocast
 
     return lambda: autocast(precision, torch.device("cpu"))
 
@@ -336,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--precision", default="fp32", choices=("fp32", "amp_bf16"))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--json", help="write the results here ('-': standard output)")
     args = parser.parse_args(argv)
     if args.quick:
         args.cifar_per_class = args.cifar_per_class or 20
@@ -370,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print("\nretrieval skipped: flickr8k not found")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        write_json(args.json, results)
     problems = parity_problems(results)
     if args.precision == "fp32":  # under autocast the two libraries may round differently; report only
         print("\nparity: " + ("OK" if not problems else "MISMATCH: " + "; ".join(problems)))

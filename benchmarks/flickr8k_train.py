@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -28,14 +26,17 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
+from benchmarks.common import find_flickr8k, write_json  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def find_flickr8k() -> Path:
-    for root in (os.environ.get("LDMCLIP_DATA"), REPO.parent / "shared" / "data", "/work/shared/data"):
-        if root and (Path(root) / "flickr8k" / "captions.csv").is_file():
-            return Path(root) / "flickr8k"
-    raise SystemExit("Flickr8k not found: set LDMCLIP_DATA to the folder that holds flickr8k/")
+def require_flickr8k() -> Path:
+    flickr = find_flickr8k()
+    if flickr is None:
+        raise SystemExit("Flickr8k not found: set LDMCLIP_DATA to the folder that holds flickr8k/")
+    return flickr
 
 
 def openclip_train_csv(flickr: Path, out: Path) -> int:
@@ -112,11 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-images", type=int, default=None, help="score on the first N test images only")
     parser.add_argument("--only", choices=["ldmclip", "openclip"], help="run one side only")
-    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--json", help="write the results here ('-': standard output)")
     parser.add_argument("--workdir", type=Path, help="keep the runs here (default: a temporary folder)")
     args = parser.parse_args(argv)
 
-    flickr = find_flickr8k()
+    flickr = require_flickr8k()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="flickr8k-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     train_csv = workdir / "train_openclip.tsv"
@@ -142,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, row in results.items():
         print(f"{name:10}" + "".join(f"{row[k]:>22.3f}" for k in keys))
     if args.json:
-        args.json.write_text(json.dumps({"steps": steps, "args": {k: str(v) for k, v in vars(args).items()},
-                                         "results": results}, indent=2))
+        write_json(args.json, {"steps": steps, "args": {k: str(v) for k, v in vars(args).items()},
+                               "results": results})
     return 0
 
 

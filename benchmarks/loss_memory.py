@@ -47,6 +47,9 @@ DENSE_NN_BUFFERS = {"ldmclip-dense": 4.0, "openclip": 4.1}
 # estimate is rough, and the machine may be shared with other jobs.
 MEMORY_HEADROOM = 0.7
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
+from benchmarks.common import write_json  # noqa: E402
+
 
 def _dtype(name: str):
     import torch
@@ -309,7 +312,7 @@ def _environment(device: str) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="N up to 8192, 1 repeat")
-    p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--json", help="also write the results here ('-': standard output)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--sizes", type=int, nargs="+", help="N values (overrides --quick's)")
     p.add_argument("--dim", type=int, default=DEFAULT_DIM)
@@ -340,8 +343,7 @@ def main(argv=None) -> int:
           f"total {time.perf_counter() - started:.0f} s")
     print(format_table(rows))
     if args.json:
-        args.json.write_text(json.dumps({"environment": env, "rows": rows}, indent=2))
-        print(f"wrote {args.json}")
+        write_json(args.json, {"environment": env, "rows": rows})
     return 0
 
 

@@ -10,7 +10,7 @@ interleaved (A B, B A, ...) over the repeats; the table gives the medians, their
 (ldmclip / peer), the target and whether it is met. Each row also runs numerical checks (token ids
 identical, outputs equal within a tolerance, on the same weights); a row whose check fails is marked
 ``FAILED`` and the exit status is 1. Results go to ``--json`` (default
-``benchmarks/results/latest.json``; ``--json -`` writes none). Peers are OpenCLIP 3.3.0 and
+``benchmarks/results/latest.json``; ``--json -`` writes them to standard output). Peers are OpenCLIP 3.3.0 and
 ``transformers``; weights are random and nothing is downloaded. Flickr8k (``$LDMCLIP_DATA/flickr8k`` or
 ``../shared/data/flickr8k``) gives the captions and images; without it synthetic ones are used and the
 table says so.
@@ -19,7 +19,6 @@ table says so.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import traceback
@@ -29,7 +28,7 @@ from typing import Callable
 if __package__ in (None, ""):  # ``python benchmarks/run.py``: make ``benchmarks`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import PROFILES, Profile, Row, environment  # noqa: E402
+from benchmarks.common import PROFILES, Profile, Row, environment, write_json  # noqa: E402
 
 
 def _registry() -> dict[str, tuple[Callable[[Profile], list[Row]], tuple[str, ...]]]:
@@ -128,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, help="override the profile's number of interleaved repeats")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads for this process")
     parser.add_argument("--json", default=None, help="write the results here (default "
-                        "benchmarks/results/latest[-quick].json; '-' for none)")
+                        "benchmarks/results/latest[-quick].json; '-' for standard output)")
     parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     args = parser.parse_args(argv)
     if args.list:
@@ -147,12 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     result = run_suite(profile, args.only)
     print(describe(result))
     print(format_rows(result["rows"]))
-    if args.json != "-":
-        suffix = "" if profile.name == "full" else f"-{profile.name}"
-        path = Path(args.json) if args.json else Path(__file__).resolve().parent / "results" / f"latest{suffix}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2, default=str))
-        print(f"wrote {path}")
+    suffix = "" if profile.name == "full" else f"-{profile.name}"
+    write_json(args.json or Path(__file__).resolve().parent / "results" / f"latest{suffix}.json", result)
     return 1 if any(r["status"] == "failed" for r in result["rows"]) else 0
 
 

@@ -29,7 +29,7 @@ def register_openclip_config(name: str) -> None:
     """Make one of ldmclip's packaged configs (e.g. the small CPU ones) known to OpenCLIP."""
     import open_clip
 
-    from ldmclip.models.factory import _packaged_configs
+    from ldmclip.registry import _packaged_configs
 
     if name not in open_clip.list_models():
         open_clip.add_model_config(str(_packaged_configs()[name]))
@@ -38,7 +38,7 @@ def register_openclip_config(name: str) -> None:
 def training_batch(name: str, batch: int, seed: int = 0) -> tuple[torch.Tensor, list[str], str]:
     """``batch`` Flickr8k images (eval-transformed to the model's size) with one caption each, or
     random images with synthetic captions when Flickr8k is absent."""
-    from ldmclip.models.factory import get_model_config
+    from ldmclip.registry import get_model_config
     from ldmclip.transforms import PreprocessConfig, image_transform, load_image
 
     size = get_model_config(name).vision_cfg.image_size
@@ -133,7 +133,7 @@ def clip_train_flops(name: str, batch: int, text_len: int) -> float:
     """Matmul FLOPs of one training step counted from the shapes: forward (patch embedding, QKV,
     attention scores and values, output projection, MLP, projections, the B×B logits) times 3
     (backward = twice the forward). Elementwise work, LayerNorm and softmax are not counted."""
-    from ldmclip.models.factory import get_model_config
+    from ldmclip.registry import get_model_config
 
     cfg = get_model_config(name)
     v, t, e = cfg.vision_cfg, cfg.text_cfg, cfg.embed_dim
@@ -205,7 +205,7 @@ def _train_row(row_id: str, title: str, name: str, batch: int, steps: int, targe
     row.finish()
     rows = [row]
     if with_mfu:
-        from ldmclip.models.factory import get_model_config
+        from ldmclip.registry import get_model_config
 
         cfg = get_model_config(name)
         text_len = int(tokens.argmax(dim=-1).max()) + 1  # ldmclip runs the text tower to the longest caption

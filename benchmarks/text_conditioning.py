@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 import random
 import statistics
 import sys
@@ -37,20 +36,15 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO))  # run as a script from a checkout
 
 import ldmclip  # noqa: E402
+from benchmarks.common import find_flickr8k  # noqa: E402
 from ldmclip.conditioning import TextConditioner, TextEmbeddingCache, build_text_cache  # noqa: E402
 
 CONTEXT = 77
 # CLIP ViT-L/14's text tower (SD 1.x): width 768, 12 layers, 12 heads, QuickGELU.
 OPENCLIP_MODEL = "ViT-L-14-quickgelu"
-
-
-def find_flickr8k() -> Path | None:
-    for root in (os.environ.get("LDMCLIP_DATA"), REPO.parent / "shared" / "data", "/work/shared/data"):
-        if root and (Path(root) / "flickr8k" / "captions.csv").is_file():
-            return Path(root) / "flickr8k"
-    return None
 
 
 def load_prompts(n: int, flickr: Path | None) -> list[str]:

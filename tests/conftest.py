@@ -12,8 +12,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def shared_data_dir() -> Path | None:
-    """``../shared/data`` next to the checkout (or ``$LDMCLIP_DATA``); None when absent."""
-    candidates = [os.environ.get("LDMCLIP_DATA"), REPO.parent / "shared" / "data", "/work/shared/data"]
+    """``$LDMCLIP_DATA``, else ``../shared/data`` next to the checkout; None when absent (tests then skip)."""
+    candidates = [os.environ.get("LDMCLIP_DATA"), REPO.parent / "shared" / "data"]
     for candidate in candidates:
         if candidate and Path(candidate).is_dir():
             return Path(candidate)

@@ -10,7 +10,7 @@ import torch
 
 open_clip = pytest.importorskip("open_clip")
 
-from ldmclip.models.factory import _packaged_configs  # noqa: E402
+from ldmclip.registry import _packaged_configs  # noqa: E402
 
 
 def openclip_model(name: str, **kwargs) -> torch.nn.Module:

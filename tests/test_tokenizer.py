@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import pickle
 import sys
 import threading
@@ -20,21 +19,14 @@ except ImportError:  # running from a checkout that is not pip-installed
 
 import ldmclip.tokenizer as tokenizer_module
 from ldmclip.tokenizer import CLIPTokenizer, _Backend, build_tokenizer
+from tests.conftest import shared_data_dir
 
 open_clip_tokenizer = pytest.importorskip("open_clip.tokenizer")
 
 SOT, EOT = 49406, 49407
 
 
-def _data_root() -> Path:
-    env = os.environ.get("LDMCLIP_DATA")
-    if env:
-        return Path(env)
-    repo_relative = Path(__file__).resolve().parents[2] / "shared/data"
-    return repo_relative if repo_relative.is_dir() else Path("/work/shared/data")
-
-
-FLICKR_CAPTIONS = _data_root() / "flickr8k" / "captions.csv"
+FLICKR_CAPTIONS = (shared_data_dir() or Path("missing")) / "flickr8k" / "captions.csv"
 
 LONG_CAPTION = " ".join(f"word{i % 97} and, stuff!" for i in range(2500))  # 10,000 words
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ast
 import io
 import json
-import os
 import zlib
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.conftest import shared_data_dir
 from ldmclip.transforms import (
     OPENAI_MEAN,
     OPENAI_STD,
@@ -29,19 +29,8 @@ TOL = 1e-6
 SIZES = [(225, 301), (37, 500), (1000, 13), (224, 224), (1, 1)]  # (width, height)
 
 
-def _data_root() -> Path | None:
-    candidates = []
-    if os.environ.get("LDMCLIP_DATA"):
-        candidates.append(Path(os.environ["LDMCLIP_DATA"]))
-    candidates += [Path(__file__).resolve().parents[2] / "shared/data", Path("/work/shared/data")]
-    for c in candidates:
-        if c.is_dir():
-            return c
-    return None
-
-
 def _flickr_jpegs(n: int) -> list[Path]:
-    root = _data_root()
+    root = shared_data_dir()
     d = root / "flickr8k" / "images" if root is not None else None
     if d is None or not d.is_dir():
         pytest.skip("flickr8k images not found (set LDMCLIP_DATA)")

@@ -4,11 +4,10 @@ Train CLIP, load OpenCLIP / OpenAI / Hugging Face checkpoints with identical num
 text tower to condition latent diffusion models.
 """
 
-from .models import (CLIP, CLIPConfig, create_model, create_model_and_transforms, get_model_config, get_tokenizer,
-                     list_models)
 from .conditioning import ConditionerOutput, TextConditioner, TextEmbeddingCache
-
-__version__ = "0.1.0"
+from .core.version import __version__
+from .models import CLIP, CLIPConfig
+from .registry import create_model, create_model_and_transforms, get_model_config, get_tokenizer, list_models
 
 __all__ = ["CLIP", "CLIPConfig", "ConditionerOutput", "TextConditioner", "TextEmbeddingCache", "create_model",
            "create_model_and_transforms", "get_model_config", "get_tokenizer", "list_models", "__version__"]

@@ -21,8 +21,8 @@ def _count_parameters(cfg) -> tuple[int, int, int]:
 
 def cmd_info(args: argparse.Namespace) -> int:
     """Print the packaged models with their sizes (or one model's config)."""
-    from . import __version__
-    from .models import get_model_config, list_models
+    from .core.version import __version__
+    from .registry import get_model_config, list_models
 
     if args.model:
         print(get_model_config(args.model).to_dict())

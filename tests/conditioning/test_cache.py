@@ -245,7 +245,7 @@ def test_resume_skips_finished_shards_and_rebuilds_missing_ones_identically(tmp_
 
 def test_an_interrupted_write_leaves_no_visible_shard(tmp_path, sdxl, monkeypatch):
     from ldmclip.conditioning import cache as cache_module
-    from ldmclip.files import atomic_write
+    from ldmclip.core.files import atomic_write
 
     src = _text_file(tmp_path / "i.txt", CAPTIONS)
     reference = tmp_path / "reference"

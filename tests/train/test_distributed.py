@@ -273,26 +273,6 @@ def test_torchrun_tears_down_the_run_when_a_worker_is_killed(tmp_path):
 # Pieces that need no second process
 
 
-def test_launch_is_read_from_torchrun_and_slurm_variables(monkeypatch):
-    from ldmclip.train.distributed import detect_launch, slurm_first_host
-
-    assert detect_launch({}) is None
-    assert detect_launch({"RANK": "0", "WORLD_SIZE": "1"}) is None
-    launch = detect_launch({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "3", "MASTER_ADDR": "h", "MASTER_PORT": "1234",
-                            "SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
-    assert (launch.rank, launch.world_size, launch.local_rank, launch.launcher) == (3, 8, 3, "torchrun")
-    monkeypatch.setenv("PATH", "")  # no scontrol: the node list is parsed here
-    slurm = {"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "4242",
-             "SLURM_JOB_NODELIST": "gpu[007-008,010],cpu1"}
-    launch = detect_launch(slurm)
-    assert (launch.rank, launch.world_size, launch.local_rank, launch.launcher) == (9, 16, 1, "slurm")
-    assert (launch.master_addr, launch.master_port) == ("gpu007", 29500 + 4242)
-    assert detect_launch({**slurm, "MASTER_ADDR": "head", "MASTER_PORT": "7000"}).master_port == 7000
-    assert detect_launch({**slurm, "SLURM_NTASKS": "1"}) is None
-    assert slurm_first_host("node12") == "node12"
-    assert slurm_first_host("a-b[3,5-9]") == "a-b3"
-
-
 def test_each_rank_loads_its_slice_of_the_same_global_batches():
     from ldmclip.train.data import EpochPermutation, GlobalBatchSlices
 

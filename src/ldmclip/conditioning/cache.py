@@ -73,7 +73,9 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from ..files import write_json_atomic, write_safetensors
+from ..core.files import write_json_atomic, write_safetensors
+from ..core.launch import process_rank
+from ..core.precision import DTYPES
 from .cache_inputs import DEFAULT_SHARD_SIZE, InputChunk, open_inputs
 
 __all__ = ["CacheReport", "CacheMismatchError", "build_text_cache", "CACHE_DTYPES", "MAX_CAPTION_CHARS"]
@@ -85,7 +87,7 @@ EMPTY_PROMPT_NAME = "empty_prompt.safetensors"
 SHARDS_DIR = "shards"
 SHARD_SUFFIX = ".safetensors"
 _META_KEY = "ldmclip"  # one metadata entry only: safetensors writes several in a random order
-CACHE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+CACHE_DTYPES = {name: DTYPES[name] for name in ("fp16", "bf16", "fp32")}  # the order is the help's
 MAX_CAPTION_CHARS = 20_000
 MANIFEST_REFRESH_S = 30.0  # how often rank 0 refreshes the manifest's shard list during a run
 
@@ -217,7 +219,7 @@ class _Encoder:
     """Runs the conditioner on lists of captions and returns CPU tensors in the stored dtype."""
 
     def __init__(self, conditioner: Any, dtype: torch.dtype, precision: str, device: torch.device) -> None:
-        from ..train.precision import autocast
+        from ..core.precision import autocast
 
         self.conditioner = conditioner
         self.dtype = dtype
@@ -332,14 +334,6 @@ def _plan_chunk(records: Iterable[tuple[str, Any]]) -> _Plan:
 # ----------------------------------------------------------------------------------------------------
 # Writer
 # ----------------------------------------------------------------------------------------------------
-
-def _node() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
 
 def _default_barrier() -> None:
     import torch.distributed as dist
@@ -461,8 +455,8 @@ def build_text_cache(
             initialised with several ranks, else nothing).
         progress: show a tqdm bar (captions/s, ETA) for this rank's work.
     """
-    from .. import __version__
-    from ..train.precision import resolve_precision
+    from ..core.version import __version__
+    from ..core.precision import resolve_precision
 
     started = time.perf_counter()
     if dtype not in CACHE_DTYPES:
@@ -480,7 +474,7 @@ def build_text_cache(
         raise ValueError("input chunks must have distinct names")
     if (rank is None) != (world_size is None):
         raise ValueError("pass both rank and world_size, or neither")
-    rank, world_size = (int(rank), int(world_size)) if rank is not None else _node()
+    rank, world_size = (int(rank), int(world_size)) if rank is not None else process_rank()
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside a world of {world_size}")
     barrier = barrier or _default_barrier

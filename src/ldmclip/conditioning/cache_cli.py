@@ -10,10 +10,11 @@ Rerunning the same command continues where a stopped run ended.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Any
 
+from ..core.formats import carries_weights
+from ..core.precision import PRECISIONS
 from .cache import CACHE_DTYPES, build_text_cache
 from .cache_inputs import DEFAULT_SHARD_SIZE, INPUT_FORMATS, open_inputs
 
@@ -36,7 +37,6 @@ def _default_models() -> dict[str, tuple[str, ...]]:
     return {name: preset.models for name, preset in PRESETS.items()}
 
 
-PRECISIONS = ("auto", "amp_bf16", "amp_fp16", "fp32")
 
 
 def add_cache_text_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -86,7 +86,7 @@ def add_cache_text_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
 
 
 def _has_own_weights(name: str) -> bool:
-    return name.startswith(("hf-hub:", "local-dir:"))
+    return carries_weights(name)
 
 
 def _check_weights(args: argparse.Namespace, model: str, model_2: str | None) -> None:
@@ -103,15 +103,18 @@ def _check_weights(args: argparse.Namespace, model: str, model_2: str | None) ->
 
 
 def _init_distributed() -> Any:
-    """Under torchrun with several ranks: a gloo process group, used only for two barriers."""
+    """Under torchrun or srun with several ranks: a gloo process group, used only for two barriers."""
     import datetime
 
     import torch.distributed as dist
 
-    if int(os.environ.get("WORLD_SIZE", 1)) <= 1 or not dist.is_available() or dist.is_initialized():
+    from ..core.launch import detect_launch, join_process_group
+
+    launch = detect_launch()
+    if launch is None or not dist.is_available() or dist.is_initialized():
         return None
     # Ranks that finish early wait at the final barrier for the slowest one: allow a long wait.
-    dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
+    join_process_group(launch, "gloo", datetime.timedelta(days=7))
     return dist
 
 
@@ -120,7 +123,7 @@ def run_cache_text(args: argparse.Namespace) -> int:
     retries them). Bad options and a mismatching cache raise ``ValueError`` with a clear message."""
     import torch
 
-    from ..devices import resolve_device
+    from ..core.devices import resolve_device
     from .conditioner import TextConditioner
 
     defaults = _default_models()[args.preset]

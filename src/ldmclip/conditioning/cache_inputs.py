@@ -28,10 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-__all__ = ["InputChunk", "open_inputs", "INPUT_FORMATS", "TABLE_SUFFIXES"]
+from ..core.formats import input_kind
+
+__all__ = ["InputChunk", "open_inputs", "INPUT_FORMATS"]
 
 INPUT_FORMATS = ("auto", "webdataset", "table", "text")
-TABLE_SUFFIXES = (".csv", ".tsv", ".tab", ".parquet", ".pq")
 DEFAULT_SHARD_SIZE = 10_000
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]*$")
 
@@ -53,12 +54,7 @@ class InputChunk:
 
 
 def _detect_format(path: str) -> str:
-    lowered = path.lower()
-    if lowered.startswith("pipe:") or "::" in path or re.search(r"\.tar(\.gz)?($|[\s}'\"])", lowered) or "{" in path:
-        return "webdataset"
-    if Path(path).suffix.lower() in TABLE_SUFFIXES:
-        return "table"
-    return "text"
+    return {"shards": "webdataset", "table": "table"}.get(input_kind(path), "text")
 
 
 def open_inputs(

@@ -47,7 +47,9 @@ import torch
 from torch import nn
 
 from .. import checkpoints
-from ..files import tensors_sha256
+from ..core.files import tensors_sha256
+from ..core.formats import carries_weights
+from ..core.precision import precision_dtype
 from ..models.config import TextConfig
 from ..models.text import TextTransformer
 from ..tokenizer import CLIPTokenizer, build_tokenizer
@@ -298,7 +300,7 @@ class TextConditioner(nn.Module):
         ``ViT-L-14-quickgelu`` + ``ViT-bigG-14``); ``pretrained`` takes what ``create_model`` takes.
         Only the text towers are kept (the image towers are dropped); they are frozen and in eval mode.
         """
-        from ..models.factory import get_tokenizer
+        from ..registry import get_tokenizer
 
         spec = get_preset(preset)
         if len(spec.models) == 1 and (model_2 is not None or pretrained_2 is not None):
@@ -459,14 +461,14 @@ def load_text_tower(name: str, pretrained: str | None = None, device: str | torc
     ``text_encoder/`` keeps 23 of ViT-H/14's 24 blocks (2.x never uses the last one), so its
     ``layer="last"`` is the ``sd2`` preset's ``"penultimate"``.
     """
-    from ..models.factory import HF_HUB_PREFIX, LOCAL_DIR_PREFIX, checkpoint_folder, create_model, precision_dtype
+    from ..registry import checkpoint_folder, create_model
 
     folder = checkpoint_folder(name) if pretrained is None else None
     text_encoder = checkpoints.read_text_encoder_config(folder) if folder is not None else None
     if text_encoder is not None:
         dtype = precision_dtype(precision)
         return _text_tower_from_hf_dir(folder, *text_encoder).to(device=device, dtype=dtype)
-    if pretrained is None and not name.startswith((HF_HUB_PREFIX, LOCAL_DIR_PREFIX)):
+    if pretrained is None and not carries_weights(name):
         logger.warning("no pretrained weights given for %s: its text tower is randomly initialised", name)
     clip = create_model(name, pretrained=pretrained, device=device, precision=precision)
     cfg = clip.config

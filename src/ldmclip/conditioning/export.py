@@ -32,13 +32,13 @@ from typing import Any, Iterator
 import torch
 
 from ..checkpoints import openclip_to_hf_state_dict
-from ..files import write_safetensors
+from ..core.files import write_safetensors
+from ..core.formats import carries_weights
+from ..core.precision import DTYPES, dtype_from_name, dtype_name
 from ..models.text import TextTransformer
 from ..tokenizer import CLIPTokenizer, build_tokenizer
 from .conditioner import PRESETS, TextConditioner, get_preset, text_tower_config
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _HF_ACT = {"gelu": "gelu", "quick_gelu": "quick_gelu"}
 LAYER_NORM_EPS = 1e-5  # every CLIP tower; ldmclip's LayerNorms use it
 
@@ -77,11 +77,8 @@ def _resolve_dtype(dtype: str | torch.dtype | None, tower: torch.nn.Module) -> t
     if dtype is None:
         return next(tower.parameters()).dtype
     if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
-        return DTYPES[dtype]
-    if dtype not in _DTYPE_NAMES:
-        raise ValueError(f"cannot export weights as {dtype}; use float32, float16 or bfloat16")
+        return dtype_from_name(dtype)
+    dtype_name(dtype)  # only the three floating dtypes can be exported
     return dtype
 
 
@@ -145,7 +142,7 @@ def write_text_encoder(tower: TextTransformer, directory: Path, *, tokenizer: CL
         del state["text_projection.weight"]
     architecture = "CLIPTextModelWithProjection" if with_projection else "CLIPTextModel"
     config = {"architectures": [architecture], **text_config_dict(tower, tokenizer, pad_id),
-              "torch_dtype": _DTYPE_NAMES[dtype]}
+              "torch_dtype": dtype_name(dtype)}
     directory.mkdir(parents=True, exist_ok=True)
     _save_safetensors(state, directory / "model.safetensors", dtype)
     _write_json(directory / "config.json", config)
@@ -229,7 +226,7 @@ def _write_clip_model(model, directory: Path, *, tokenizer: CLIPTokenizer, pad_i
     state = openclip_to_hf_state_dict(model.state_dict())
     config = {
         "architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": model.config.embed_dim,
-        "logit_scale_init_value": 2.6592, "initializer_factor": 1.0, "torch_dtype": _DTYPE_NAMES[dtype],
+        "logit_scale_init_value": 2.6592, "initializer_factor": 1.0, "torch_dtype": dtype_name(dtype),
         "text_config": text_config_dict(model, tokenizer, pad_id), "vision_config": _vision_config_dict(model),
     }
     _save_safetensors(state, directory / "model.safetensors", dtype)
@@ -287,7 +284,6 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _check_export_args(args: argparse.Namespace) -> None:
     """Every mistake that can be seen before loading gigabytes of weights."""
-    from ..models.factory import HF_HUB_PREFIX, LOCAL_DIR_PREFIX
 
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -313,7 +309,7 @@ def _check_export_args(args: argparse.Namespace) -> None:
         pairs.append((args.model_2, args.pretrained_2, "--model-2", "--pretrained-2"))
     for index, (name, weights, model_flag, weights_flag) in enumerate(pairs):
         name = name or get_preset(args.preset).models[index]
-        if weights is None and not name.startswith((HF_HUB_PREFIX, LOCAL_DIR_PREFIX)):
+        if weights is None and not carries_weights(name):
             raise ValueError(f"no weights for {name}: pass {weights_flag} (a weights file or folder), or a "
                              f"{model_flag} of the form 'hf-hub:org/repo' or 'local-dir:/path'; exporting a "
                              f"randomly initialised model is almost never what you want")
@@ -321,7 +317,7 @@ def _check_export_args(args: argparse.Namespace) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
     """``ldmclip export``: check the arguments, load the model(s), write the folder."""
-    from ..models.factory import create_model, get_tokenizer
+    from ..registry import create_model, get_tokenizer
     from .conditioner import load_text_tower
 
     _check_export_args(args)

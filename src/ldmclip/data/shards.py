@@ -40,6 +40,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch.utils.data
 
+from ..core.launch import process_rank
 from .samples import (REASON_SHARD_ERROR, REASON_SHARD_UNREADABLE, REASON_TRUNCATED_SHARD, Sample, SampleStats,
                       clear_pending, has_pending, load_sample, record_bad)
 
@@ -84,17 +85,6 @@ def dataset_size(urls: str | Iterable[str]) -> int | None:
             return None
         total += int(n)
     return total
-
-
-def _node_info() -> tuple[int, int]:
-    """(rank, world_size): torch.distributed when initialised, else torchrun's RANK/WORLD_SIZE, else (0, 1)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    return 0, 1
 
 
 def _rng(*parts: Any) -> random.Random:
@@ -208,7 +198,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         """``(rank, world_size)`` used to split shards."""
         if self._node is not None:
             return self._node
-        return _node_info()
+        return process_rank()
 
     def shards_for_worker(self, worker: int = 0, num_workers: int = 1, epoch: int | None = None
                           ) -> list[str]:

@@ -40,6 +40,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from PIL import Image
 
+from ..core.formats import IMAGE_SUFFIXES, is_image_file
 from .samples import (REASON_EMPTY_FILE, REASON_MISSING_FILE, REASON_MISSING_IMAGE, REASON_READ_ERROR, BadSample,
                       SampleStats, decode_caption, decode_image)
 
@@ -47,7 +48,6 @@ __all__ = ["write_shards", "iter_image_folder", "iter_table", "add_pack_argument
            "REENCODE_MODES"]
 
 REENCODE_MODES = ("auto", "always", "never")
-FOLDER_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 _KEY_DIGITS = 9
 _KEY_RE = re.compile(r"^[^./\\\s][^./\\]*$")
 
@@ -382,9 +382,9 @@ def iter_image_folder(root: str | os.PathLike) -> tuple[int, Iterator[tuple[None
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
-    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in FOLDER_IMAGE_SUFFIXES and p.is_file())
+    paths = sorted(p for p in root.rglob("*") if is_image_file(p) and p.is_file())
     if not paths:
-        raise ValueError(f"no images ({', '.join(FOLDER_IMAGE_SUFFIXES)}) in {root}")
+        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {root}")
 
     def items() -> Iterator[tuple[None, Path, bytes | None, dict]]:
         for path in paths:

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..core.formats import carries_weights
+from ..core.precision import PRECISIONS
 from ..data.samples import default_workers
 
 __all__ = ["add_eval_arguments", "run_eval", "format_results", "EVAL_EPILOG"]
@@ -65,7 +67,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                       help="image-path column of the tables (default: the first of image, filepath, path, "
                            "filename, file, image_path)")
     data.add_argument("--batch-size", type=int, default=64, help="images or captions per batch (default: %(default)s)")
-    data.add_argument("--precision", default="auto", choices=("auto", "fp32", "amp_bf16", "amp_fp16"),
+    data.add_argument("--precision", default="auto", choices=PRECISIONS,
                       help="'auto': bf16 autocast on GPUs and on CPUs with AMX/AVX512-bf16, else fp32; use fp32 to "
                            "reproduce numbers exactly (default: %(default)s)")
     data.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda if available)")
@@ -109,7 +111,7 @@ def format_results(results: dict[str, Any]) -> str:
     model = str(results["model"])
     if results.get("pretrained"):
         weights = f" ({results['pretrained']})"
-    elif model.startswith(("local-dir:", "hf-hub:")):
+    elif carries_weights(model):
         weights = ""  # the weights come with the model folder
     else:
         weights = " (random weights)"
@@ -146,10 +148,10 @@ def _public(result: dict[str, Any]) -> dict[str, Any]:
 
 def run_eval(args: argparse.Namespace) -> int:
     """Run ``ldmclip eval``; prints the table, writes ``--out``; returns the exit status."""
-    from .. import __version__
-    from ..devices import resolve_device
-    from ..models import create_model_and_transforms, get_tokenizer
-    from ..train.precision import autocast, resolve_precision
+    from ..core.version import __version__
+    from ..core.devices import resolve_device
+    from ..registry import create_model_and_transforms, get_tokenizer
+    from ..core.precision import autocast, resolve_precision
     from .evaluate import evaluate_retrieval, evaluate_zero_shot
     from .sources import open_retrieval, open_zero_shot
     from .templates import load_templates

@@ -30,16 +30,15 @@ from typing import Callable, Sequence
 
 import torch.utils.data
 
+from ..core.formats import IMAGE_SUFFIXES, is_image_file, is_shards, is_table
 from ..data.samples import REASON_MISSING_IMAGE, Sample, SampleStats, load_sample
 from ..data.table import table_columns
 from .templates import imagenet_classnames, read_lines
 
-__all__ = ["IMAGE_SUFFIXES", "ZeroShotSource", "RetrievalSource", "LabelledImages", "open_zero_shot",
+__all__ = ["ZeroShotSource", "RetrievalSource", "LabelledImages", "open_zero_shot",
            "open_retrieval", "read_classnames", "is_table"]
 
 # torchvision's IMG_EXTENSIONS plus .gif (PIL reads it; its first frame is used).
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
-TABLE_SUFFIXES = (".csv", ".tsv", ".tab", ".parquet", ".pq")
 REASON_MISSING_LABEL = "missing_label"
 REASON_BAD_LABEL = "bad_label"
 
@@ -47,10 +46,6 @@ REASON_BAD_LABEL = "bad_label"
 IMAGE_COLUMNS = ("image", "filepath", "path", "filename", "file", "image_path")
 CAPTION_COLUMNS = ("caption", "title", "text")
 LABEL_COLUMNS = ("label", "class", "cls", "target")
-
-
-def is_table(path: str | os.PathLike) -> bool:
-    return str(path).lower().endswith(TABLE_SUFFIXES)
 
 
 @dataclass
@@ -201,7 +196,7 @@ def _images_under(folder: Path) -> tuple[list[str], int]:
     for dirpath, dirnames, filenames in sorted(os.walk(folder, followlinks=True)):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for name in sorted(filenames):
-            if name.lower().endswith(IMAGE_SUFFIXES):
+            if is_image_file(name):
                 found.append(os.path.join(dirpath, name))
             elif not name.startswith("."):
                 ignored += 1
@@ -313,7 +308,7 @@ def open_zero_shot(spec: str | os.PathLike, transform: Callable | None, classnam
         return class_folder(text, transform, classnames)
     if is_table(text):
         return label_table(text, transform, classnames, image_root, image_column, label_column)
-    if ".tar" in text or "{" in text or "://" in text or text.startswith("pipe:"):
+    if is_shards(text):
         return label_shards(text, transform, classnames)
     if not Path(text).exists():
         raise FileNotFoundError(f"zero-shot data not found: {text}")

@@ -1,10 +1,9 @@
-"""Model code: layers, the two towers, the CLIP wrapper and the factory."""
+"""Model code, pure ``nn.Module``s: the config dataclasses, layers, the two towers and CLIP. Building a
+model by name and loading its weights is :mod:`ldmclip.registry`."""
 
 from .clip import CLIP
 from .config import CLIPConfig, TextConfig, VisionConfig
-from .factory import create_model, create_model_and_transforms, get_model_config, get_tokenizer, list_models
 from .text import TextTransformer
 from .vision import VisionTransformer
 
-__all__ = ["CLIP", "CLIPConfig", "TextConfig", "VisionConfig", "TextTransformer", "VisionTransformer",
-           "create_model", "create_model_and_transforms", "get_model_config", "get_tokenizer", "list_models"]
+__all__ = ["CLIP", "CLIPConfig", "TextConfig", "VisionConfig", "TextTransformer", "VisionTransformer"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -9,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.files import atomic_write, write_safetensors
+from ..core.formats import OPENCLIP_CONFIG_NAME, OPENCLIP_WEIGHT_NAMES
 from .config import CLIPConfig
 from .text import TextTransformer
 from .vision import VisionTransformer
@@ -56,9 +59,12 @@ class CLIP(TextTransformer):
 
         ``open_clip.create_model('local-dir:<directory>')`` and ``ldmclip.create_model`` both load it.
         """
-        from ..checkpoints import save_hub_layout
-
-        return save_hub_layout(self, directory)
+        directory = Path(directory)
+        config = {"model_cfg": self.config.to_dict(), "preprocess_cfg": dict(self.preprocess_cfg)}
+        write_safetensors(directory / OPENCLIP_WEIGHT_NAMES[0], self.state_dict(), {"format": "pt"})
+        text = json.dumps(config, indent=2, default=list)
+        atomic_write(directory / OPENCLIP_CONFIG_NAME, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        return directory
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+from ..core.formats import carries_weights
+from ..core.precision import PRECISIONS
 from ..data.samples import default_workers
 from .neighbors import DEFAULT_ANN_THRESHOLD
 
@@ -37,7 +39,7 @@ JSON API: /api/search?q=TEXT&k=N, /api/similar?id=ID&k=N, /api/info; images: /im
 
 def _absolute(spec: str | None) -> str | None:
     """A model name or weights spec that will still load from another working directory."""
-    from ..models.factory import HF_HUB_PREFIX, LOCAL_DIR_PREFIX
+    from ..core.formats import HF_HUB_PREFIX, LOCAL_DIR_PREFIX
 
     if spec is None or spec.startswith(HF_HUB_PREFIX):
         return spec
@@ -90,7 +92,7 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float16", choices=("float16", "float32"),
                         help="stored embedding type; float16 halves the size and changes scores by about 1e-3 "
                              "(default: %(default)s)")
-    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "amp_bf16", "amp_fp16"),
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="'auto': bf16 autocast on GPUs and on CPUs with AMX/AVX512-bf16, else fp32 "
                              "(default: %(default)s)")
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
@@ -100,17 +102,16 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_index(args: argparse.Namespace) -> int:
     """Run ``ldmclip index``."""
-    from ..devices import resolve_device
-    from ..models import create_model_and_transforms
-    from ..models.factory import HF_HUB_PREFIX, LOCAL_DIR_PREFIX
-    from ..train.precision import autocast, resolve_precision
+    from ..core.devices import resolve_device
+    from ..registry import create_model_and_transforms
+    from ..core.precision import autocast, resolve_precision
     from .index import build_index, find_images, model_identity
 
     if args.batch_size < 1 or args.chunk_size < 1:
         raise ValueError("--batch-size and --chunk-size must be at least 1")
     if args.workers < 0:
         raise ValueError("--workers must be 0 or more")
-    if args.pretrained is None and not args.model.startswith((HF_HUB_PREFIX, LOCAL_DIR_PREFIX)):
+    if args.pretrained is None and not carries_weights(args.model):
         # Random weights differ on every load, so such an index could never be searched.
         raise ValueError(f"--pretrained is needed: {args.model!r} names only a config, and an index made with "
                          "random weights cannot be searched (the weights would differ next time)")

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..data.samples import BadSample, apply_transform, decode_image
-from ..devices import resolve_device
+from ..core.devices import resolve_device
 from .index import SearchIndex, check_same_model, model_identity
 from .neighbors import DEFAULT_ANN_THRESHOLD, Searcher, make_searcher
 
@@ -52,7 +52,7 @@ class SearchEngine:
         """Load the index at ``index`` and its model (by default the one named in the index manifest;
         ``model``/``pretrained`` load another copy of it, e.g. after moving the weights). An index built
         by a different model is refused with :class:`~ldmclip.search.index.IndexMismatchError`."""
-        from ..models import create_model_and_transforms, get_tokenizer
+        from ..registry import create_model_and_transforms, get_tokenizer
 
         loaded = SearchIndex.load(index, images=images)
         stored = loaded.identity

@@ -35,11 +35,11 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.utils.data
 
-from ..files import tensors_sha256, write_json_atomic, write_safetensors
+from ..core.formats import IMAGE_SUFFIXES, is_image_file
+from ..core.files import tensors_sha256, write_json_atomic, write_safetensors
 from ..data.samples import BadSample, apply_transform, decode_image
-from ..eval.sources import IMAGE_SUFFIXES
 
-__all__ = ["IMAGE_SUFFIXES", "SearchIndexError", "IndexMismatchError", "ImageFile", "BuildResult", "SearchIndex",
+__all__ = ["SearchIndexError", "IndexMismatchError", "ImageFile", "BuildResult", "SearchIndex",
            "build_index", "find_images", "model_identity", "check_same_model"]
 
 FORMAT = "ldmclip-search-index"
@@ -81,7 +81,7 @@ def find_images(root: str | os.PathLike) -> list[ImageFile]:
     for folder, dirs, files in os.walk(root):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         for name in files:
-            if name.startswith(".") or not name.lower().endswith(IMAGE_SUFFIXES):
+            if name.startswith(".") or not is_image_file(name):
                 continue
             full = os.path.join(folder, name)
             try:
@@ -236,7 +236,7 @@ def build_index(model: Any, transform: Callable, root: str | os.PathLike, out: s
     """
     from tqdm.auto import tqdm
 
-    from .. import __version__
+    from ..core.version import __version__
 
     if batch_size < 1 or chunk_size < 1:
         raise ValueError("batch size and chunk size must be at least 1")

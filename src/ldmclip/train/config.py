@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from ..core.precision import PRECISIONS
+
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
     return field(default=default, metadata={"help": help, **extra})
@@ -62,7 +64,7 @@ class TrainConfig:
     # speed and memory
     precision: str = _opt("auto", "'auto' (bf16 autocast on CUDA and on CPUs with fast bf16, else fp32), "
                                   "'amp_bf16', 'amp_fp16' (CUDA) or 'fp32'",
-                          choices=["auto", "amp_bf16", "amp_fp16", "fp32"])
+                          choices=list(PRECISIONS))
     grad_checkpointing: bool = _opt(False, "recompute activations in backward (less memory, ~30% slower)")
     compile: bool = _opt(False, "torch.compile the model")
     lock_image: bool = _opt(False, "freeze the image tower (LiT)")

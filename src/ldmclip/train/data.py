@@ -24,12 +24,12 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..core.formats import is_table
 from ..transforms import EvalTransform, PreprocessConfig, image_transform
 from .config import TrainConfig
 
 SYNTHETIC = "synthetic"
 DEFAULT_SYNTHETIC_STEPS = 1000
-TABLE_SUFFIXES = (".csv", ".tsv", ".parquet", ".pq")
 
 
 @dataclass
@@ -85,10 +85,6 @@ class GlobalBatchSlices(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return len(self.order) // self.batch_size
-
-
-def _is_table(path: str) -> bool:
-    return path.lower().endswith(TABLE_SUFFIXES)
 
 
 def _on_device(batch, device: torch.device, position: DataPosition) -> TrainBatch:
@@ -201,7 +197,7 @@ def build_train_data(cfg: TrainConfig, tokenizer, preprocess: PreprocessConfig, 
                                   seed=cfg.seed, transform=transform)
         return MapStyleData(dataset, collate, cfg.batch_size, cfg.workers, cfg.seed, default_steps=steps,
                             rank=rank, world_size=world_size)
-    if _is_table(cfg.data):
+    if is_table(cfg.data):
         from ..data import CaptionTable
 
         if not cfg.images:
@@ -295,7 +291,7 @@ def build_validation(cfg: TrainConfig, tokenizer, preprocess: PreprocessConfig) 
                             labels, {"": torch.ones_like(held_out), "_held_out": held_out, "_seen": ~held_out})
         zero_shot = [("colour_shape", task)]
         return Validation(images, tokens, torch.arange(len(pairs)), zero_shot, tokenizer)
-    if _is_table(source):
+    if is_table(source):
         return _table_validation(cfg, source, tokenizer, eval_transform)
     return _shard_validation(source, tokenizer, eval_transform, cfg.val_size)
 

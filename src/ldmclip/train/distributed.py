@@ -1,43 +1,19 @@
 """Process-group setup and the few collectives the trainer needs, on ``torch.distributed``.
 
-A run is distributed when it is launched with several processes:
-
-* ``torchrun`` (single node or multi-node rendezvous) sets ``RANK``, ``WORLD_SIZE``,
-  ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``;
-* SLURM's ``srun`` (one task per GPU) sets ``SLURM_PROCID``, ``SLURM_NTASKS`` and
-  ``SLURM_LOCALID``; the rendezvous host is the first node of ``SLURM_JOB_NODELIST`` (or
-  ``MASTER_ADDR`` when set) and the port ``MASTER_PORT`` (default: derived from the job id).
-
-torchrun's variables win when both are present (``srun torchrun ...``). Backends: NCCL for CUDA
+Where this process sits (torchrun or SLURM) is ``core.launch``'s one lookup. Backends: NCCL for CUDA
 tensors (with gloo beside it for the small CPU-side agreements), gloo on CPU.
 """
 
 from __future__ import annotations
 
-import os
-import re
-import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from ..devices import local_process, resolve_device
-
-DEFAULT_PORT = 29500
-
-
-@dataclass
-class Launch:
-    """Where this process sits, as the launcher said."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    master_addr: str | None = None
-    master_port: int | None = None
-    launcher: str = "torchrun"
+from ..core.devices import resolve_device
+from ..core.launch import detect_launch, join_process_group, local_process
 
 
 @dataclass
@@ -55,45 +31,6 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def slurm_first_host(nodelist: str) -> str:
-    """The first host of a SLURM node list: ``"gpu[003-005,010],cpu1"`` -> ``"gpu003"``.
-
-    Uses ``scontrol show hostnames`` when it is on the PATH, else parses the compressed form."""
-    try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                             timeout=20, check=True).stdout.split()
-        if out:
-            return out[0]
-    except (OSError, subprocess.SubprocessError):
-        pass
-    first = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
-    if first is None:
-        raise ValueError(f"cannot read the SLURM node list {nodelist!r}")
-    prefix, ranges = first.group(1), first.group(3)
-    if ranges is None:
-        return prefix
-    return prefix + ranges.split(",")[0].split("-")[0]
-
-
-def detect_launch(env: dict[str, str] | None = None) -> Launch | None:
-    """The launch this process belongs to, from the environment; None for a single process."""
-    env = os.environ if env is None else env
-    if "RANK" in env and "WORLD_SIZE" in env:
-        world = int(env["WORLD_SIZE"])
-        if world <= 1:
-            return None
-        port = env.get("MASTER_PORT")
-        return Launch(int(env["RANK"]), world, int(env.get("LOCAL_RANK", 0)), env.get("MASTER_ADDR"),
-                      int(port) if port else None, "torchrun")
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        addr = env.get("MASTER_ADDR") or slurm_first_host(env.get("SLURM_JOB_NODELIST") or env["SLURMD_NODENAME"])
-        port = env.get("MASTER_PORT")
-        port = int(port) if port else DEFAULT_PORT + int(env.get("SLURM_JOB_ID", "0")) % 10_000
-        return Launch(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
-                      addr, port, "slurm")
-    return None
 
 
 def init_distributed(device_name: str, timeout_s: float) -> DistInfo:
@@ -117,13 +54,7 @@ def init_distributed(device_name: str, timeout_s: float) -> DistInfo:
         backend = "cpu:gloo,cuda:nccl"
     else:
         backend = "gloo"
-    timeout = timedelta(seconds=timeout_s)
-    if launch.launcher == "slurm":
-        init_method = f"tcp://{launch.master_addr}:{launch.master_port}"
-        dist.init_process_group(backend, init_method=init_method, rank=launch.rank,
-                                world_size=launch.world_size, timeout=timeout)
-    else:
-        dist.init_process_group(backend, timeout=timeout)  # env:// (torchrun's variables)
+    join_process_group(launch, backend, timedelta(seconds=timeout_s))
     return DistInfo(launch.rank, launch.world_size, launch.local_rank, device, owns_group=True)
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .. import losses
-from ..models import create_model, get_tokenizer
+from ..registry import create_model, get_tokenizer
 from ..transforms import PreprocessConfig
 from . import distributed
 from . import state as checkpoint_state
@@ -31,7 +31,7 @@ from .metrics import MetricsLog, plot_training_curves
 from .optim import build_optimizer, build_scheduler
 from .parallelize import (apply_activation_checkpointing, apply_compile, apply_ddp, apply_fsdp, clip_gradients,
                           is_fsdp, lock_text_tower, lock_tower, unwrap)
-from .precision import autocast, resolve_precision
+from ..core.precision import autocast, resolve_precision
 from .step import contrastive_step
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoints import atomic_write
+from ..core.files import atomic_write
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)(\.pt)?$")
 TRAINER_STATE = "trainer_state.pt"

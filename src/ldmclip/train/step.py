@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .parallelize import gradient_sync
-from .precision import autocast
+from ..core.precision import autocast
 
 
 def _forward(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor):

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from ldmclip.files import write_safetensors
+from ldmclip.core.files import write_safetensors
 
 
 def _tensors() -> dict[str, torch.Tensor]:

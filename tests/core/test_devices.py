@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from ldmclip.devices import local_process, resolve_device
+from ldmclip.core.devices import resolve_device
+from ldmclip.core.launch import local_process
 
 
 def test_local_process_reads_torchrun_then_slurm():

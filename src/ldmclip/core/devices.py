@@ -3,23 +3,11 @@ and ``search``, so ``--device`` means the same everywhere."""
 
 from __future__ import annotations
 
-import os
-from typing import Mapping
-
 import torch
 
-__all__ = ["resolve_device", "local_process"]
+from .launch import local_process
 
-
-def local_process(env: Mapping[str, str] | None = None) -> tuple[int, int]:
-    """``(local_rank, world_size)`` of this process from the launcher's environment (torchrun's
-    variables win over SLURM's, as in ``train.distributed.detect_launch``); ``(0, 1)`` when not launched."""
-    env = os.environ if env is None else env
-    if "WORLD_SIZE" in env:
-        return int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"])
-    if "SLURM_NTASKS" in env:
-        return int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"])
-    return 0, 1
+__all__ = ["resolve_device"]
 
 
 def resolve_device(name: str | None = "auto", local_rank: int | None = None,

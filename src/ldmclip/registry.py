@@ -1,4 +1,4 @@
-"""Model registry and the public constructors (``create_model`` and friends).
+"""The model registry and the public constructors: configs + checkpoints -> models (``create_model`` and friends).
 
 A model is named the way OpenCLIP names it, so an OpenCLIP user changes only the import:
 
@@ -17,15 +17,13 @@ from typing import Any
 
 import torch
 
-from .. import checkpoints
-from .clip import CLIP
-from .config import CLIPConfig
+from . import checkpoints
+from .checkpoints import checkpoint_folder
+from .core.formats import HF_HUB_PREFIX
+from .core.precision import precision_dtype
+from .models.clip import CLIP
+from .models.config import CLIPConfig
 
-HF_HUB_PREFIX = "hf-hub:"
-LOCAL_DIR_PREFIX = "local-dir:"
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
-              # mixed precision keeps fp32 weights; autocast is applied by whoever runs the model
-              "amp": torch.float32, "amp_bf16": torch.float32, "amp_fp16": torch.float32}
 
 
 def _packaged_configs() -> dict[str, Any]:
@@ -45,28 +43,9 @@ def _unknown_model_error(name: str) -> ValueError:
     )
 
 
-def precision_dtype(precision: str) -> torch.dtype:
-    """The weight dtype of a ``precision`` name (mixed-precision names keep fp32 weights)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
-    return PRECISIONS[precision]
-
-
 def _read_json(path: Path | Any) -> dict[str, Any]:
     with path.open("r", encoding="utf-8") as f:
         return json.load(f)
-
-
-def checkpoint_folder(name: str) -> Path | None:
-    """The folder an ``hf-hub:``/``local-dir:`` model name points at; ``None`` for other name forms."""
-    if name.startswith(HF_HUB_PREFIX):
-        return checkpoints.resolve_hf_hub(name[len(HF_HUB_PREFIX):])
-    if name.startswith(LOCAL_DIR_PREFIX):
-        folder = Path(name[len(LOCAL_DIR_PREFIX):]).expanduser()
-        if not folder.is_dir():
-            raise FileNotFoundError(f"'local-dir:' folder not found: {folder}")
-        return folder
-    return None
 
 
 def resolve_model(name: str) -> tuple[CLIPConfig, dict[str, Any], Path | None]:
@@ -111,8 +90,26 @@ def _load_pretrained(model: CLIP, pretrained: str | Path) -> dict[str, Any]:
             f"folder, or 'hf-hub:org/repo'. (ldmclip has no OpenCLIP-style pretrained tags like 'laion2b_s32b_b82k'; "
             f"use 'hf-hub:laion/CLIP-ViT-L-14-laion2B-s32B-b82K' instead.)"
         )
-    checkpoints.load_into_model(model, checkpoints.read_state_dict(weights), source=str(weights))
+    checkpoints.load_into_model(model, checkpoints.read_state_dict(weights), source=str(weights),
+                                suggest=suggest_configs)
     return preprocess
+
+
+def suggest_configs(found: dict[str, Any]) -> list[str]:
+    """The packaged configs that match what a checkpoint describes (``checkpoints.infer_config``)."""
+    matches = []
+    for name in list_models():
+        cfg = get_model_config(name)
+        v, t = cfg.vision_cfg, cfg.text_cfg
+        described = {"vision": {"width": v.width, "patch_size": v.patch_size, "layers": v.layers,
+                                "image_size": v.image_size},
+                     "text": {"width": t.width, "layers": t.layers, "context_length": t.context_length},
+                     "embed_dim": cfg.embed_dim}
+        if all(described.get(part) == value if not isinstance(value, dict)
+               else all(described[part].get(k) == x for k, x in value.items() if k != "image_size")
+               for part, value in found.items()):
+            matches.append(name)
+    return matches
 
 
 def create_model(
@@ -149,7 +146,7 @@ def create_model(
 
 def create_model_and_transforms(name: str, pretrained: str | Path | None = None, **kwargs: Any):
     """``(model, train_transform, eval_transform)``; the transforms use the checkpoint's mean/std."""
-    from ..transforms import PreprocessConfig, image_transform
+    from .transforms import PreprocessConfig, image_transform
 
     model = create_model(name, pretrained=pretrained, **kwargs)
     pp = PreprocessConfig.from_dict(model.preprocess_cfg)
@@ -162,7 +159,7 @@ def get_tokenizer(name: str, context_length: int | None = None, pad_id: int = 0)
     A checkpoint folder that carries its own ``vocab.json`` + ``merges.txt`` uses those.
     ``pad_id=49407`` pads with end-of-text, as Stable Diffusion 1.x does.
     """
-    from ..tokenizer import CLIPTokenizer, build_tokenizer
+    from .tokenizer import CLIPTokenizer, build_tokenizer
 
     folder = checkpoint_folder(name)
     text_encoder = checkpoints.read_text_encoder_config(folder) if folder is not None else None

@@ -1,0 +1,182 @@
+"""Read a checkpoint file in any supported layout into OpenCLIP ``CLIP`` key names, and load it into a
+model with one error that names every mismatch.
+
+Layouts read: bare state-dict files (``.safetensors``, ``.bin``, ``.pt``, ``.pth``, ``.ckpt``), OpenCLIP
+training checkpoints (``{"state_dict": ...}``), DDP ``module.`` and ``torch.compile`` ``_orig_mod.``
+prefixes, OpenCLIP's custom-text layout (``text.*``) and ``transformers`` ``CLIPModel`` /
+``CLIPTextModel`` keys (mapped by :mod:`.hf`). Pickled files are only read with
+``torch.load(weights_only=True)``, which refuses anything that would run code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..core.files import write_safetensors
+from .errors import CheckpointError
+from .hf import hf_to_openclip_state_dict
+
+__all__ = ["STATE_DICT_SUFFIXES", "CheckpointError", "read_state_dict", "unwrap_checkpoint", "normalize_state_dict",
+           "resize_image_positional_embedding", "infer_config", "load_into_model", "save_state_dict"]
+
+STATE_DICT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint file, unwrapped and with OpenCLIP's key names."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        raw: Any = load_file(str(path), device="cpu")
+    else:
+        try:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            raise CheckpointError(
+                f"refusing to load {path}: it is a pickle that would run code or build objects other than "
+                f"tensors when loaded ({str(error).splitlines()[0]}). Only load pickles you trust; convert "
+                f"trusted ones to .safetensors with safetensors.torch.save_file."
+            ) from None
+        except RuntimeError as error:
+            raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint: {error}") from None
+    return normalize_state_dict(unwrap_checkpoint(raw, path))
+
+
+def unwrap_checkpoint(raw: Any, source: Any = "checkpoint") -> dict[str, torch.Tensor]:
+    """Find the state dict inside a training checkpoint (``state_dict``/``model`` entries)."""
+    if isinstance(raw, dict):
+        for key in ("state_dict", "model", "module"):
+            if key in raw and isinstance(raw[key], dict):
+                return unwrap_checkpoint(raw[key], source)
+        tensors = {k: v for k, v in raw.items() if isinstance(v, torch.Tensor)}
+        if tensors:
+            return tensors
+    raise CheckpointError(f"{source} holds no state dict (a mapping of parameter names to tensors)")
+
+
+_CUSTOM_TEXT_KEYS = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection")
+
+
+def normalize_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map any supported layout to OpenCLIP ``CLIP`` keys."""
+    if "embeddings.token_embedding.weight" in state_dict:
+        # transformers 5 saves a CLIPTextModel without the "text_model." prefix that version 4 (and
+        # every published diffusers text_encoder/) has
+        state_dict = {k if k == "text_projection.weight" else f"text_model.{k}": v for k, v in state_dict.items()}
+    if any(k.startswith(("text_model.", "vision_model.")) for k in state_dict):
+        return hf_to_openclip_state_dict(state_dict)
+    out = {}
+    for key, value in state_dict.items():
+        for prefix in ("module.", "_orig_mod."):
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        if key.startswith("text.") and key.split(".")[1] in _CUSTOM_TEXT_KEYS:
+            key = key[len("text."):]
+        if key.endswith("attn_mask") or key.endswith("position_ids"):
+            continue  # buffers rebuilt by the model, not weights
+        out[key] = value
+    return out
+
+
+def resize_image_positional_embedding(pos: torch.Tensor, grid_size: int) -> torch.Tensor:
+    """Bicubically resample the patch grid of a ViT positional embedding (class token kept)."""
+    cls_pos, patch_pos = pos[:1], pos[1:]
+    old_grid = int(math.isqrt(patch_pos.shape[0]))
+    if old_grid * old_grid != patch_pos.shape[0]:
+        raise CheckpointError(f"visual.positional_embedding has {patch_pos.shape[0]} patch positions, not a square grid")
+    grid = patch_pos.reshape(1, old_grid, old_grid, -1).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=(grid_size, grid_size), mode="bicubic", antialias=True, align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(grid_size * grid_size, -1).to(pos.dtype)
+    return torch.cat([cls_pos, grid], dim=0)
+
+
+def infer_config(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The architecture a state dict describes (best effort, for error messages)."""
+    def count(prefix: str) -> int:
+        return len({k[len(prefix):].split(".")[0] for k in state_dict if k.startswith(prefix)})
+
+    found: dict[str, Any] = {}
+    if "visual.conv1.weight" in state_dict:
+        conv = state_dict["visual.conv1.weight"]
+        found["vision"] = {"width": conv.shape[0], "patch_size": conv.shape[-1],
+                           "layers": count("visual.transformer.resblocks.")}
+        if "visual.positional_embedding" in state_dict:
+            grid = math.isqrt(state_dict["visual.positional_embedding"].shape[0] - 1)
+            found["vision"]["image_size"] = grid * conv.shape[-1]
+    if "token_embedding.weight" in state_dict:
+        found["text"] = {"width": state_dict["token_embedding.weight"].shape[1],
+                         "layers": count("transformer.resblocks.")}
+        if "positional_embedding" in state_dict:
+            found["text"]["context_length"] = state_dict["positional_embedding"].shape[0]
+    if "text_projection" in state_dict:
+        found["embed_dim"] = state_dict["text_projection"].shape[-1]
+    return found
+
+
+def _group_block_keys(keys: list[str]) -> list[str]:
+    """Collapse per-block keys: ``resblocks.2.ln_1.weight`` … ``resblocks.5.ln_1.weight`` become
+    ``resblocks.{2..5}.ln_1.weight``, so a message about a deeper model stays readable."""
+    groups: dict[str, list[int]] = {}
+    for key in keys:
+        match = re.search(r"resblocks\.(\d+)\.", key)
+        if match:
+            pattern = key[:match.start(1)] + "{}" + key[match.end(1):]
+            groups.setdefault(pattern, []).append(int(match.group(1)))
+        else:
+            groups.setdefault(key, [])
+    out = []
+    for pattern, indices in groups.items():
+        if not indices:
+            out.append(pattern)
+        elif len(indices) == 1:
+            out.append(pattern.format(indices[0]))
+        else:
+            out.append(pattern.format(f"{{{min(indices)}..{max(indices)}}}"))
+    return out
+
+
+def load_into_model(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str = "checkpoint",
+                    assign: bool = False, suggest: Callable[[dict[str, Any]], list[str]] | None = None) -> None:
+    """Copy ``state_dict`` into ``model`` (``assign=True``: take its tensors, for a model built on the
+    meta device); any mismatch raises one error that names every problem. ``suggest`` names the known
+    configs that fit what the checkpoint describes (the registry's, which this layer cannot see)."""
+    state_dict = dict(state_dict)
+    expected = model.state_dict()
+    pos_key = "visual.positional_embedding"
+    if pos_key in state_dict and pos_key in expected and state_dict[pos_key].shape != expected[pos_key].shape \
+            and state_dict[pos_key].shape[1:] == expected[pos_key].shape[1:]:
+        state_dict[pos_key] = resize_image_positional_embedding(state_dict[pos_key], model.visual.grid_size)
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    misshaped = sorted(f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+                       for k in set(expected) & set(state_dict) if state_dict[k].shape != expected[k].shape)
+    if missing or unexpected or misshaped:
+        lines = [f"{source} does not fit this model config."]
+        for title, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped keys", misshaped)):
+            if keys:
+                grouped = _group_block_keys(keys)
+                shown = ", ".join(grouped[:12]) + (f", … ({len(grouped) - 12} more)" if len(grouped) > 12 else "")
+                lines.append(f"  {title} ({len(keys)}): {shown}")
+        found = infer_config(state_dict)
+        suggestions = suggest(found) if suggest is not None else []
+        if suggestions:
+            lines.append(f"  The checkpoint looks like: {', '.join(suggestions)}")
+        elif found:
+            lines.append(f"  The checkpoint describes: {json.dumps(found)}")
+        raise CheckpointError("\n".join(lines))
+    model.load_state_dict(state_dict, strict=True, assign=assign)
+
+
+def save_state_dict(state_dict: dict[str, torch.Tensor], path: str | Path) -> None:
+    write_safetensors(path, state_dict, {"format": "pt"})

@@ -1,0 +1,61 @@
+"""What an input path is, and whether a model name carries its own weights: written once, so that
+``train``, ``eval``, ``cache-text``, ``index`` and ``pack`` read the same path the same way."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+__all__ = ["IMAGE_SUFFIXES", "TABLE_SUFFIXES", "HF_HUB_PREFIX", "LOCAL_DIR_PREFIX", "OPENCLIP_CONFIG_NAME",
+           "OPENCLIP_WEIGHT_NAMES", "is_image_file", "is_table",
+           "is_shards", "input_kind", "carries_weights"]
+
+# Image files PIL reads, by suffix (lower case).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+# Caption / label tables: comma- or tab-separated text, or parquet.
+TABLE_SUFFIXES = (".csv", ".tsv", ".tab", ".parquet", ".pq")
+
+# Model names that are a checkpoint themselves (config and weights in one place).
+HF_HUB_PREFIX = "hf-hub:"
+LOCAL_DIR_PREFIX = "local-dir:"
+
+# OpenCLIP's hub layout: a folder with this config and one of these weight files (the first is written).
+OPENCLIP_CONFIG_NAME = "open_clip_config.json"
+OPENCLIP_WEIGHT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
+                         "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth")
+
+_TAR = re.compile(r"\.tar(\.gz)?($|[\s}'\"])")
+
+
+def is_image_file(name: str | os.PathLike) -> bool:
+    return os.fspath(name).lower().endswith(IMAGE_SUFFIXES)
+
+
+def is_table(path: str | os.PathLike) -> bool:
+    return os.fspath(path).lower().endswith(TABLE_SUFFIXES)
+
+
+def is_shards(spec: str | os.PathLike) -> bool:
+    """webdataset shards: a ``.tar`` path, a brace pattern (``{00000..00009}``), a URL, ``pipe:`` or a
+    ``::``-joined list."""
+    text = os.fspath(spec)
+    return (text.startswith("pipe:") or "::" in text or "://" in text or "{" in text
+            or _TAR.search(text.lower()) is not None)
+
+
+def input_kind(spec: str | os.PathLike) -> str:
+    """``"folder"``, ``"table"``, ``"shards"`` or ``"text"`` (one caption per line), from the path alone."""
+    text = os.fspath(spec)
+    if is_shards(text):
+        return "shards"
+    if is_table(text):
+        return "table"
+    if Path(text).is_dir():
+        return "folder"
+    return "text"
+
+
+def carries_weights(name: str) -> bool:
+    """Whether a ``--model`` name is a checkpoint itself, so no ``--pretrained`` is needed."""
+    return name.startswith((HF_HUB_PREFIX, LOCAL_DIR_PREFIX))
