@@ -88,7 +88,7 @@ def bench_conditioning(profile: Profile) -> list[Row]:
         batch_list = _batches(next(passes), profile.cond_batch)
         with _encode_ctx(device):
             for batch in batch_list:
-                cond(batch).hidden
+                _ = cond(batch).hidden
         _sync(device)
         return sum(map(len, batch_list))
 
@@ -96,7 +96,7 @@ def bench_conditioning(profile: Profile) -> list[Row]:
         batch_list = _batches(next(passes), profile.cond_batch)
         with _encode_ctx(device):
             for batch in batch_list:
-                hf_model(input_ids=hf_ids(batch).to(device)).last_hidden_state
+                _ = hf_model(input_ids=hf_ids(batch).to(device)).last_hidden_state
         _sync(device)
         return sum(map(len, batch_list))
 

@@ -87,7 +87,7 @@ def test_cached_values_equal_the_conditioner(tmp_path, sdxl, dtype, tol):
     with torch.inference_mode():
         ref = sdxl(CAPTIONS)
         empty = sdxl.empty_prompt()
-    for i, caption in enumerate(CAPTIONS):
+    for i in range(len(CAPTIONS)):
         item = cache[str(i + 1)]
         assert item["hidden"].dtype == CACHE_DTYPES[dtype]
         assert item["hidden"].shape == ref.hidden.shape[1:] and item["pooled"].shape == ref.pooled.shape[1:]
