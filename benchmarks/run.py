@@ -144,8 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats:
         profile = dataclasses.replace(profile, repeats=args.repeats)
     result = run_suite(profile, args.only)
-    print(describe(result))
-    print(format_rows(result["rows"]))
+    human = sys.stderr if args.json == "-" else sys.stdout  # standard output is then the JSON alone
+    print(describe(result), file=human)
+    print(format_rows(result["rows"]), file=human)
     suffix = "" if profile.name == "full" else f"-{profile.name}"
     write_json(args.json or Path(__file__).resolve().parent / "results" / f"latest{suffix}.json", result)
     return 1 if any(r["status"] == "failed" for r in result["rows"]) else 0

@@ -83,3 +83,12 @@ def test_table_and_json(result, tmp_path):
     written = json.loads(out.read_text())
     assert {r["id"] for r in written["rows"]} == {"tokenizer_openclip", "tokenizer_hf"}
     assert written["environment"]["torch"]
+
+
+def test_json_dash_is_standard_output(capsys, tmp_path, monkeypatch):
+    # '-' once meant "no file" in run.py and a file literally named '-' in the other scripts.
+    monkeypatch.chdir(tmp_path)
+    assert main(["--profile", "tiny", "--only", "tokenizer", "--json", "-"]) == 0
+    written = json.loads(capsys.readouterr().out)  # the table goes to standard error
+    assert {r["id"] for r in written["rows"]} == {"tokenizer_openclip", "tokenizer_hf"}
+    assert not (tmp_path / "-").exists()

@@ -7,14 +7,16 @@ import os
 import re
 from pathlib import Path
 
-__all__ = ["IMAGE_SUFFIXES", "TABLE_SUFFIXES", "HF_HUB_PREFIX", "LOCAL_DIR_PREFIX", "OPENCLIP_CONFIG_NAME",
-           "OPENCLIP_WEIGHT_NAMES", "is_image_file", "is_table",
-           "is_shards", "input_kind", "carries_weights"]
+__all__ = ["IMAGE_SUFFIXES", "TABLE_DELIMITERS", "PARQUET_SUFFIXES", "TABLE_SUFFIXES", "HF_HUB_PREFIX",
+           "LOCAL_DIR_PREFIX", "OPENCLIP_CONFIG_NAME", "OPENCLIP_WEIGHT_NAMES", "is_image_file", "is_table", "is_shards",
+           "input_kind", "carries_weights"]
 
 # Image files PIL reads, by suffix (lower case).
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
-# Caption / label tables: comma- or tab-separated text, or parquet.
-TABLE_SUFFIXES = (".csv", ".tsv", ".tab", ".parquet", ".pq")
+# Caption / label tables: comma- or tab-separated text (by suffix, its delimiter), or parquet.
+TABLE_DELIMITERS = {".csv": ",", ".tsv": "\t", ".tab": "\t"}
+PARQUET_SUFFIXES = (".parquet", ".pq")
+TABLE_SUFFIXES = (*TABLE_DELIMITERS, *PARQUET_SUFFIXES)
 
 # Model names that are a checkpoint themselves (config and weights in one place).
 HF_HUB_PREFIX = "hf-hub:"

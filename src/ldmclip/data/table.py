@@ -21,12 +21,11 @@ from typing import Any, Callable, Sequence
 
 import torch.utils.data
 
+from ..core.formats import PARQUET_SUFFIXES, TABLE_DELIMITERS
 from .samples import BadSample, Sample, SampleStats, decode_caption, load_sample, record_bad
 
 __all__ = ["CaptionTable", "ImageList", "read_table", "read_split_file", "table_columns"]
 
-_DELIMITERS = {".csv": ",", ".tsv": "\t", ".tab": "\t"}
-_PARQUET = {".parquet", ".pq"}
 
 
 def _check_file(path: Path, what: str) -> None:
@@ -86,10 +85,10 @@ def read_table(path: str | os.PathLike, columns: Sequence[str], sep: str | None 
     path = Path(path)
     _check_file(path, "table")
     suffix = path.suffix.lower()
-    if sep is None and suffix in _PARQUET:
+    if sep is None and suffix in PARQUET_SUFFIXES:
         return _read_parquet(path, columns)
     if sep is None:
-        sep = _DELIMITERS.get(suffix)
+        sep = TABLE_DELIMITERS.get(suffix)
         if sep is None:
             raise ValueError(f"{path}: unknown table format {suffix!r}; use .csv, .tsv or .parquet, "
                              "or pass sep= for delimited text")
@@ -101,14 +100,14 @@ def table_columns(path: str | os.PathLike, sep: str | None = None) -> list[str]:
     path = Path(path)
     _check_file(path, "table")
     suffix = path.suffix.lower()
-    if sep is None and suffix in _PARQUET:
+    if sep is None and suffix in PARQUET_SUFFIXES:
         import pyarrow.parquet as pq
 
         try:
             return list(pq.read_schema(path).names)
         except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid etc.
             raise ValueError(f"{path} is not a readable parquet file ({e})") from None
-    sep = sep or _DELIMITERS.get(suffix)
+    sep = sep or TABLE_DELIMITERS.get(suffix)
     if sep is None:
         raise ValueError(f"{path}: unknown table format {suffix!r}; use .csv, .tsv or .parquet")
     with open(path, "r", encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
