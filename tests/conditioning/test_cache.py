@@ -244,28 +244,29 @@ def test_resume_skips_finished_shards_and_rebuilds_missing_ones_identically(tmp_
 
 
 def test_an_interrupted_write_leaves_no_visible_shard(tmp_path, sdxl, monkeypatch):
-    from ldmclip.conditioning import cache as cache_module
     from ldmclip.core.files import atomic_write
+    from ldmclip.data.store import ChunkStore
 
     src = _text_file(tmp_path / "i.txt", CAPTIONS)
     reference = tmp_path / "reference"
     _build(sdxl, src, reference, shard_size=3)
-    real = cache_module._write_tensors
+    real = ChunkStore.write_tensors
     calls = []
 
-    def crash_on_second_shard(path, tensors, meta):
+    def crash_on_second_shard(store, path, tensors, meta):
         calls.append(path.name)
         if len(calls) == 3:  # empty prompt, shard 0, then die while writing shard 1
             def write_half(temp):
                 temp.write_bytes(b"partial")
                 raise KeyboardInterrupt
             atomic_write(path, write_half)
-        real(path, tensors, meta)
+        real(store, path, tensors, meta)
 
-    monkeypatch.setattr(cache_module, "_write_tensors", crash_on_second_shard)
+    monkeypatch.setattr(ChunkStore, "write_tensors", crash_on_second_shard)
     with pytest.raises(KeyboardInterrupt):
         _build(sdxl, src, tmp_path / "cache", shard_size=3)
-    monkeypatch.setattr(cache_module, "_write_tensors", real)
+    monkeypatch.setattr(ChunkStore, "write_tensors", real)
+    assert calls == ["empty_prompt.safetensors", "i-00000.safetensors", "i-00001.safetensors"]
     files = _tree(tmp_path / "cache")
     assert sorted(files) == ["empty_prompt.safetensors", "manifest.json", "shards/i-00000.safetensors"]
     assert TextEmbeddingCache(tmp_path / "cache").keys() == {"1", "2", "3"}
