@@ -447,3 +447,36 @@ def test_torchrun_with_two_ranks_makes_the_same_cache(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "[rank 1] wrote 2 shard(s)" in done.stdout and "[rank 0] wrote 3 shard(s)" in done.stdout
     assert _tree(tmp_path / "ranks") == _tree(tmp_path / "single")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_srun_alone_splits_the_inputs_across_ranks(tmp_path):
+    """Under SLURM's variables alone (srun, no torchrun), each process is its own rank: the ranks share
+    the input chunks and together make the single-process cache (issue 12: each encoded everything)."""
+    src = _text_file(tmp_path / "s.txt", CAPTIONS)  # 9 captions, 5 chunks of 2: ranks 0 and 1 get 0,2,4 / 1,3
+    assert _one_thread_main(["cache-text", str(src), "--out", str(tmp_path / "single"), *KILL_CLI]) == 0
+    torchrun = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
+                "TORCHELASTIC_RUN_ID")
+    base = {k: v for k, v in os.environ.items() if k not in torchrun and not k.startswith("SLURM")}
+    base.update(OMP_NUM_THREADS="1", SLURM_NTASKS="2", SLURM_JOB_NODELIST="localhost", SLURM_JOB_ID="1",
+                MASTER_PORT=str(_free_port()))
+    command = [sys.executable, "-m", "ldmclip", "cache-text", str(src), "--out", str(tmp_path / "ranks"), *KILL_CLI]
+    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env={**base, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)})
+                 for rank in (0, 1)]
+    outputs = [p.communicate(timeout=300) for p in processes]
+    for p, (out, err) in zip(processes, outputs):
+        assert p.returncode == 0, err[-3000:]
+    # each rank read and encoded only its own chunks: together every caption once, no chunk twice
+    assert "[rank 0] wrote 3 shard(s)" in outputs[0][0] and "captions 5 read, 5 cached" in outputs[0][0]
+    assert "[rank 1] wrote 2 shard(s)" in outputs[1][0] and "captions 4 read, 4 cached" in outputs[1][0]
+    assert "on 2 ranks" in outputs[0][1]
+    assert _tree(tmp_path / "ranks") == _tree(tmp_path / "single")
