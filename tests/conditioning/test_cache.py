@@ -356,6 +356,15 @@ def test_join_adds_embeddings_to_image_samples(tmp_path, sdxl):
         list(cache.join(samples, missing="error"))
 
 
+def test_a_folder_as_input_is_a_clear_error(tmp_path, sd2):
+    from ldmclip.core.errors import UserError
+
+    (tmp_path / "shards").mkdir()
+    with pytest.raises(UserError, match=r"is a folder: give its webdataset shards"):
+        _build(sd2, tmp_path / "shards", tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
+
+
 def test_reader_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         TextEmbeddingCache(tmp_path / "nothing")

@@ -12,7 +12,7 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.utils.data
 
-from .cache import CACHE_DTYPES, EMPTY_PROMPT_NAME, FORMAT_VERSION, cache_store
+from .cache import CACHE_DTYPES, EMPTY_PROMPT_NAME, FORMAT_VERSION, CacheError, cache_store
 
 __all__ = ["TextEmbeddingCache", "CachedTextDataset", "CacheJoin", "JOIN_MISSING"]
 
@@ -41,7 +41,7 @@ class TextEmbeddingCache(Mapping):
             raise FileNotFoundError(f"{self.path} holds no {store.manifest_path.name}: not a text-embedding cache "
                                     "(make one with `ldmclip cache-text`)")
         if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
-            raise ValueError(f"{self.path} was written by a newer ldmclip (cache format "
+            raise CacheError(f"{self.path} was written by a newer ldmclip (cache format "
                              f"{manifest.get('format_version')}); upgrade ldmclip to read it")
         self.manifest: dict[str, Any] = manifest
         self._files: list[Path] = store.chunk_files()
