@@ -50,7 +50,8 @@ def test_canonical_json_is_sorted_and_compact_the_other_keeps_order_and_text(tmp
         store.write_manifest({"format": "test-store", "z": "é", "a": 1})
     assert _raw_meta(canonical.chunk_path("0")) == '{"a":[1,2],"z":"\\u00e9"}'
     assert _raw_meta(plain.chunk_path("0")) == '{"z": "é", "a": [1, 2]}'
-    assert canonical.manifest_path.read_text(encoding="utf-8") == '{\n "a": 1,\n "format": "test-store",\n "z": "é"\n}\n'
+    manifest = canonical.manifest_path.read_text(encoding="utf-8")
+    assert manifest == '{\n "a": 1,\n "format": "test-store",\n "z": "é"\n}\n'
     assert list(json.loads(plain.manifest_path.read_text(encoding="utf-8"))) == ["format", "z", "a"]
 
 

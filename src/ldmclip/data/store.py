@@ -144,7 +144,8 @@ class ChunkStore:
                 meta = json.loads(raw)
                 loaded = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
         except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-            raise self.error(f"chunk {path} of the {self.noun} is missing or damaged ({type(e).__name__}: {e})") from None
+            raise self.error(f"chunk {path} of the {self.noun} is missing or damaged "
+                             f"({type(e).__name__}: {e})") from None
         if not isinstance(meta, dict):
             raise self.error(f"chunk {path} of the {self.noun} is damaged (its metadata is not a JSON object)")
         return meta, loaded

@@ -3,9 +3,10 @@
 A shard ``{prefix}-{00000}.tar`` holds, per sample, ``{key}.jpg`` (or ``.png``/``.webp`` with
 ``reencode="never"``), ``{key}.txt`` (UTF-8 caption) and, when there is metadata, ``{key}.json``.
 Keys are zero-padded numbers (9 digits) unless the caller gives its own. Each shard is written
-atomically (``core.files.atomic_write``: a hidden temporary ``.{prefix}-00000.tar.tmp``, fsync, rename),
-so an interrupted or killed run never leaves a shard that looks finished. ``sizes.json`` in the output folder maps each shard
-name to its number of samples (the file OpenCLIP and ``ldmclip.data.dataset_size`` read).
+atomically (``core.files.atomic_write``: a hidden temporary ``.{prefix}-00000.tar.tmp``, fsync,
+rename), so an interrupted or killed run never leaves a shard that looks finished. ``sizes.json`` in
+the output folder maps each shard name to its number of samples (the file OpenCLIP and
+``ldmclip.data.dataset_size`` read).
 
 Images (``reencode``):
 
