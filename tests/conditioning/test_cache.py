@@ -244,28 +244,29 @@ def test_resume_skips_finished_shards_and_rebuilds_missing_ones_identically(tmp_
 
 
 def test_an_interrupted_write_leaves_no_visible_shard(tmp_path, sdxl, monkeypatch):
-    from ldmclip.conditioning import cache as cache_module
     from ldmclip.core.files import atomic_write
+    from ldmclip.data.store import ChunkStore
 
     src = _text_file(tmp_path / "i.txt", CAPTIONS)
     reference = tmp_path / "reference"
     _build(sdxl, src, reference, shard_size=3)
-    real = cache_module._write_tensors
+    real = ChunkStore.write_tensors
     calls = []
 
-    def crash_on_second_shard(path, tensors, meta):
+    def crash_on_second_shard(store, path, tensors, meta):
         calls.append(path.name)
         if len(calls) == 3:  # empty prompt, shard 0, then die while writing shard 1
             def write_half(temp):
                 temp.write_bytes(b"partial")
                 raise KeyboardInterrupt
             atomic_write(path, write_half)
-        real(path, tensors, meta)
+        real(store, path, tensors, meta)
 
-    monkeypatch.setattr(cache_module, "_write_tensors", crash_on_second_shard)
+    monkeypatch.setattr(ChunkStore, "write_tensors", crash_on_second_shard)
     with pytest.raises(KeyboardInterrupt):
         _build(sdxl, src, tmp_path / "cache", shard_size=3)
-    monkeypatch.setattr(cache_module, "_write_tensors", real)
+    monkeypatch.setattr(ChunkStore, "write_tensors", real)
+    assert calls == ["empty_prompt.safetensors", "i-00000.safetensors", "i-00001.safetensors"]
     files = _tree(tmp_path / "cache")
     assert sorted(files) == ["empty_prompt.safetensors", "manifest.json", "shards/i-00000.safetensors"]
     assert TextEmbeddingCache(tmp_path / "cache").keys() == {"1", "2", "3"}
@@ -353,6 +354,15 @@ def test_join_adds_embeddings_to_image_samples(tmp_path, sdxl):
     assert batch["image"].shape == (2, 3, 8, 8) and batch["hidden"].shape[0] == 2
     with pytest.raises(KeyError, match="404"):
         list(cache.join(samples, missing="error"))
+
+
+def test_a_folder_as_input_is_a_clear_error(tmp_path, sd2):
+    from ldmclip.core.errors import UserError
+
+    (tmp_path / "shards").mkdir()
+    with pytest.raises(UserError, match=r"is a folder: give its webdataset shards"):
+        _build(sd2, tmp_path / "shards", tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
 
 
 def test_reader_errors(tmp_path):
@@ -445,4 +455,37 @@ def test_torchrun_with_two_ranks_makes_the_same_cache(tmp_path):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     assert "[rank 1] wrote 2 shard(s)" in done.stdout and "[rank 0] wrote 3 shard(s)" in done.stdout
+    assert _tree(tmp_path / "ranks") == _tree(tmp_path / "single")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_srun_alone_splits_the_inputs_across_ranks(tmp_path):
+    """Under SLURM's variables alone (srun, no torchrun), each process is its own rank: the ranks share
+    the input chunks and together make the single-process cache (issue 12: each encoded everything)."""
+    src = _text_file(tmp_path / "s.txt", CAPTIONS)  # 9 captions, 5 chunks of 2: ranks 0 and 1 get 0,2,4 / 1,3
+    assert _one_thread_main(["cache-text", str(src), "--out", str(tmp_path / "single"), *KILL_CLI]) == 0
+    torchrun = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
+                "TORCHELASTIC_RUN_ID")
+    base = {k: v for k, v in os.environ.items() if k not in torchrun and not k.startswith("SLURM")}
+    base.update(OMP_NUM_THREADS="1", SLURM_NTASKS="2", SLURM_JOB_NODELIST="localhost", SLURM_JOB_ID="1",
+                MASTER_PORT=str(_free_port()))
+    command = [sys.executable, "-m", "ldmclip", "cache-text", str(src), "--out", str(tmp_path / "ranks"), *KILL_CLI]
+    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env={**base, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)})
+                 for rank in (0, 1)]
+    outputs = [p.communicate(timeout=300) for p in processes]
+    for p, (out, err) in zip(processes, outputs):
+        assert p.returncode == 0, err[-3000:]
+    # each rank read and encoded only its own chunks: together every caption once, no chunk twice
+    assert "[rank 0] wrote 3 shard(s)" in outputs[0][0] and "captions 5 read, 5 cached" in outputs[0][0]
+    assert "[rank 1] wrote 2 shard(s)" in outputs[1][0] and "captions 4 read, 4 cached" in outputs[1][0]
+    assert "on 2 ranks" in outputs[0][1]
     assert _tree(tmp_path / "ranks") == _tree(tmp_path / "single")

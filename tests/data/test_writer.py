@@ -54,7 +54,7 @@ def test_pack_csv_round_trip(tmp_path, capsys):
     assert [p.name for p in shards] == ["shard-00000.tar", "shard-00001.tar", "shard-00002.tar"]
     assert json.loads((out / "sizes.json").read_text()) == {p.name: n for p, n in zip(shards, (3, 3, 2))}
     assert dataset_size(str(out / "shard-{00000..00002}.tar")) == 8
-    assert not list(out.glob(".*partial"))
+    assert not list(out.glob(".*partial")) and not list(out.glob(".*tmp"))
 
     # byte-identical JPEGs, equal captions, metadata next to them
     members = {}
@@ -207,3 +207,45 @@ def test_parallel_workers(tmp_path):
     m = _members(paths[2])
     assert m["000000011.txt"] == b"caption 11" and json.loads(m["000000011.json"]) == {"i": 11}
     assert stats.good == 12
+
+
+_KILLED_PACK = """
+import io, os, signal, sys
+import numpy as np
+from PIL import Image
+from ldmclip.data import write_shards
+
+rng = np.random.default_rng(0)
+def jpeg():  # noise: ~100 KB, more than a file buffer, so the killed shard has bytes on disk
+    out = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (192, 192, 3), dtype=np.uint8)).save(out, "JPEG", quality=95)
+    return out.getvalue()
+
+def items():
+    for i in range(5):
+        yield i, jpeg(), f"caption {i}", None
+    os.kill(os.getpid(), signal.SIGKILL)  # in the middle of the second shard: no cleanup runs
+
+write_shards(items(), sys.argv[1], max_per_shard=3)
+"""
+
+
+def test_a_killed_pack_leaves_no_half_shard_under_a_final_name(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-c", _KILLED_PACK, str(out)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    names = sorted(p.name for p in out.iterdir())
+    # the finished shard is complete; the one being written exists only under its temporary name
+    assert names == [".shard-00001.tar.tmp", "shard-00000.tar"]
+    assert (out / ".shard-00001.tar.tmp").stat().st_size > 0
+    assert sorted(_members(out / "shard-00000.tar")) == [f"00000000{i}.{e}" for i in range(3) for e in ("jpg", "txt")]
+    # the rerun removes the leftover
+    jpeg = good_images()["rgb_jpeg"]
+    write_shards([(i, jpeg, f"caption {i}", None) for i in range(4)], out, max_per_shard=3, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["shard-00000.tar", "shard-00001.tar", "sizes.json"]
+    assert json.loads((out / "sizes.json").read_text()) == {"shard-00000.tar": 3, "shard-00001.tar": 1}

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ldmclip.cli import main
-from ldmclip.search import IndexMismatchError, SearchEngine, SearchIndex, SearchIndexError, find_images
+from ldmclip.search import IndexMismatchError, SearchEngine, SearchIndex, SearchIndexError, find_images, model_identity
 
 from .conftest import add_unreadable, build, load, make_images
 
@@ -147,3 +147,21 @@ def test_damaged_or_missing_indexes_are_clear_errors(tmp_path, built_index):
     (copy / "chunks" / "00001.safetensors").write_bytes(b"garbage")
     with pytest.raises(SearchIndexError, match="00001.safetensors of the index is missing or damaged"):
         SearchIndex.load(copy)
+
+
+def test_model_weights_sha256_covers_both_towers():
+    # The index's hash must change with the image tower too (the conditioner's weights_sha256 hashes the
+    # text tower alone): an index is made of image embeddings.
+    import ldmclip
+    from ldmclip.search.index import model_weights_sha256
+
+    torch.manual_seed(0)
+    model = ldmclip.create_model("ViT-Tiny-64")
+    before = model_weights_sha256(model)
+    assert model_identity(model, "ViT-Tiny-64", None)["sha256"] == before
+    with torch.no_grad():
+        model.visual.conv1.weight[0, 0, 0, 0] += 1.0
+    changed_image = model_weights_sha256(model)
+    with torch.no_grad():
+        model.token_embedding.weight[0, 0] += 1.0
+    assert len({before, changed_image, model_weights_sha256(model)}) == 3

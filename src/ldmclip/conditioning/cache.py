@@ -18,12 +18,14 @@ text-tower weights), the preset, the stored dtype, the autocast precision, the h
 the ldmclip version that created the cache, and the sorted list of finished shards with their summed
 counts (refreshed every ``MANIFEST_REFRESH_S`` seconds during a run and at its end; the shard files
 on disk are what the reader goes by). Adding to a cache made with another identity, preset, dtype or
-precision is refused (:class:`CacheMismatchError`). ``cache_reader.TextEmbeddingCache`` reads a cache.
+precision is refused (:class:`CacheMismatchError`, a ``UserError``: the command line prints one
+line). ``cache_reader.TextEmbeddingCache`` reads a cache.
 
 Crash safety and resuming
 -------------------------
-Every file is written under a hidden temporary name in its final folder (``.NAME.tmp``), flushed
-to disk (``fsync``) and renamed into place, then the folder is synced: a reader never sees a
+The folder is a ``ldmclip.data.store.ChunkStore`` (the search index's store too). Every file is
+written under a hidden temporary name in its final folder (``.NAME.tmp``), flushed to disk
+(``fsync``) and renamed into place, then the folder is synced: a reader never sees a
 half-written shard or manifest, and a shard file that exists is finished. A run skips the shards
 that exist (after checking they were made from the same input chunk) and removes temporary files
 left by a killed run. Nothing time- or host-dependent is stored, captions of a shard are encoded in
@@ -63,7 +65,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import json
 import logging
 import os
 import time
@@ -73,20 +74,19 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from ..core.files import write_json_atomic, write_safetensors
 from ..core.launch import process_rank
 from ..core.precision import DTYPES
+from ..data.store import ChunkStore, StoreError, StoreMismatchError, as_json_value, differing_fields
 from .cache_inputs import DEFAULT_SHARD_SIZE, InputChunk, open_inputs
 
-__all__ = ["CacheReport", "CacheMismatchError", "build_text_cache", "CACHE_DTYPES", "MAX_CAPTION_CHARS"]
+__all__ = ["CacheReport", "CacheError", "CacheMismatchError", "build_text_cache", "cache_store", "CACHE_DTYPES",
+           "MAX_CAPTION_CHARS"]
 
 FORMAT = "ldmclip-text-embedding-cache"
 FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
 EMPTY_PROMPT_NAME = "empty_prompt.safetensors"
 SHARDS_DIR = "shards"
 SHARD_SUFFIX = ".safetensors"
-_META_KEY = "ldmclip"  # one metadata entry only: safetensors writes several in a random order
 CACHE_DTYPES = {name: DTYPES[name] for name in ("fp16", "bf16", "fp32")}  # the order is the help's
 MAX_CAPTION_CHARS = 20_000
 MANIFEST_REFRESH_S = 30.0  # how often rank 0 refreshes the manifest's shard list during a run
@@ -96,37 +96,18 @@ REASON_DUPLICATE_KEY = "duplicate_key"
 _RETRY_REASONS = ("shard_unreadable", "shard_error")
 
 
-class CacheMismatchError(ValueError):
+class CacheError(StoreError):
+    """A cache folder that cannot be used (damaged, not a cache, an unrelated folder)."""
+
+
+class CacheMismatchError(CacheError, StoreMismatchError):
     """The cache folder was made by another model, preset, dtype, precision or input layout."""
 
 
-# ----------------------------------------------------------------------------------------------------
-# Files: atomic writes and shard headers
-# ----------------------------------------------------------------------------------------------------
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    write_json_atomic(path, data, sort_keys=True)  # sorted: a rerun writes byte-identical files
-
-
-def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    write_safetensors(path, tensors, {_META_KEY: json.dumps(meta, sort_keys=True, separators=(",", ":"))})
-
-
-def _read_shard_meta(path: Path) -> dict[str, Any]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get(_META_KEY)
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-        raise ValueError(f"{path} is not a readable cache shard ({e})") from None
-    if raw is None:
-        raise ValueError(f"{path} is not an ldmclip cache shard (no '{_META_KEY}' metadata)")
-    return json.loads(raw)
-
-
-def _json_roundtrip(value: Any) -> Any:
-    return json.loads(json.dumps(value, sort_keys=True, default=str))
+def cache_store(path: str | os.PathLike) -> ChunkStore:
+    """The store of the cache folder ``path`` (the reader opens it the same way)."""
+    return ChunkStore(path, FORMAT, SHARDS_DIR, SHARD_SUFFIX, kind="text-embedding cache", canonical=True,
+                      error=CacheError, mismatch=CacheMismatchError)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -345,75 +326,11 @@ def _default_barrier() -> None:
 _CHECKED_FIELDS = ("format", "identity", "preset", "dtype", "precision", "hidden_shape", "pooled_dim")
 
 
-class _CacheFolder:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.shards = path / SHARDS_DIR
-        self.manifest_path = path / MANIFEST_NAME
-
-    def shard_path(self, name: str) -> Path:
-        return self.shards / f"{name}{SHARD_SUFFIX}"
-
-    def shard_files(self) -> list[Path]:
-        if not self.shards.is_dir():
-            return []
-        return sorted(p for p in self.shards.iterdir()
-                      if p.name.endswith(SHARD_SUFFIX) and not p.name.startswith(".") and p.is_file())
-
-    def read_manifest(self) -> dict[str, Any] | None:
-        try:
-            text = self.manifest_path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return None
-        try:
-            manifest = json.loads(text)
-        except ValueError as e:
-            raise CacheMismatchError(f"{self.manifest_path} is not valid JSON ({e})") from None
-        if manifest.get("format") != FORMAT:
-            raise CacheMismatchError(f"{self.path} is not an ldmclip text-embedding cache (manifest format "
-                                     f"{manifest.get('format')!r})")
-        return manifest
-
-    def check_compatible(self, existing: dict[str, Any], wanted: dict[str, Any]) -> None:
-        differ = [f for f in _CHECKED_FIELDS if _json_roundtrip(existing.get(f)) != _json_roundtrip(wanted.get(f))]
-        if not differ:
-            return
-        details = []
-        for name in differ:
-            if name == "identity":
-                a, b = existing.get(name) or {}, wanted.get(name) or {}
-                keys = sorted(k for k in set(a) | set(b) if _json_roundtrip(a.get(k)) != _json_roundtrip(b.get(k)))
-                details.append(f"identity ({', '.join(keys)} differ)")
-            else:
-                details.append(f"{name}: cache has {existing.get(name)!r}, this run {wanted.get(name)!r}")
-        raise CacheMismatchError(
-            f"{self.path} holds embeddings made with another setup ({'; '.join(details)}); refusing to mix "
-            f"them in one cache. Use another output folder, or the options the cache was made with.")
-
-    def check_unrelated(self) -> None:
-        """A folder without a manifest may only hold what an interrupted first run leaves."""
-        if not self.path.exists():
-            return
-        if not self.path.is_dir():
-            raise ValueError(f"{self.path} exists and is not a folder")
-        visible = [p.name for p in self.path.iterdir() if not p.name.startswith(".")
-                   and not (p.name == SHARDS_DIR and p.is_dir() and not self.shard_files())]
-        if visible:
-            raise ValueError(f"{self.path} is not empty and holds no {MANIFEST_NAME} ({', '.join(sorted(visible)[:5])}"
-                             "); choose an empty or new folder for the cache")
-
-    def remove_temporaries(self) -> None:
-        """Delete what killed runs left: temporary files are never part of the cache."""
-        for folder in (self.path, self.shards):
-            if folder.is_dir():
-                for p in folder.glob(".*.tmp"):
-                    p.unlink(missing_ok=True)
-
-    def write_manifest(self, header: dict[str, Any], shard_counts: dict[str, dict[str, Any]]) -> None:
-        totals: dict[str, Any] = {}
-        for name in sorted(shard_counts):
-            _add_counts(totals, shard_counts[name])
-        _write_json(self.manifest_path, {**header, "shards": sorted(shard_counts), "totals": totals})
+def _write_manifest(store: ChunkStore, header: dict[str, Any], shard_counts: dict[str, dict[str, Any]]) -> None:
+    totals: dict[str, Any] = {}
+    for name in sorted(shard_counts):
+        _add_counts(totals, shard_counts[name])
+    store.write_manifest({**header, "shards": sorted(shard_counts), "totals": totals})
 
 
 def build_text_cache(
@@ -484,7 +401,7 @@ def build_text_cache(
     precision = resolve_precision(precision, device)
     encoder = _Encoder(conditioner, CACHE_DTYPES[dtype], precision, device)
     empty_hidden, empty_pooled = encoder.empty_prompt()
-    identity = _json_roundtrip(conditioner.identity())
+    identity = as_json_value(conditioner.identity())
     header = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -497,19 +414,19 @@ def build_text_cache(
         "hidden_shape": list(empty_hidden.shape),
         "pooled_dim": None if empty_pooled is None else int(empty_pooled.shape[-1]),
     }
-    folder = _CacheFolder(Path(out_dir))
-    header = _prepare_folder(folder, header, empty_hidden, empty_pooled, is_main, world_size, barrier)
+    store = cache_store(out_dir)
+    header = _prepare_folder(store, header, empty_hidden, empty_pooled, is_main, world_size, barrier)
 
     mine = [c for i, c in enumerate(chunks) if i % world_size == rank]
-    report = CacheReport(folder.path, other_ranks=len(chunks) - len(mine))
-    on_disk = {p.name[: -len(SHARD_SUFFIX)]: p for p in folder.shard_files()}
+    report = CacheReport(store.path, other_ranks=len(chunks) - len(mine))
+    on_disk = {store.chunk_name(p): p for p in store.chunk_files()}
     todo = [c for c in mine if c.name not in on_disk]
     for chunk in mine:
         if chunk.name in on_disk:
-            _check_source(on_disk[chunk.name], chunk)
+            _check_source(store, on_disk[chunk.name], chunk)
             report.already_done.append(chunk.name)
     # rank 0 keeps the manifest: the finished shards (its own and the other ranks') with their counts
-    shard_counts = {name: _read_shard_meta(path)["counts"] for name, path in on_disk.items()} if is_main else {}
+    shard_counts = {name: store.read_chunk_meta(path)["counts"] for name, path in on_disk.items()} if is_main else {}
 
     counter = _TokenCounter(conditioner, int(empty_hidden.shape[0]))
     bar = _progress_bar(todo, rank, world_size) if progress else None
@@ -529,8 +446,7 @@ def build_text_cache(
             tensors = _encode_plan(plan, encoder, counter, batch_size, empty_hidden, empty_pooled, bar)
             meta = {"format_version": FORMAT_VERSION, "source": chunk.source, "keys": plan.keys,
                     "rows": plan.rows, "counts": plan.counts}
-            path = folder.shard_path(chunk.name)
-            _write_tensors(path, tensors, meta)
+            path = store.write_chunk(chunk.name, tensors, meta)
             report.written.append(chunk.name)
             report.bytes_written += path.stat().st_size
             _add_counts(report.counts, plan.counts)
@@ -539,7 +455,7 @@ def build_text_cache(
                 # The shard files are the truth; the manifest's list is refreshed now and then while a
                 # run goes on (rewriting it after every shard would cost O(shards^2)) and at the end.
                 if time.monotonic() - last_manifest > MANIFEST_REFRESH_S:
-                    folder.write_manifest(header, shard_counts)
+                    _write_manifest(store, header, shard_counts)
                     last_manifest = time.monotonic()
     finally:
         if bar is not None:
@@ -548,12 +464,12 @@ def build_text_cache(
     if world_size > 1:
         barrier()  # every rank has finished its shards
     if is_main:
-        files = folder.shard_files()
-        known = {p.name[: -len(SHARD_SUFFIX)] for p in files}
+        files = store.chunk_files()
+        known = {store.chunk_name(p) for p in files}
         for name in known - set(shard_counts):  # written by the other ranks
-            shard_counts[name] = _read_shard_meta(folder.shard_path(name))["counts"]
+            shard_counts[name] = store.read_chunk_meta(name)["counts"]
         shard_counts = {name: shard_counts[name] for name in known}
-        folder.write_manifest(header, shard_counts)
+        _write_manifest(store, header, shard_counts)
         report.cache_shards, report.cache_known = len(files), True
         report.cache_bytes = sum(p.stat().st_size for p in files)
         for name in sorted(shard_counts):
@@ -563,40 +479,42 @@ def build_text_cache(
     return report
 
 
-def _prepare_folder(folder: _CacheFolder, header: dict[str, Any], empty_hidden: torch.Tensor,
+def _prepare_folder(store: ChunkStore, header: dict[str, Any], empty_hidden: torch.Tensor,
                     empty_pooled: torch.Tensor | None, is_main: bool, world_size: int,
                     barrier: Callable[[], None]) -> dict[str, Any]:
     """Check an existing cache against this run, or create a new one (rank 0); returns the manifest
     header to keep writing (an existing cache keeps the one it was created with, e.g. its version)."""
-    existing = folder.read_manifest()
+    existing = store.read_manifest()
     if existing is not None:
-        folder.check_compatible(existing, header)  # every rank checks: they all fail alike
+        _check_compatible(store, existing, header)  # every rank checks: they all fail alike
         header = {k: v for k, v in existing.items() if k not in ("shards", "totals")}
     elif is_main:
-        folder.check_unrelated()
+        store.check_unrelated()
     if is_main:
-        folder.path.mkdir(parents=True, exist_ok=True)
-        folder.shards.mkdir(exist_ok=True)
-        folder.remove_temporaries()  # before the other ranks start writing theirs
+        store.create()  # and remove temporaries, before the other ranks start writing theirs
         if existing is None:
-            folder.write_manifest(header, {})
-        if not (folder.path / EMPTY_PROMPT_NAME).is_file():
+            _write_manifest(store, header, {})
+        if not (store.path / EMPTY_PROMPT_NAME).is_file():
             tensors = {"hidden": empty_hidden} | ({} if empty_pooled is None else {"pooled": empty_pooled})
-            _write_tensors(folder.path / EMPTY_PROMPT_NAME, tensors, {"prompt": ""})
+            store.write_tensors(store.path / EMPTY_PROMPT_NAME, tensors, {"prompt": ""})
     if world_size > 1:
         barrier()  # rank 0 has created the folder and the manifest
     if not is_main:
-        manifest = folder.read_manifest()
+        manifest = store.read_manifest()
         if manifest is None:
-            raise RuntimeError(f"rank 0 did not create {folder.manifest_path} (is a barrier set up?)")
-        folder.check_compatible(manifest, header)
+            raise RuntimeError(f"rank 0 did not create {store.manifest_path} (is a barrier set up?)")
+        _check_compatible(store, manifest, header)
         header = {k: v for k, v in manifest.items() if k not in ("shards", "totals")}
     return header
 
 
-def _check_source(path: Path, chunk: InputChunk) -> None:
-    meta = _read_shard_meta(path)
-    if _json_roundtrip(meta.get("source")) != _json_roundtrip(chunk.source):
+def _check_compatible(store: ChunkStore, existing: dict[str, Any], wanted: dict[str, Any]) -> None:
+    store.check_same(existing, wanted, _CHECKED_FIELDS, contents="embeddings")
+
+
+def _check_source(store: ChunkStore, path: Path, chunk: InputChunk) -> None:
+    meta = store.read_chunk_meta(path)
+    if differing_fields(meta, {"source": chunk.source}, ["source"]):
         raise CacheMismatchError(
             f"{path} was made from {meta.get('source')}, but this run's chunk {chunk.name!r} is {chunk.source} "
             "(another input file with the same name, or a different --shard-size?); use another output folder")

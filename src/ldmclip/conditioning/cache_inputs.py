@@ -6,11 +6,11 @@ Each input chunk becomes exactly one output shard, named after the chunk, so a r
 * **webdataset shards** (``.tar``, brace patterns such as ``'data/{00000..00099}.tar'``, ``pipe:``
   and URLs): one input shard is one chunk; keys are the samples' ``__key__``; the caption is the
   ``.txt`` member. ``data/00042.tar`` becomes ``00042.safetensors``.
-* **tables** (``.csv``, ``.tsv``, ``.parquet``; read with :func:`ldmclip.data.table.read_table`):
-  ``shard_size`` consecutive data rows are one chunk, named ``{file stem}-{00000}``. Keys are the
-  values of ``key_column`` or, by default, ``"{image}#{row}"`` — exactly the keys
-  :class:`ldmclip.data.CaptionTable` gives its samples, so the cache joins with that dataset as it
-  is (``row`` is the 0-based data-row number). A table without the image column is keyed by row
+* **tables** (``.csv``, ``.tsv``, ``.tab``, ``.parquet``, ``.pq``; read with
+  :func:`ldmclip.data.table.read_table`): ``shard_size`` consecutive data rows are one chunk, named
+  ``{file stem}-{00000}``. Keys are the values of ``key_column`` or, by default, ``"{image}#{row}"``
+  — exactly the keys :class:`ldmclip.data.CaptionTable` gives its samples, so the cache joins with
+  that dataset as it is (``row`` is the 0-based data-row number). A table without the image column is keyed by row
   number (``"0"``, ``"1"``, ...).
 * **text files** (any other suffix, e.g. ``.txt``): one caption per line, keys are the 1-based line
   numbers as strings (``"1"`` is the first line, as editors and ``sed -n 1p`` count); chunks of
@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+from ..core.errors import UserError
 from ..core.formats import input_kind
 
 __all__ = ["InputChunk", "open_inputs", "INPUT_FORMATS"]
@@ -54,7 +55,11 @@ class InputChunk:
 
 
 def _detect_format(path: str) -> str:
-    return {"shards": "webdataset", "table": "table"}.get(input_kind(path), "text")
+    kind = input_kind(path)
+    if kind == "folder":  # else read as a text file: "caption file not found" would be a riddle
+        raise UserError(f"{path} is a folder: give its webdataset shards ('{path}/{{00000..00099}}.tar'), a "
+                        "table or a text file of captions")
+    return {"shards": "webdataset", "table": "table"}.get(kind, "text")
 
 
 def open_inputs(
@@ -69,7 +74,8 @@ def open_inputs(
 ) -> list[InputChunk]:
     """Cut ``source`` into chunks (see the module docs); a list is a list of webdataset shards.
     ``input_format`` is ``auto`` (by the name: ``.tar``/brace pattern/``pipe:`` is webdataset,
-    ``.csv``/``.tsv``/``.parquet`` a table, anything else a text file), ``webdataset``, ``table`` or
+    a table suffix of ``core.formats`` (``.csv``, ``.tsv``, ``.tab``, ``.parquet``, ``.pq``) a table,
+    anything else a text file), ``webdataset``, ``table`` or
     ``text``."""
     if input_format not in INPUT_FORMATS:
         raise ValueError(f"unknown input format {input_format!r}; use one of {', '.join(INPUT_FORMATS)}")

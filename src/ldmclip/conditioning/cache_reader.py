@@ -12,8 +12,7 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.utils.data
 
-from .cache import (CACHE_DTYPES, EMPTY_PROMPT_NAME, FORMAT_VERSION, MANIFEST_NAME, SHARD_SUFFIX, _CacheFolder,
-                    _read_shard_meta)
+from .cache import CACHE_DTYPES, EMPTY_PROMPT_NAME, FORMAT_VERSION, CacheError, cache_store
 
 __all__ = ["TextEmbeddingCache", "CachedTextDataset", "CacheJoin", "JOIN_MISSING"]
 
@@ -34,22 +33,23 @@ class TextEmbeddingCache(Mapping):
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        folder = _CacheFolder(self.path)
+        store = cache_store(self.path)
         if not self.path.is_dir():
             raise FileNotFoundError(f"text-embedding cache not found: {self.path}")
-        manifest = folder.read_manifest()
+        manifest = store.read_manifest()
         if manifest is None:
-            raise FileNotFoundError(f"{self.path} holds no {MANIFEST_NAME}: not a text-embedding cache "
+            raise FileNotFoundError(f"{self.path} holds no {store.manifest_path.name}: not a text-embedding cache "
                                     "(make one with `ldmclip cache-text`)")
         if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
-            raise ValueError(f"{self.path} was written by a newer ldmclip (cache format "
+            raise CacheError(f"{self.path} was written by a newer ldmclip (cache format "
                              f"{manifest.get('format_version')}); upgrade ldmclip to read it")
         self.manifest: dict[str, Any] = manifest
-        self._files: list[Path] = folder.shard_files()
+        self._files: list[Path] = store.chunk_files()
+        self.shard_names: list[str] = [store.chunk_name(p) for p in self._files]
         self._index: dict[str, tuple[int, int]] = {}
         self.duplicate_keys = 0
         for number, file in enumerate(self._files):
-            meta = _read_shard_meta(file)
+            meta = store.read_chunk_meta(file)
             for key, row in zip(meta["keys"], meta["rows"]):
                 if key in self._index:
                     self.duplicate_keys += 1
@@ -70,10 +70,6 @@ class TextEmbeddingCache(Mapping):
     @property
     def has_pooled(self) -> bool:
         return self.manifest.get("pooled_dim") is not None
-
-    @property
-    def shard_names(self) -> list[str]:
-        return [p.name[: -len(SHARD_SUFFIX)] for p in self._files]
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({str(self.path)!r}, keys={len(self)}, shards={len(self._files)}, "

@@ -2,10 +2,11 @@
 
 A shard ``{prefix}-{00000}.tar`` holds, per sample, ``{key}.jpg`` (or ``.png``/``.webp`` with
 ``reencode="never"``), ``{key}.txt`` (UTF-8 caption) and, when there is metadata, ``{key}.json``.
-Keys are zero-padded numbers (9 digits) unless the caller gives its own. Each shard is written under a
-hidden temporary name (``.{prefix}-00000.tar.partial``) and renamed when complete, so an interrupted
-run never leaves a shard that looks finished. ``sizes.json`` in the output folder maps each shard
-name to its number of samples (the file OpenCLIP and ``ldmclip.data.dataset_size`` read).
+Keys are zero-padded numbers (9 digits) unless the caller gives its own. Each shard is written
+atomically (``core.files.atomic_write``: a hidden temporary ``.{prefix}-00000.tar.tmp``, fsync,
+rename), so an interrupted or killed run never leaves a shard that looks finished. ``sizes.json`` in
+the output folder maps each shard name to its number of samples (the file OpenCLIP and
+``ldmclip.data.dataset_size`` read).
 
 Images (``reencode``):
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import functools
 import io
+import itertools
 import json
 import os
 import re
@@ -40,6 +42,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from PIL import Image
 
+from ..core.files import atomic_write, write_json_atomic
 from ..core.formats import IMAGE_SUFFIXES, is_image_file
 from .samples import (REASON_EMPTY_FILE, REASON_MISSING_FILE, REASON_MISSING_IMAGE, REASON_READ_ERROR, BadSample,
                       SampleStats, decode_caption, decode_image)
@@ -186,84 +189,36 @@ def _format_key(key: Any, counter: int) -> str:
     return key
 
 
-class _ShardSink:
-    """Writes samples to consecutive shards, each under a temporary name renamed when complete."""
+def _write_shard(temp: Path, *, first: tuple[str, dict[str, bytes]], rest: Iterator[tuple[str, dict[str, bytes]]],
+                 limit: int, name: str, counts: dict[str, int]) -> None:
+    """Write ``first`` and up to ``limit - 1`` more samples of ``rest`` as the tar file ``temp`` of the
+    shard ``name``; ``counts[name]`` is then its number of samples."""
+    from webdataset import TarWriter
 
-    def __init__(self, out_dir: Path, prefix: str, max_per_shard: int, start_shard: int) -> None:
-        self.out_dir = out_dir
-        self.prefix = prefix
-        self.max_per_shard = max_per_shard
-        self.index = start_shard
-        self.written: list[Path] = []
-        self.sizes: dict[str, int] = {}
-        self._file: Any = None
-        self._tar: Any = None
-        self._count = 0
-        self._keys: set[str] = set()
-
-    def _name(self) -> str:
-        return f"{self.prefix}-{self.index:05d}.tar"
-
-    def _open(self) -> None:
-        from webdataset import TarWriter
-
-        self._temp = self.out_dir / f".{self._name()}.partial"
-        self._file = open(self._temp, "wb")
+    keys: set[str] = set()
+    with open(temp, "wb") as f:
         # An integer mtime keeps the headers plain USTAR: a fractional one makes tarfile add a PAX
         # header to every member, which costs readers a second header parse per member.
-        self._tar = TarWriter(self._file, encoder=False, mtime=int(time.time()))
-        self._count = 0
-        self._keys = set()
-
-    def write(self, key: str, members: dict[str, bytes]) -> None:
-        if self._tar is None:
-            self._open()
-        if key in self._keys:
-            raise ValueError(f"duplicate sample key {key!r} in shard {self._name()}")
-        self._keys.add(key)
-        self._tar.write({"__key__": key, **members})
-        self._count += 1
-        if self._count >= self.max_per_shard:
-            self.close()
-
-    def close(self) -> None:
-        if self._tar is None:
-            return
-        self._tar.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        final = self.out_dir / self._name()
-        os.replace(self._temp, final)
-        self.written.append(final)
-        self.sizes[final.name] = self._count
-        self._tar = self._file = None
-        self.index += 1
-
-    def abort(self) -> None:
-        if self._tar is None:
-            return
+        tar = TarWriter(f, encoder=False, mtime=int(time.time()))
         try:
-            try:
-                self._tar.close()  # flushes tarfile's buffer into the doomed temporary file
-            finally:
-                self._file.close()
+            for key, members in itertools.chain([first], itertools.islice(rest, limit - 1)):
+                if key in keys:
+                    raise ValueError(f"duplicate sample key {key!r} in shard {name}")
+                keys.add(key)
+                tar.write({"__key__": key, **members})
         finally:
-            self._temp.unlink(missing_ok=True)
-            self._tar = self._file = None
+            tar.close()  # also on an error: the doomed temporary is then removed by atomic_write
+    counts[name] = len(keys)
 
 
 def _update_sizes(out_dir: Path, sizes: dict[str, int]) -> None:
     path = out_dir / "sizes.json"
-    merged: dict[str, int] = {}
     try:
-        merged = json.loads(path.read_text())
+        merged: dict[str, int] = json.loads(path.read_text())
     except (OSError, ValueError):
         merged = {}
     merged.update(sizes)
-    temp = out_dir / ".sizes.json.partial"
-    temp.write_text(json.dumps(dict(sorted(merged.items())), indent=1) + "\n")
-    os.replace(temp, path)
+    write_json_atomic(path, dict(sorted(merged.items())))
 
 
 def write_shards(
@@ -318,16 +273,38 @@ def write_shards(
         raise ValueError(f"{out} already holds {len(existing)} shard(s) named {prefix}-*.tar "
                          f"(e.g. {existing[0].name}); pass overwrite=True (--overwrite) or use another "
                          "prefix or folder")
-    for stale in out.glob(f".{_glob_escape(prefix)}-*.tar.partial"):
-        stale.unlink(missing_ok=True)  # left by an interrupted run
+    for pattern in (".{}-*.tar.tmp", ".{}-*.tar.partial"):  # left by a killed run (.partial: the old name)
+        for stale in out.glob(pattern.format(_glob_escape(prefix))):
+            stale.unlink(missing_ok=True)
 
     opts = _Options(reencode, None if max_size is None else int(max_size), int(quality), bool(verify))
     stats = stats if stats is not None else SampleStats()
     prepare = functools.partial(_prepare, opts=opts)
-    sink = _ShardSink(out, prefix, int(max_per_shard), int(start_shard))
+    written: list[Path] = []
+    sizes: dict[str, int] = {}
     pool = None
     bar = None
-    counter = 0
+
+    def good_samples(results: Iterable[tuple[Any, ...]]) -> Iterator[tuple[str, dict[str, bytes]]]:
+        counter = 0
+        for result in results:
+            if result[0] == "bad":
+                stats.record(result[2])
+            else:
+                _, key, ext, data, cap, meta = result
+                members = {ext: data}
+                if cap is not None:
+                    members["txt"] = cap
+                if meta is not None:
+                    members["json"] = meta
+                yield _format_key(key, counter), members
+                counter += 1
+                stats.seen += 1
+            if bar is not None:
+                bar.update(1)
+                if stats.skipped:
+                    bar.set_postfix(skipped=stats.skipped, refresh=False)
+
     try:
         if workers and workers > 0:
             import multiprocessing
@@ -340,36 +317,27 @@ def write_shards(
             from tqdm import tqdm
 
             bar = tqdm(total=total, unit="img", dynamic_ncols=True, desc="pack")
-        for result in results:
-            if result[0] == "bad":
-                stats.record(result[2])
-            else:
-                _, key, ext, data, cap, meta = result
-                members = {ext: data}
-                if cap is not None:
-                    members["txt"] = cap
-                if meta is not None:
-                    members["json"] = meta
-                sink.write(_format_key(key, counter), members)
-                counter += 1
-                stats.seen += 1
-            if bar is not None:
-                bar.update(1)
-                if stats.skipped:
-                    bar.set_postfix(skipped=stats.skipped, refresh=False)
-        sink.close()
-    except BaseException:
-        sink.abort()
-        raise
+        items = good_samples(results)
+        number = int(start_shard)
+        pending: dict[str, int] = {}
+        for first in items:
+            final = out / f"{prefix}-{number:05d}.tar"
+            # A hidden temporary, fsync, rename (core.files): a killed pack never leaves a partial shard
+            # under a final name, and the next run removes the temporary.
+            atomic_write(final, functools.partial(_write_shard, first=first, rest=items, limit=int(max_per_shard),
+                                                  name=final.name, counts=pending))
+            written.append(final)
+            sizes[final.name] = pending.pop(final.name)  # only once the shard is in place
+            number += 1
     finally:
         if bar is not None:
             bar.close()
         if pool is not None:
             pool.terminate()
             pool.join()
-        if sink.sizes:
-            _update_sizes(out, sink.sizes)
-    return sink.written
+        if sizes:
+            _update_sizes(out, sizes)
+    return written
 
 
 # ----------------------------------------------------------------------------------------------------

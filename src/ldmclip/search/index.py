@@ -8,8 +8,9 @@ Layout of an index folder::
                                their relative paths and skipped files in the safetensors metadata
 
 The images are listed once (recursively, sorted by relative path) and cut into chunks of
-``chunk_size`` files. A chunk file is written under a temporary name and renamed into place, so a
-chunk file that exists is finished. Each chunk records a signature of the files it was planned from
+``chunk_size`` files. The folder is a ``ldmclip.data.store.ChunkStore`` (the text cache's store too):
+a chunk file is written under a temporary name and renamed into place, so a chunk file that exists is
+finished. Each chunk records a signature of the files it was planned from
 (relative path, size, modification time) and the stored dtype: a rerun skips the chunks whose
 signature still matches and recomputes the others (new, changed or removed files), so rerunning the
 same command after a crash or Ctrl-C continues where it stopped, and rerunning it after the folder
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import time
 from collections import Counter
@@ -36,28 +36,34 @@ import torch
 import torch.utils.data
 
 from ..core.formats import IMAGE_SUFFIXES, is_image_file
-from ..core.files import tensors_sha256, write_json_atomic, write_safetensors
+from ..core.files import tensors_sha256
 from ..data.samples import BadSample, apply_transform, decode_image
+from ..data.store import ChunkStore, StoreError, StoreMismatchError, differing_fields
 
 __all__ = ["SearchIndexError", "IndexMismatchError", "ImageFile", "BuildResult", "SearchIndex",
-           "build_index", "find_images", "model_identity", "check_same_model"]
+           "build_index", "find_images", "model_identity", "model_weights_sha256", "check_same_model", "index_store"]
 
 FORMAT = "ldmclip-search-index"
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 CHUNK_DIR = "chunks"
-META_KEY = "ldmclip"
+CHUNK_SUFFIX = ".safetensors"
 DEFAULT_CHUNK_SIZE = 4096
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
-class SearchIndexError(ValueError):
-    """An index folder that cannot be used (missing, unfinished, damaged). A ``ValueError``, so the
+class SearchIndexError(StoreError):
+    """An index folder that cannot be used (missing, unfinished, damaged). A ``UserError``, so the
     command line prints it as a one-line error."""
 
 
-class IndexMismatchError(SearchIndexError):
+class IndexMismatchError(SearchIndexError, StoreMismatchError):
     """The index was built by another model (or from another image folder)."""
+
+
+def index_store(path: str | os.PathLike) -> ChunkStore:
+    """The store of the index folder ``path``: insertion-ordered JSON, non-ASCII paths kept as they are."""
+    return ChunkStore(path, FORMAT, CHUNK_DIR, CHUNK_SUFFIX, kind="search index", canonical=False,
+                      error=SearchIndexError, mismatch=IndexMismatchError)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -94,8 +100,10 @@ def find_images(root: str | os.PathLike) -> list[ImageFile]:
     return found
 
 
-def weights_sha256(model: torch.nn.Module) -> str:
-    """sha256 over every tensor of the model's state dict (names, dtypes, shapes and bytes)."""
+def model_weights_sha256(model: torch.nn.Module) -> str:
+    """sha256 over every tensor of the model's state dict (names, dtypes, shapes and bytes): both towers,
+    since an index holds image embeddings and is searched with text ones. (The conditioner's
+    ``weights_sha256`` hashes the text tower alone.)"""
     return tensors_sha256(model.state_dict())
 
 
@@ -103,7 +111,7 @@ def model_identity(model: Any, name: str, pretrained: str | None) -> dict[str, A
     """What identifies the embeddings a model makes: its config, its image preprocessing and a hash of
     its weights. ``name``/``pretrained`` are kept so search can load the same model again."""
     return {"name": name, "pretrained": pretrained, "config": model.config.to_dict(),
-            "preprocess": dict(model.preprocess_cfg), "sha256": weights_sha256(model)}
+            "preprocess": dict(model.preprocess_cfg), "sha256": model_weights_sha256(model)}
 
 
 def _describe(identity: dict[str, Any]) -> str:
@@ -111,12 +119,14 @@ def _describe(identity: dict[str, Any]) -> str:
     return f"{identity.get('name')} ({weights}; weights sha256 {str(identity.get('sha256'))[:12]}…)"
 
 
+_MODEL_FIELDS = ("config", "preprocess", "sha256")  # what makes two models' embeddings comparable
+
+
 def check_same_model(stored: dict[str, Any], current: dict[str, Any], where: str) -> None:
     """Raise :class:`IndexMismatchError` unless both identities describe the same embeddings."""
-    keys = ("config", "preprocess", "sha256")
-    if all(stored.get(k) == current.get(k) for k in keys):
+    differs = ["weights" if k == "sha256" else k for k in differing_fields(stored, current, _MODEL_FIELDS)]
+    if not differs:
         return
-    differs = [k if k != "sha256" else "weights" for k in keys if stored.get(k) != current.get(k)]
     raise IndexMismatchError(
         f"{where} was built with another model: {_describe(stored)}; the model given is {_describe(current)} "
         f"(differs in: {', '.join(differs)}). Embeddings of different models cannot be compared: use the model "
@@ -124,22 +134,7 @@ def check_same_model(stored: dict[str, Any], current: dict[str, Any], where: str
 
 
 # ---------------------------------------------------------------------------------------------------
-# Atomic files
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    write_json_atomic(path, data)
-
-
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except ValueError as e:
-        raise SearchIndexError(f"{what} {path} is damaged (not valid JSON: {e})") from None
-    if not isinstance(data, dict):
-        raise SearchIndexError(f"{what} {path} is damaged (not a JSON object)")
-    return data
+# Chunks
 
 
 def _chunk_signature(files: Sequence[ImageFile], dtype: str) -> str:
@@ -149,14 +144,11 @@ def _chunk_signature(files: Sequence[ImageFile], dtype: str) -> str:
     return digest.hexdigest()
 
 
-def _read_chunk_meta(path: Path) -> dict[str, Any] | None:
-    """The metadata of a finished chunk, or ``None`` when the file is not a readable chunk."""
-    from safetensors import safe_open
-
+def _read_chunk_meta(store: ChunkStore, name: str) -> dict[str, Any] | None:
+    """The metadata of a finished chunk, or ``None`` when it is not a readable chunk (then recomputed)."""
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return json.loads((f.metadata() or {})[META_KEY])
-    except Exception:  # noqa: BLE001 - any unreadable chunk is simply recomputed
+        return store.read_chunk_meta(name)
+    except SearchIndexError:
         return None
 
 
@@ -204,24 +196,19 @@ class BuildResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _prepare(out: Path, header: dict[str, Any]) -> None:
-    """Create ``out`` or check that it holds an index of the same model and image folder."""
-    manifest = out / MANIFEST
-    if manifest.is_file():
-        existing = _read_json(manifest, "index manifest")
-        if existing.get("format") != FORMAT:
-            raise SearchIndexError(f"{out} holds a manifest.json that is not an ldmclip search index")
-        check_same_model(existing.get("model", {}), header["model"], f"the index {out}")
-        if existing.get("image_root") != header["image_root"]:
+def _prepare(store: ChunkStore, header: dict[str, Any]) -> None:
+    """Create the index folder or check that it holds an index of the same model and image folder."""
+    existing = store.read_manifest()
+    if existing is not None:
+        check_same_model(existing.get("model", {}), header["model"], f"the index {store.path}")
+        if differing_fields(existing, header, ["image_root"]):
             raise IndexMismatchError(
-                f"the index {out} is an index of {existing.get('image_root')}, not of {header['image_root']}: "
+                f"the index {store.path} is an index of {existing.get('image_root')}, not of {header['image_root']}: "
                 "pass that folder, or another --out for a new index")
-    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise SearchIndexError(f"--out {out} exists and is not an ldmclip search index: pick a new or empty folder")
-    (out / CHUNK_DIR).mkdir(parents=True, exist_ok=True)
-    for leftover in (out / CHUNK_DIR).glob(".*.tmp"):
-        leftover.unlink(missing_ok=True)
-    _write_json(manifest, {**header, "complete": False})
+    else:
+        store.check_unrelated()
+    store.create()
+    store.write_manifest({**header, "complete": False})
 
 
 @torch.inference_mode()
@@ -250,45 +237,46 @@ def build_index(model: Any, transform: Callable, root: str | os.PathLike, out: s
     embed_dim = model.config.embed_dim
     header = {"format": FORMAT, "version": FORMAT_VERSION, "model": identity, "image_root": str(root),
               "dtype": dtype, "embed_dim": embed_dim, "chunk_size": chunk_size, "ldmclip_version": __version__}
-    _prepare(out, header)
+    store = index_store(out)
+    _prepare(store, header)
 
     plan = [files[i:i + chunk_size] for i in range(0, len(files), chunk_size)]
-    names = [f"{n:05d}.safetensors" for n in range(len(plan))]
+    names = [f"{n:05d}" for n in range(len(plan))]
     signatures = [_chunk_signature(chunk, dtype) for chunk in plan]
-    chunk_dir = out / CHUNK_DIR
     todo = [n for n, (name, sig) in enumerate(zip(names, signatures))
-            if ((_read_chunk_meta(chunk_dir / name) or {}).get("signature") != sig)]
+            if ((_read_chunk_meta(store, name) or {}).get("signature") != sig)]
     autocast = autocast or contextlib.nullcontext
     bar = tqdm(total=sum(len(plan[n]) for n in todo), desc="index", unit="img", dynamic_ncols=True,
                disable=None if progress else True)  # None: a bar on a terminal, silence in logs
     try:
         for n in todo:
-            _embed_chunk(model, transform, root, plan[n], chunk_dir / names[n], signatures[n], dtype,
+            _embed_chunk(model, transform, root, plan[n], store, names[n], signatures[n], dtype,
                          embed_dim, batch_size, device, workers, autocast, bar)
     finally:
         bar.close()
-    for stale in chunk_dir.glob("*.safetensors"):  # chunks of an earlier, longer listing
-        if stale.name not in names:
+    for stale in store.chunk_files():  # chunks of an earlier, longer listing
+        if store.chunk_name(stale) not in names:
             stale.unlink()
 
     skipped: Counter = Counter()
     skipped_files: list[tuple[str, str]] = []
     images = 0
     for name in names:
-        meta = _read_chunk_meta(chunk_dir / name)
+        meta = _read_chunk_meta(store, name)
         if meta is None:
-            raise SearchIndexError(f"chunk {chunk_dir / name} cannot be read back; rerun the command")
+            raise SearchIndexError(f"chunk {store.chunk_path(name)} cannot be read back; rerun the command")
         images += len(meta["paths"])
         skipped.update(meta["skipped"])
         skipped_files += [tuple(item) for item in meta["skipped_files"]]
-    _write_json(out / MANIFEST, {**header, "complete": True, "chunks": names, "files": len(files),
+    chunk_files = [store.chunk_path(name).name for name in names]
+    store.write_manifest({**header, "complete": True, "chunks": chunk_files, "files": len(files),
                                   "images": images, "skipped": dict(sorted(skipped.items()))})
     return BuildResult(out=out, files=len(files), images=images, skipped=dict(sorted(skipped.items())),
                        skipped_files=skipped_files, chunks=len(names), chunks_reused=len(names) - len(todo),
                        seconds=time.perf_counter() - started, embed_dim=embed_dim)
 
 
-def _embed_chunk(model, transform, root: Path, files: Sequence[ImageFile], path: Path, signature: str,
+def _embed_chunk(model, transform, root: Path, files: Sequence[ImageFile], store: ChunkStore, name: str, signature: str,
                  dtype: str, embed_dim: int, batch_size: int, device: torch.device, workers: int,
                  autocast, bar) -> None:
     dataset = _ImageFiles(root, [f.path for f in files], transform)
@@ -310,7 +298,7 @@ def _embed_chunk(model, transform, root: Path, files: Sequence[ImageFile], path:
     embeddings = torch.cat(rows) if rows else torch.zeros(0, embed_dim, dtype=DTYPES[dtype])
     meta = {"signature": signature, "paths": kept, "skipped_files": bad,
             "skipped": dict(Counter(reason for _, reason in bad))}
-    write_safetensors(path, {"embeddings": embeddings}, {META_KEY: json.dumps(meta, ensure_ascii=False)})
+    store.write_chunk(name, {"embeddings": embeddings}, meta)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -333,16 +321,12 @@ class SearchIndex:
     @classmethod
     def load(cls, path: str | os.PathLike, images: str | os.PathLike | None = None) -> "SearchIndex":
         """Read the index at ``path``. ``images`` replaces the stored image root (a moved folder)."""
-        from safetensors import safe_open
-
         path = Path(path)
-        manifest_path = path / MANIFEST
-        if not manifest_path.is_file():
+        store = index_store(path)
+        manifest = store.read_manifest()
+        if manifest is None:
             what = "folder not found" if not path.exists() else "no manifest.json in it"
             raise FileNotFoundError(f"search index {path}: {what} (build one with `ldmclip index IMAGES --out {path}`)")
-        manifest = _read_json(manifest_path, "index manifest")
-        if manifest.get("format") != FORMAT:
-            raise SearchIndexError(f"{path} is not an ldmclip search index")
         if manifest.get("version", 0) > FORMAT_VERSION:
             raise SearchIndexError(f"{path} was written by a newer ldmclip (index format {manifest.get('version')}); "
                               "upgrade ldmclip to read it")
@@ -351,14 +335,15 @@ class SearchIndex:
                               "built it (it continues where it stopped)")
         rows, paths = [], []
         for name in manifest["chunks"]:
-            chunk = path / CHUNK_DIR / name
+            chunk = store.chunks / name
             try:
-                with safe_open(str(chunk), framework="pt") as f:
-                    meta = json.loads(f.metadata()[META_KEY])
-                    rows.append(f.get_tensor("embeddings").float())
-            except Exception as e:  # noqa: BLE001
-                raise SearchIndexError(f"chunk {chunk} of the index is missing or damaged ({type(e).__name__}: {e}); "
-                                  "rerun `ldmclip index` to rebuild it") from None
+                meta, tensors = store.read_chunk(chunk)
+            except SearchIndexError as e:
+                raise SearchIndexError(f"{e}; rerun `ldmclip index` to rebuild it") from None
+            if "embeddings" not in tensors or not isinstance(meta.get("paths"), list):
+                raise SearchIndexError(f"chunk {chunk} of the index is damaged (no embeddings or paths); rerun "
+                                       "`ldmclip index` to rebuild it")
+            rows.append(tensors["embeddings"].float())
             if rows[-1].shape[0] != len(meta["paths"]):
                 raise SearchIndexError(f"chunk {chunk} is damaged: {rows[-1].shape[0]} rows for "
                                        f"{len(meta['paths'])} paths")
