@@ -482,7 +482,7 @@ def test_srun_alone_splits_the_inputs_across_ranks(tmp_path):
                                   env={**base, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)})
                  for rank in (0, 1)]
     outputs = [p.communicate(timeout=300) for p in processes]
-    for p, (out, err) in zip(processes, outputs):
+    for p, (_out, err) in zip(processes, outputs):
         assert p.returncode == 0, err[-3000:]
     # each rank read and encoded only its own chunks: together every caption once, no chunk twice
     assert "[rank 0] wrote 3 shard(s)" in outputs[0][0] and "captions 5 read, 5 cached" in outputs[0][0]
