@@ -47,7 +47,8 @@ def _free_port() -> int:
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    return {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    # src/ first: the processes import this checkout's ldmclip, not whatever the environment installed
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}
 
 
 def _torchrun_command(*args: str, nproc: int = 2) -> list[str]:

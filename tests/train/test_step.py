@@ -98,3 +98,46 @@ def test_bf16_autocast_step_is_close_to_fp32():
     fp32 = contrastive_step(copy.deepcopy(model), ClipLoss(), images, tokens, "fp32")
     bf16 = contrastive_step(model, ClipLoss(), images, tokens, "amp_bf16")
     assert abs(fp32.item() - bf16.item()) < 0.05 * fp32.item()
+
+
+def _tokens_into_transformer(model, images) -> tuple[int, torch.Tensor]:
+    """The number of tokens the image transformer sees, and the image features, in one forward."""
+    seen = []
+    hook = model.visual.transformer.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
+    with torch.no_grad():
+        features = model.encode_image(images)
+    hook.remove()
+    return seen[0], features
+
+
+def test_a_locked_image_tower_has_no_patch_dropout_in_train_mode_an_unlocked_one_does():
+    torch.manual_seed(0)
+    model = ldmclip.create_model("ViT-Tiny-64", patch_dropout=0.5)
+    images = _batch(4)[0]
+    model.eval()
+    all_tokens, eval_features = _tokens_into_transformer(model, images)
+
+    unlocked = copy.deepcopy(model).train()
+    dropped, _ = _tokens_into_transformer(unlocked, images)
+    assert dropped < all_tokens  # patch dropout runs in an unlocked tower
+
+    locked = copy.deepcopy(model)
+    lock_tower(locked.visual)
+    locked.train()  # as the trainer does every step and after validation
+    kept, locked_features = _tokens_into_transformer(locked, images)
+    assert locked.training and not locked.visual.training
+    assert not any(m.training for m in locked.visual.modules())
+    assert kept == all_tokens
+    assert torch.equal(locked_features, eval_features)
+    assert locked.transformer.training  # the text tower still trains
+
+    twin = copy.deepcopy(locked).train()  # a copy stays locked, on its own modules
+    assert not twin.visual.training and _tokens_into_transformer(twin, images)[0] == all_tokens
+
+
+def test_a_locked_text_tower_stays_in_eval_mode():
+    model = ldmclip.create_model("ViT-Tiny-64", patch_dropout=0.5)
+    lock_text_tower(model)
+    model.train()
+    assert not model.transformer.training and not model.ln_final.training
+    assert model.visual.training and model.visual.patch_dropout.training

@@ -99,7 +99,7 @@ class MapStyleData:
     module docs), so ``position`` counts global batches and is the same on every process."""
 
     def __init__(self, dataset: Dataset, collate, batch_size: int, workers: int, seed: int,
-                 default_steps: int | None = None, rank: int = 0, world_size: int = 1):
+                 default_steps: int | None = None, rank: int = 0, world_size: int = 1, description: str = ""):
         if len(dataset) < batch_size:
             raise ValueError(f"the training data has {len(dataset)} samples, fewer than one batch "
                              f"(--batch-size {batch_size})")
@@ -111,6 +111,7 @@ class MapStyleData:
         self.rank, self.world_size = rank, world_size
         self.batches_per_epoch = len(dataset) // batch_size
         self.default_steps = default_steps
+        self.description = description or f"{len(dataset)} samples"
 
     def total_steps(self, cfg: TrainConfig) -> int:
         if cfg.steps:
@@ -146,13 +147,14 @@ class StreamData:
     step from its own shards (split by rank and worker in :mod:`ldmclip.data.shards`)."""
 
     def __init__(self, make_dataset, collate, batch_size: int, workers: int, seed: int,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, description: str = "webdataset shards"):
         if batch_size % world_size:
             raise ValueError(f"--batch-size {batch_size} is the global batch: it must be divisible by the "
                              f"number of processes ({world_size})")
         self.make_dataset, self.collate = make_dataset, collate
         self.batch_size, self.workers, self.seed = batch_size // world_size, workers, seed
         self.rank = rank
+        self.description = description
 
     def total_steps(self, cfg: TrainConfig) -> int:
         if not cfg.steps:
@@ -196,7 +198,8 @@ def build_train_data(cfg: TrainConfig, tokenizer, preprocess: PreprocessConfig, 
         dataset = SyntheticScenes("train", image_size=preprocess.image_size, length=steps * cfg.batch_size,
                                   seed=cfg.seed, transform=transform)
         return MapStyleData(dataset, collate, cfg.batch_size, cfg.workers, cfg.seed, default_steps=steps,
-                            rank=rank, world_size=world_size)
+                            rank=rank, world_size=world_size,
+                            description=f"synthetic scenes ({len(dataset):,} samples, generated)")
     if is_table(cfg.data):
         from ..data import CaptionTable
 
@@ -204,14 +207,24 @@ def build_train_data(cfg: TrainConfig, tokenizer, preprocess: PreprocessConfig, 
             raise ValueError(f"--data {cfg.data} is a table of image paths: also pass --images ROOT")
         dataset = CaptionTable(cfg.data, cfg.images, transform, image_column=cfg.image_column,
                                caption_column=cfg.caption_column, split_file=cfg.split)
-        return MapStyleData(dataset, collate, cfg.batch_size, cfg.workers, cfg.seed, rank=rank, world_size=world_size)
+        return MapStyleData(dataset, collate, cfg.batch_size, cfg.workers, cfg.seed, rank=rank, world_size=world_size,
+                            description=f"table {cfg.data} ({len(dataset):,} image-caption rows, images in {cfg.images})")
     from ..data import make_shard_pipeline
 
     def make_dataset(epoch: int):
         return make_shard_pipeline(cfg.data, transform, shuffle_buffer=cfg.shuffle_buffer,
                                    resampled=True, seed=cfg.seed, epoch=epoch)
 
-    return StreamData(make_dataset, collate, cfg.batch_size, cfg.workers, cfg.seed, rank=rank, world_size=world_size)
+    return StreamData(make_dataset, collate, cfg.batch_size, cfg.workers, cfg.seed, rank=rank, world_size=world_size,
+                      description=_shards_description(cfg.data))
+
+
+def _shards_description(pattern: str) -> str:
+    from ..data.shards import dataset_size, expand_urls
+
+    size = dataset_size(pattern)
+    samples = f", {size:,} samples" if size else ""
+    return f"webdataset shards {pattern} ({len(expand_urls(pattern))} shards{samples}, streamed)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,7 +244,11 @@ class ZeroShotTask:
 
 @dataclass
 class Validation:
-    """Retrieval recall on held-out pairs, plus zero-shot accuracy on synthetic classes if present."""
+    """Retrieval recall on held-out pairs, plus zero-shot accuracy on synthetic classes if present.
+
+    The inputs are loaded once (they are small) and kept as tensors; the scoring is ``ldmclip.eval``'s
+    (``retrieval_metrics``, ``build_zero_shot_classifier``, ``zero_shot_predictions`` and
+    ``classification_metrics``), so validation numbers are ``ldmclip eval``'s numbers."""
 
     images: torch.Tensor                     # [I, 3, S, S]
     tokens: torch.Tensor                     # [T, ctx]
@@ -239,10 +256,15 @@ class Validation:
     zero_shot: list[tuple[str, ZeroShotTask]] = field(default_factory=list)
     tokenizer: Any = None
     batch_size: int = 256
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.description:
+            self.description = f"{len(self.images)} images, {len(self.tokens)} captions"
 
     @torch.no_grad()  # not inference_mode: FSDP2 keeps gathered parameters that training reuses
     def evaluate(self, model, device: torch.device) -> dict[str, float]:
-        from ..eval import build_zero_shot_classifier, retrieval_metrics, zero_shot_accuracy
+        from ..eval import retrieval_metrics
 
         image_features = self._encode(model.encode_image, self.images, device)
         text_features = self._encode(model.encode_text, self.tokens, device)
@@ -251,15 +273,21 @@ class Validation:
             metrics = retrieval_metrics(image_features, text_features, self.text_to_image.to(device))
         keep = {k: v for k, v in metrics.items() if k.endswith(("R@1", "R@5", "R@10"))}
         for name, task in self.zero_shot:
-            classifier = build_zero_shot_classifier(model, self.tokenizer, task.classnames, task.templates,
-                                                    device=device)
-            for subset, mask in task.subsets.items():
-                images, labels = task.images[mask], task.labels[mask]
-                batches = [(images[i:i + self.batch_size], labels[i:i + self.batch_size])
-                           for i in range(0, len(images), self.batch_size)]
-                accuracy = zero_shot_accuracy(model, classifier, batches, device=device)
-                keep[f"zeroshot_{name}{subset}_top1"] = accuracy["top1"]
+            keep.update(self._zero_shot(model, name, task, device))
         return keep
+
+    def _zero_shot(self, model, name: str, task: ZeroShotTask, device: torch.device) -> dict[str, float]:
+        """Top-1 accuracy over each subset of the task's images, from one pass over all of them."""
+        from ..eval import build_zero_shot_classifier, classification_metrics, zero_shot_predictions
+
+        classifier = build_zero_shot_classifier(model, self.tokenizer, task.classnames, task.templates,
+                                                device=device)
+        batches = [(task.images[i:i + self.batch_size], task.labels[i:i + self.batch_size])
+                   for i in range(0, len(task.images), self.batch_size)]
+        top, labels = zero_shot_predictions(model, classifier, batches, device=device, k=1)
+        num_classes = len(task.classnames)
+        return {f"zeroshot_{name}{subset}_top1": classification_metrics(top[mask], labels[mask], num_classes, ks=(1,))["top1"]
+                for subset, mask in task.subsets.items()}
 
     def _encode(self, encode, inputs: torch.Tensor, device: torch.device) -> torch.Tensor:
         out = [encode(inputs[i:i + self.batch_size].to(device), normalize=True).float()
@@ -290,7 +318,9 @@ def build_validation(cfg: TrainConfig, tokenizer, preprocess: PreprocessConfig) 
         task = ZeroShotTask(list(data.classnames), zero_shot_templates(), torch.stack([s[0] for s in samples]),
                             labels, {"": torch.ones_like(held_out), "_held_out": held_out, "_seen": ~held_out})
         zero_shot = [("colour_shape", task)]
-        return Validation(images, tokens, torch.arange(len(pairs)), zero_shot, tokenizer)
+        description = (f"held-out synthetic scenes ({len(pairs)} image-caption pairs; zero-shot over "
+                       f"{len(task.classnames)} colour-shape classes, {len(labels)} images)")
+        return Validation(images, tokens, torch.arange(len(pairs)), zero_shot, tokenizer, description=description)
     if is_table(source):
         return _table_validation(cfg, source, tokenizer, eval_transform)
     return _shard_validation(source, tokenizer, eval_transform, cfg.val_size)
@@ -324,7 +354,8 @@ def _shard_validation(urls: str, tokenizer, transform, max_images: int) -> Valid
     drain_pending()  # validation's unreadable samples are not the training data's
     if len(images) < 2:
         raise ValueError(f"--val-data {urls}: fewer than two readable image–caption pairs in these shards")
-    return Validation(torch.stack(images), tokenizer(captions), torch.arange(len(images)), [], tokenizer)
+    return Validation(torch.stack(images), tokenizer(captions), torch.arange(len(images)), [], tokenizer,
+                      description=f"webdataset shards {urls} (first {len(images)} image-caption pairs)")
 
 
 def table_retrieval_validation(table, tokenizer, max_images: int | None = None) -> Validation:
@@ -343,4 +374,5 @@ def table_retrieval_validation(table, tokenizer, max_images: int | None = None) 
             text_to_image.append(len(images) - 1)
     if len(images) < 2:
         raise ValueError(f"{table.path}: fewer than two readable validation images")
-    return Validation(torch.stack(images), tokenizer(captions), torch.tensor(text_to_image), [], tokenizer)
+    return Validation(torch.stack(images), tokenizer(captions), torch.tensor(text_to_image), [], tokenizer,
+                      description=f"table {table.path} ({len(images)} images, {len(captions)} captions)")

@@ -1,15 +1,23 @@
 """The training loop of ``ldmclip train``: read it top to bottom.
 
-``train(cfg)`` sets up the run (model, data, optimizer), resumes if asked, then steps until done,
-logging, validating and checkpointing on the way, and ends by saving the final model in the
-OpenCLIP hub layout.
+``train(cfg)`` runs three plain functions in turn, each reading top to bottom:
+
+* ``_set_up(cfg, info, output) -> Run``: the run folder, model, data, optimizer, the
+  :class:`~ldmclip.train.checkpointer.Checkpointer`, and the resume if asked; it prints the run's
+  folder, model, device, precision and data first;
+* ``_loop(run)``: steps until done (or a signal), logging, validating and checkpointing on the way;
+* ``_finish(run) -> TrainResult``: the final checkpoint and validation, the final model in the
+  OpenCLIP hub layout, the curves and ``summary.json``.
+
+No callbacks and no hidden state: everything a run holds is a field of :class:`Run`.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 import random
+import shutil
 import signal
 import time
 from collections import Counter
@@ -21,17 +29,18 @@ from typing import Any
 import torch
 
 from .. import losses
+from ..core.files import write_json_atomic
+from ..core.precision import autocast, resolve_precision
 from ..registry import create_model, get_tokenizer
 from ..transforms import PreprocessConfig
 from . import distributed
-from . import state as checkpoint_state
+from .checkpointer import Checkpointer, list_checkpoints, rng_state, set_rng_state
 from .config import TrainConfig
-from .data import DataPosition, build_train_data, build_validation
+from .data import DataPosition, MapStyleData, StreamData, Validation, build_train_data, build_validation
 from .metrics import MetricsLog, plot_training_curves
 from .optim import build_optimizer, build_scheduler
 from .parallelize import (apply_activation_checkpointing, apply_compile, apply_ddp, apply_fsdp, clip_gradients,
                           is_fsdp, lock_text_tower, lock_tower, unwrap)
-from ..core.precision import autocast, resolve_precision
 from .step import contrastive_step
 
 
@@ -98,6 +107,35 @@ class TrainResult:
     rank: int = 0
 
 
+@dataclass
+class Run:
+    """Everything a run holds, built by :func:`_set_up`; the loop changes only ``progress``,
+    ``val_metrics`` and ``interrupted``."""
+
+    cfg: TrainConfig
+    info: distributed.DistInfo
+    output: Path
+    model: torch.nn.Module         # as it runs: DDP-wrapped or FSDP2-sharded
+    clip_model: torch.nn.Module    # the CLIP module itself
+    precision: str
+    train_data: MapStyleData | StreamData
+    validation: Validation | None
+    total_steps: int
+    loss_fn: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    checkpointer: Checkpointer
+    progress: Progress
+    log: MetricsLog | None         # rank 0 only
+    val_metrics: dict[str, float] = field(default_factory=dict)
+    interrupted: bool = False
+
+    @property
+    def device(self) -> torch.device:
+        return self.info.device
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -130,21 +168,72 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 
 def _train(cfg: TrainConfig, info: distributed.DistInfo) -> TrainResult:
-    main = info.is_main
-    # ---- the run directory (rank 0 names it), device, precision and seed
+    """Set up, loop, finish. A run that fails before its first checkpoint takes the run folder with
+    it, if it created that folder (a folder the user had, or one holding checkpoints, stays)."""
     output = Path(distributed.broadcast_object(info, str(Path(cfg.output) if cfg.output else default_output(cfg))))
-    checkpoint_dir = output / "checkpoints"
+    created = info.is_main and not output.exists()
+    run = None
+    try:
+        run = _set_up(cfg, info, output)
+        _loop(run)
+        return _finish(run)
+    except BaseException:
+        if run is not None and run.log is not None:
+            run.log.close()
+        if created:
+            _remove_unfinished_run_folder(output)
+        raise
+
+
+def _set_up(cfg: TrainConfig, info: distributed.DistInfo, output: Path) -> Run:
+    main = info.is_main
+    # ---- the run directory, device, precision and seed
     if main:
         output.mkdir(parents=True, exist_ok=True)
-        (output / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    device = info.device
-    precision = resolve_precision(cfg.precision, device)
+        write_json_atomic(output / "config.json", cfg.to_dict())
+    precision = resolve_precision(cfg.precision, info.device)
     seed_everything(cfg.seed)
 
     # ---- model and tokenizer; speed/memory options and parallelism applied from outside the model
-    model = create_model(cfg.model, pretrained=cfg.pretrained, patch_dropout=cfg.patch_dropout).to(device)
+    clip_model = _build_model(cfg, info.device)
     tokenizer = get_tokenizer(cfg.model)
-    preprocess = PreprocessConfig.from_dict(model.preprocess_cfg)
+    preprocess = PreprocessConfig.from_dict(clip_model.preprocess_cfg)
+    if info.enabled:
+        # Same initial weights on every rank (same seed above); from here on each rank draws its own
+        # random numbers (patch dropout), or all ranks would drop the same patches.
+        seed_everything(cfg.seed + info.rank)
+        model = apply_fsdp(clip_model, mixed_precision=precision == "amp_bf16") if cfg.fsdp \
+            else apply_ddp(clip_model, info.device)
+    else:
+        model = clip_model
+        if cfg.fsdp and main:
+            print("--fsdp: a single process has nothing to shard over; training unsharded")
+    clip_model = unwrap(model)  # (FSDP2 shards it in place)
+
+    # ---- data: each rank loads its slice of every global batch
+    train_data = build_train_data(cfg, tokenizer, preprocess, info.rank, info.world_size)
+    validation = build_validation(cfg, tokenizer, preprocess)
+    total_steps = train_data.total_steps(cfg)
+
+    # ---- loss (over the global batch), optimizer, schedule, checkpoints
+    loss_fn = losses.build_loss(cfg.loss, tile_size=cfg.tile_size, rank=info.rank, world_size=info.world_size)
+    optimizer = build_optimizer(clip_model, cfg.lr, cfg.wd, (cfg.beta1, cfg.beta2), cfg.eps)
+    scheduler = build_scheduler(optimizer, cfg.warmup, total_steps)
+    scaler = torch.amp.GradScaler(info.device.type, enabled=precision == "amp_fp16")
+    checkpointer = Checkpointer(output / "checkpoints", model, optimizer, cfg.keep_checkpoints, info)
+    run = Run(cfg, info, output, model, clip_model, precision, train_data, validation, total_steps, loss_fn,
+              optimizer, scheduler, scaler, checkpointer, Progress(), log=None)
+    if main:
+        print(_start_banner(run))
+    _resume(run)
+    run.log = MetricsLog(output) if main else None
+    return run
+
+
+def _build_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
+    """The CLIP of ``--model`` on ``device``, with the loss's scale/bias, locked towers, activation
+    checkpointing and compilation applied (in that order; parallelism comes after)."""
+    model = create_model(cfg.model, pretrained=cfg.pretrained, patch_dropout=cfg.patch_dropout).to(device)
     if cfg.loss == "siglip" and model.logit_bias is None:
         with torch.no_grad():  # SigLIP's initialisation (Zhai et al. 2023): scale 10, bias -10
             model.logit_scale.fill_(losses.SIGLIP_INIT_LOGIT_SCALE)
@@ -158,73 +247,66 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo) -> TrainResult:
         apply_activation_checkpointing(model)
     if cfg.compile:
         apply_compile(model)
-    if info.enabled:
-        # Same initial weights on every rank (same seed above); from here on each rank draws its own
-        # random numbers (patch dropout), or all ranks would drop the same patches.
-        seed_everything(cfg.seed + info.rank)
-        model = apply_fsdp(model, mixed_precision=precision == "amp_bf16") if cfg.fsdp else apply_ddp(model, device)
-    elif cfg.fsdp and main:
-        print("--fsdp: a single process has nothing to shard over; training unsharded")
-    clip_model = unwrap(model)  # the CLIP module itself (FSDP2 shards it in place)
+    return model
 
-    # ---- data: each rank loads its slice of every global batch
-    train_data = build_train_data(cfg, tokenizer, preprocess, info.rank, info.world_size)
-    validation = build_validation(cfg, tokenizer, preprocess)
-    total_steps = train_data.total_steps(cfg)
 
-    # ---- loss (over the global batch), optimizer, schedule
-    loss_fn = losses.build_loss(cfg.loss, tile_size=cfg.tile_size, rank=info.rank, world_size=info.world_size)
-    optimizer = build_optimizer(clip_model, cfg.lr, cfg.wd, (cfg.beta1, cfg.beta2), cfg.eps)
-    scheduler = build_scheduler(optimizer, cfg.warmup, total_steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "amp_fp16")
+def _start_banner(run: Run) -> str:
+    """What a person wants to see before the progress bar: where, what, on what, with which data."""
+    cfg, info = run.cfg, run.info
+    total = sum(p.numel() for p in run.clip_model.parameters())
+    trainable = sum(p.numel() for p in run.clip_model.parameters() if p.requires_grad)
+    locked = f", {_millions(trainable)} trainable" if trainable != total else ""
+    pretrained = f" ({cfg.pretrained})" if cfg.pretrained else ""
+    processes = f" x {info.world_size} processes ({'FSDP2' if is_fsdp(run.model) else 'DDP'})" \
+        if info.enabled else ""
+    lines = [f"run folder:  {run.output}",
+             f"model:       {cfg.model}{pretrained}, {_millions(total)} parameters{locked}",
+             f"device:      {info.device}{processes}",
+             f"precision:   {run.precision}",
+             f"data:        {run.train_data.description}; global batch {cfg.batch_size}, {run.total_steps:,} steps",
+             f"validation:  {run.validation.description if run.validation is not None else 'none (no --val-data)'}"]
+    return "\n".join(lines)
 
-    # ---- resume (a .pt file, or a sharded folder written by an FSDP2 run on any number of processes)
-    progress = Progress()
-    resume_from = checkpoint_state.resolve_resume(cfg.resume, checkpoint_dir) if cfg.resume else None
-    if resume_from is not None:
-        if checkpoint_state.is_sharded_checkpoint(resume_from):
-            saved = checkpoint_state.load_sharded_checkpoint(resume_from, clip_model, optimizer)
-        else:
-            if is_fsdp(model):
-                raise TrainingError(f"--resume {resume_from} is a single-file checkpoint of a single-process or "
-                                    f"DDP run; resume it without --fsdp (sharded checkpoints are folders)")
-            saved = checkpoint_state.load_checkpoint(resume_from)
-            clip_model.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        scaler.load_state_dict(saved["scaler"])
-        progress = Progress.from_dict(saved["progress"])
-        _restore_rng(saved, info, cfg.seed, progress.step)
-        if main:
-            print(f"resumed from {resume_from} at step {progress.step}")
 
-    def save(step: int) -> Path:
-        rngs = distributed.gather_objects(info, checkpoint_state.rng_state())  # every rank's, on rank 0
-        trainer = {"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                   "rng": rngs[0] if main else None, "rng_per_rank": rngs, "progress": progress.to_dict(),
-                   "config": cfg.to_dict(), "world_size": info.world_size}
-        if is_fsdp(model):
-            path = checkpoint_state.save_sharded_checkpoint(checkpoint_dir, step, model, optimizer, trainer,
-                                                            cfg.keep_checkpoints, main)
-        else:  # single process or DDP: every rank holds the same state; rank 0 writes it
-            path = checkpoint_dir / f"step_{step:08d}.pt"
-            if main:
-                payload = {"model": clip_model.state_dict(), "optimizer": optimizer.state_dict(), **trainer}
-                path = checkpoint_state.save_checkpoint(checkpoint_dir, step, payload, cfg.keep_checkpoints)
-        distributed.barrier(info)  # on every rank, the checkpoint is complete when save() returns
-        return path
+def _millions(count: int) -> str:
+    return f"{count / 1e6:.1f} M" if count >= 100_000 else f"{count:,}"
 
-    log = MetricsLog(output) if main else None
-    val_metrics: dict[str, float] = {}
-    bar = _progress_bar(cfg, total_steps, progress.step) if main else None
+
+def _resume(run: Run) -> None:
+    """Load the checkpoint ``--resume`` names (a .pt file, or a sharded folder written by an FSDP2
+    run on any number of processes), if there is one."""
+    path = run.checkpointer.find(run.cfg.resume)
+    if path is None:
+        return
+    saved = run.checkpointer.load(path)
+    run.scheduler.load_state_dict(saved["scheduler"])
+    run.scaler.load_state_dict(saved["scaler"])
+    run.progress = Progress.from_dict(saved["progress"])
+    _restore_rng(saved, run.info, run.cfg.seed, run.progress.step)
+    if run.info.is_main:
+        print(f"resumed from {path} at step {run.progress.step}")
+
+
+def _save(run: Run) -> Path:
+    """Collective: a checkpoint of the run as it is now."""
+    info = run.info
+    rngs = distributed.gather_objects(info, rng_state())  # every rank's, on rank 0
+    trainer = {"scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
+               "rng": rngs[0] if info.is_main else None, "rng_per_rank": rngs, "progress": run.progress.to_dict(),
+               "config": run.cfg.to_dict(), "world_size": info.world_size}
+    return run.checkpointer.save(run.progress.step, trainer)
+
+
+def _loop(run: Run) -> None:
+    """Step until ``total_steps`` (or a signal: then save and stop), logging, validating and
+    checkpointing on the way."""
+    cfg, info, progress, main = run.cfg, run.info, run.progress, run.info.is_main
+    bar = _progress_bar(cfg, run.total_steps, progress.step) if main else None
     window_start, window_samples = time.perf_counter(), 0
-    interrupted = False
-
-    # ---- the loop
-    with StopRequest() as stop:
-        model.train()
-        batches = train_data.batches(progress.position, device)
-        while progress.step < total_steps:
+    with StopRequest() as stop, _closing(bar):
+        run.model.train()
+        batches = run.train_data.batches(progress.position, run.device)
+        while progress.step < run.total_steps:
             batch = next(batches)
             bad_data = _bad_fraction_message(progress, batch, cfg)
             # Every rank takes the same decisions: stop (a signal reached any rank), fail (any rank's
@@ -235,9 +317,9 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo) -> TrainResult:
                 if main:
                     why = f"received signal {stop.signal}" if stop.signal is not None else "another process received a signal"
                     print(f"\n{why}: saving a checkpoint at step {progress.step} and stopping")
-                save(progress.step)
-                interrupted = True
-                break
+                _save(run)
+                run.interrupted = True
+                return
             if bad_anywhere:
                 raise TrainingError(bad_data or "another process found too much unreadable data (see its error)")
             progress.position = batch.position_after
@@ -245,59 +327,73 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo) -> TrainResult:
             if n < 2:
                 continue  # a batch with no (or one) readable sample has no contrastive signal
 
-            loss = contrastive_step(model, loss_fn, batch.images[:n], batch.tokens[:n], precision, cfg.accum,
-                                    cfg.lock_image, cfg.lock_text)
+            loss = contrastive_step(run.model, run.loss_fn, batch.images[:n], batch.tokens[:n], run.precision,
+                                    cfg.accum, cfg.lock_image, cfg.lock_text)
             loss = distributed.mean_over_ranks(info, loss)  # the global loss; NaN anywhere is NaN everywhere
             if not torch.isfinite(loss):
-                _skip_nonfinite_step(optimizer, progress, cfg)
+                _skip_nonfinite_step(run.optimizer, progress, cfg)
                 continue
             progress.nonfinite_in_a_row = 0
-            scaler.unscale_(optimizer)
-            grad_norm = clip_gradients(model, cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            losses.clamp_logit_scale_(clip_model)
+            run.scaler.unscale_(run.optimizer)
+            grad_norm = clip_gradients(run.model, cfg.grad_clip)
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
+            run.optimizer.zero_grad(set_to_none=True)
+            run.scheduler.step()
+            losses.clamp_logit_scale_(run.clip_model)
             progress.step += 1
             progress.samples += n * info.world_size
             window_samples += n * info.world_size
 
-            if main and (progress.step % cfg.log_every == 0 or progress.step == total_steps):
-                elapsed = time.perf_counter() - window_start
-                values = {"loss": loss.item(), "lr": scheduler.get_last_lr()[0],
-                          "logit_scale": clip_model.logit_scale.exp().item(), "grad_norm": grad_norm,
-                          "samples_per_s": window_samples / max(elapsed, 1e-9), "samples": progress.samples,
-                          "skipped": sum(progress.skipped.values())}
-                log.log(progress.step, "train", values)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{values['lr']:.2e}",
-                                    scale=f"{values['logit_scale']:.1f}", sps=f"{values['samples_per_s']:.0f}")
+            if main and (progress.step % cfg.log_every == 0 or progress.step == run.total_steps):
+                _log_train(run, bar, loss, grad_norm, window_samples / max(time.perf_counter() - window_start, 1e-9))
                 window_start, window_samples = time.perf_counter(), 0
             if bar is not None:
                 bar.update(1)
-            if cfg.eval_every and progress.step % cfg.eval_every == 0 and progress.step < total_steps:
-                val_metrics = _validate(model, validation, precision, device, log, progress.step)
-            if cfg.save_every and progress.step % cfg.save_every == 0 and progress.step < total_steps:
-                save(progress.step)
+            before_end = progress.step < run.total_steps
+            if cfg.eval_every and progress.step % cfg.eval_every == 0 and before_end:
+                run.val_metrics = _validate(run)
+            if cfg.save_every and progress.step % cfg.save_every == 0 and before_end:
+                _save(run)
 
+
+def _log_train(run: Run, bar, loss: torch.Tensor, grad_norm: float, samples_per_s: float) -> None:
+    values = {"loss": loss.item(), "lr": run.scheduler.get_last_lr()[0],
+              "logit_scale": run.clip_model.logit_scale.exp().item(), "grad_norm": grad_norm,
+              "samples_per_s": samples_per_s, "samples": run.progress.samples,
+              "skipped": sum(run.progress.skipped.values())}
+    run.log.log(run.progress.step, "train", values)
     if bar is not None:
-        bar.close()
-    # ---- the end: final checkpoint, validation, model, plot (files by rank 0)
-    if not interrupted:
-        save(progress.step)
-        val_metrics = _validate(model, validation, precision, device, log, progress.step)
-    final = output / "final"
-    _save_final_model(model, final, main)
-    if main:
-        log.close()
-        plot_training_curves(output / "metrics.jsonl", output / "training_curves.png")
+        bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{values['lr']:.2e}",
+                        scale=f"{values['logit_scale']:.1f}", sps=f"{values['samples_per_s']:.0f}")
+
+
+def _finish(run: Run) -> TrainResult:
+    """The final checkpoint and validation (unless stopped by a signal), the final model, the plot
+    and ``summary.json`` (files by rank 0)."""
+    progress, info = run.progress, run.info
+    if not run.interrupted:
+        _save(run)
+        run.val_metrics = _validate(run)
+    final = run.output / "final"
+    _save_final_model(run.model, final, info.is_main)
+    if info.is_main:
+        run.log.close()
+        plot_training_curves(run.output / "metrics.jsonl", run.output / "training_curves.png")
         summary = {"steps": progress.step, "samples": progress.samples, "skipped": dict(progress.skipped),
-                   "nonfinite_steps": progress.nonfinite_steps, "validation": val_metrics,
+                   "nonfinite_steps": progress.nonfinite_steps, "validation": run.val_metrics,
                    "world_size": info.world_size}
-        (output / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_json_atomic(run.output / "summary.json", summary)
     distributed.barrier(info)
-    return TrainResult(output, final, progress.step, val_metrics, dict(progress.skipped), interrupted, info.rank)
+    return TrainResult(run.output, final, progress.step, run.val_metrics, dict(progress.skipped),
+                       run.interrupted, info.rank)
+
+
+def _remove_unfinished_run_folder(output: Path) -> None:
+    """Remove a run folder this run created, unless a checkpoint made it worth keeping."""
+    if list_checkpoints(output / "checkpoints"):
+        return
+    shutil.rmtree(output, ignore_errors=True)
 
 
 def _restore_rng(saved: dict[str, Any], info: distributed.DistInfo, seed: int, step: int) -> None:
@@ -305,9 +401,9 @@ def _restore_rng(saved: dict[str, Any], info: distributed.DistInfo, seed: int, s
     rank (random draws such as patch dropout then differ from an uninterrupted run)."""
     per_rank = saved.get("rng_per_rank")
     if per_rank is not None and len(per_rank) == info.world_size:
-        checkpoint_state.set_rng_state(per_rank[info.rank])
+        set_rng_state(per_rank[info.rank])
     elif info.world_size == 1:
-        checkpoint_state.set_rng_state(saved["rng"])
+        set_rng_state(saved["rng"])
     else:
         seed_everything(seed + 1_000_003 * step + info.rank)
 
@@ -330,6 +426,11 @@ def _save_final_model(model: torch.nn.Module, directory: Path, main: bool) -> No
         plain.preprocess_cfg = dict(clip_model.preprocess_cfg)
         plain.load_state_dict(full)
         plain.save_pretrained(directory)
+
+
+def _closing(bar):
+    """Close the progress bar however the loop ends (None: no bar)."""
+    return contextlib.closing(bar) if bar is not None else contextlib.nullcontext()
 
 
 def _progress_bar(cfg: TrainConfig, total: int, initial: int):
@@ -363,24 +464,28 @@ def _bad_fraction_message(progress: Progress, batch, cfg: TrainConfig) -> str | 
     return None
 
 
-def _validate(model, validation, precision: str, device: torch.device, log: MetricsLog | None,
-              step: int) -> dict[str, float]:
+def _validate(run: Run) -> dict[str, float]:
     """Validation metrics; every rank computes them (FSDP2 needs every rank for a forward pass),
     rank 0 (the one with a ``log``) reports them."""
-    if validation is None:
+    if run.validation is None:
         return {}
-    target = unwrap(model)  # DDP: the replica itself, no collectives
+    target = run.clip_model  # DDP: the replica itself, no collectives
     target.eval()
-    with autocast(precision, device):
-        metrics = validation.evaluate(target, device)
+    with autocast(run.precision, run.device):
+        metrics = run.validation.evaluate(target, run.device)
     target.train()
-    if is_fsdp(model):
-        model.reshard()
-    if log is not None:
-        log.log(step, "val", metrics)
-        shown = "  ".join(f"{k} {v:.3f}" for k, v in metrics.items() if not k.endswith("rank"))
-        print(f"\nvalidation at step {step}: {shown}")
+    if is_fsdp(run.model):
+        run.model.reshard()
+    if run.log is not None:
+        run.log.log(run.progress.step, "val", metrics)
+        shown = "  ".join(format_metric(k, v) for k, v in metrics.items() if not k.endswith("rank"))
+        print(f"\nvalidation at step {run.progress.step}: {shown}")
     return metrics
+
+
+def format_metric(key: str, value: float) -> str:
+    """One metric as a person reads it: a percentage (metrics.jsonl keeps the fraction)."""
+    return f"{key} {100 * value:.2f}%"
 
 
 def format_summary(result: TrainResult) -> str:
@@ -393,5 +498,5 @@ def format_summary(result: TrainResult) -> str:
         lines.append("skipped samples: " + ", ".join(f"{k} {v}" for k, v in sorted(result.skipped.items())))
     for key, value in result.metrics.items():
         if not math.isnan(value) and not key.endswith("rank"):
-            lines.append(f"  {key:<38} {100 * value:6.2f}%")
+            lines.append(f"  {key:<38} {100 * value:6.2f}%")  # as format_metric, in a column
     return "\n".join(lines)

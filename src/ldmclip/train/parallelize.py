@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import types
 
 import torch
 import torch.distributed as dist
@@ -43,15 +44,36 @@ def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
 
 
 def lock_tower(tower: nn.Module) -> None:
-    """Freeze a tower (LiT: Zhai et al. 2022): no gradients, no updates, eval-mode dropout."""
+    """Freeze a tower (LiT: Zhai et al. 2022): no gradients, no updates, and eval mode (no dropout,
+    no patch dropout) that stays on when the model around it is put back in ``train()`` mode."""
     for param in tower.parameters():
         param.requires_grad_(False)
+    _keep_in_eval_mode(tower)
 
 
 def lock_text_tower(model: nn.Module) -> None:
+    """Freeze the text tower of a CLIP (every parameter outside ``visual`` but the logit scale and
+    bias); its modules run in eval mode, as :func:`lock_tower`'s."""
     for name, param in model.named_parameters():
         if not name.startswith("visual.") and name not in ("logit_scale", "logit_bias"):
             param.requires_grad_(False)
+    for name, child in model.named_children():
+        if name != "visual":
+            _keep_in_eval_mode(child)
+
+
+def _keep_in_eval_mode(module: nn.Module) -> None:
+    """Make ``module.train(mode)`` put it (and everything under it) in eval mode whatever ``mode`` is.
+
+    ``nn.Module.train`` reaches each child through ``child.train(mode)``, so an instance attribute
+    shadows the method for this module alone and the model's code does not change. A bound method
+    (not a closure) so that ``copy.deepcopy`` binds the copy to the copied module."""
+    module.train = types.MethodType(_train_as_eval, module)
+    module.train()
+
+
+def _train_as_eval(self: nn.Module, mode: bool = True) -> nn.Module:
+    return nn.Module.train(self, False)
 
 
 def apply_compile(model: nn.Module) -> nn.Module:
