@@ -87,3 +87,25 @@ def test_json_output_dash_is_stdout_and_a_path_is_a_file(tmp_path, capsys):
     write_json_output(str(tmp_path / "sub" / "r.json"), {"b": "é"})
     assert json.loads((tmp_path / "sub" / "r.json").read_text(encoding="utf-8")) == {"b": "é"}
     assert not (tmp_path / "-").exists()
+
+
+def test_eval_json_dash_puts_only_the_json_on_stdout(tmp_path, capsys, monkeypatch):
+    import ldmclip
+    from PIL import Image
+
+    from ldmclip.cli import main
+
+    ldmclip.create_model("ViT-Tiny-64").save_pretrained(tmp_path / "model")
+    for name, colour in (("red", (220, 30, 30)), ("blue", (30, 60, 220))):
+        (tmp_path / "classes" / name).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (64, 64), colour).save(tmp_path / "classes" / name / f"{i}.png")
+    monkeypatch.chdir(tmp_path)  # a file named '-' would land here
+    code = main(["eval", "--model", f"local-dir:{tmp_path / 'model'}", "--zeroshot", str(tmp_path / "classes"),
+                 "--templates", "simple", "--precision", "fp32", "--workers", "0", "--json", "-"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    results = json.loads(captured.out)  # nothing but the JSON
+    assert results["zeroshot"]["num_images"] == 4 and results["zeroshot"]["num_classes"] == 2
+    assert "zero-shot classification" in captured.err  # the table went to stderr
+    assert not (tmp_path / "-").exists() and "results written" not in captured.err
