@@ -109,3 +109,10 @@ def test_eval_json_dash_puts_only_the_json_on_stdout(tmp_path, capsys, monkeypat
     assert results["zeroshot"]["num_images"] == 4 and results["zeroshot"]["num_classes"] == 2
     assert "zero-shot classification" in captured.err  # the table went to stderr
     assert not (tmp_path / "-").exists() and "results written" not in captured.err
+
+
+def test_a_train_config_file_may_spell_the_run_folder_like_the_flag(tmp_path):
+    (tmp_path / "run.yaml").write_text("out: runs/from-file\nsteps: 7\n")
+    cfg = config_from_args(_parse("train", "--config", tmp_path / "run.yaml"))
+    assert cfg.output == "runs/from-file" and cfg.steps == 7
+    assert config_from_args(_parse("train", "--config", tmp_path / "run.yaml", "--out", "runs/flag")).output == "runs/flag"

@@ -106,6 +106,8 @@ class TrainConfig:
             raise UserError(f"{path} must hold a mapping of option names to values")
         names = {f.name for f in dataclasses.fields(cls)}
         values = {k.replace("-", "_"): v for k, v in values.items()}
+        if "out" in values and "output" not in values:  # `out:` as the flag is spelled (--out)
+            values["output"] = values.pop("out")
         unknown = sorted(set(values) - names)
         if unknown:
             raise UserError(f"unknown option(s) in {path}: {', '.join(unknown)}; known: {', '.join(sorted(names))}")
