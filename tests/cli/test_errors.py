@@ -64,6 +64,14 @@ def test_a_usage_mistake_is_one_line(capsys):
     assert err == "ldmclip eval: error: the following arguments are required: --model (see 'ldmclip eval --help')\n"
 
 
+def test_an_unknown_option_names_the_command(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--stepz", "3"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == ("ldmclip train: error: unrecognized arguments: --stepz 3 "
+                                       "(see 'ldmclip train --help')\n")
+
+
 def test_bad_input_deep_in_a_command_is_one_line(tmp_path, capsys):
     # data/table.py's check of a table: a UserError, so one line.
     (tmp_path / "t.csv").write_text("")
