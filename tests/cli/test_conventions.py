@@ -115,4 +115,5 @@ def test_a_train_config_file_may_spell_the_run_folder_like_the_flag(tmp_path):
     (tmp_path / "run.yaml").write_text("out: runs/from-file\nsteps: 7\n")
     cfg = config_from_args(_parse("train", "--config", tmp_path / "run.yaml"))
     assert cfg.output == "runs/from-file" and cfg.steps == 7
-    assert config_from_args(_parse("train", "--config", tmp_path / "run.yaml", "--out", "runs/flag")).output == "runs/flag"
+    flag_wins = config_from_args(_parse("train", "--config", tmp_path / "run.yaml", "--out", "runs/flag"))
+    assert flag_wins.output == "runs/flag"
