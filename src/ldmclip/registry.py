@@ -19,6 +19,7 @@ import torch
 
 from . import checkpoints
 from .checkpoints import checkpoint_folder
+from .core.errors import UserError
 from .core.formats import HF_HUB_PREFIX
 from .core.precision import precision_dtype
 from .models.clip import CLIP
@@ -36,8 +37,8 @@ def list_models() -> list[str]:
     return sorted(_packaged_configs())
 
 
-def _unknown_model_error(name: str) -> ValueError:
-    return ValueError(
+def _unknown_model_error(name: str) -> UserError:
+    return UserError(
         f"unknown model {name!r}. Packaged models: {', '.join(list_models())}. "
         f"You can also pass a path to a JSON config, 'hf-hub:org/repo' or 'local-dir:/path/to/checkpoint'."
     )

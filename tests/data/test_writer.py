@@ -12,7 +12,9 @@ import tarfile
 import pytest
 from PIL import Image
 
-from ldmclip.data import SampleStats, ShardDataset, add_pack_arguments, dataset_size, run_pack, write_shards
+from ldmclip.cli.pack import add_arguments as add_pack_arguments
+from ldmclip.cli.pack import run as run_pack
+from ldmclip.data import SampleStats, ShardDataset, dataset_size, write_shards
 
 from .test_samples import bad_images, encode, good_images, rgb_image
 

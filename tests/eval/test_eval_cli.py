@@ -31,7 +31,7 @@ def test_zeroshot_and_retrieval_end_to_end(tmp_path, model_dir, capsys):
                                 "--templates", "simple", "--retrieval", table,
                                 "--images", tmp_path / "flickr" / "images",
                                 "--split", tmp_path / "split.txt", "--precision", "fp32", "--workers", 1,
-                                "--batch-size", 5, "--out", out)
+                                "--batch-size", 5, "--json", out)
     assert code == 0, err
     results = json.loads(out.read_text())
     assert not list(out.parent.glob("*.tmp"))
@@ -64,7 +64,7 @@ def test_retrieval_numbers_equal_the_metric_on_directly_computed_features(tmp_pa
     table = make_caption_table(tmp_path, images=9, captions_per_image=2)
     out = tmp_path / "r.json"
     code, _, err = run_cli(capsys, "--model", f"local-dir:{model_dir}", "--retrieval", table, "--precision", "fp32",
-                           "--workers", 0, "--out", out, "--images", tmp_path / "images")
+                           "--workers", 0, "--json", out, "--images", tmp_path / "images")
     assert code == 0, err
     rt = json.loads(out.read_text())["retrieval"]
 
@@ -93,7 +93,7 @@ def test_retrieval_on_webdataset_shards_and_captions_without_tokens(tmp_path, mo
     write_tar(tmp_path / "s-0.tar", members)
     out = tmp_path / "r.json"
     code, stdout, err = run_cli(capsys, "--model", f"local-dir:{model_dir}", "--retrieval", tmp_path / "s-{0..0}.tar",
-                                "--precision", "fp32", "--workers", 0, "--out", out)
+                                "--precision", "fp32", "--workers", 0, "--json", out)
     assert code == 0, err
     rt = json.loads(out.read_text())["retrieval"]
     assert rt["num_images"] == rt["num_captions"] == 6
@@ -106,7 +106,7 @@ def test_table_caption_that_tokenizes_to_nothing_is_left_out(tmp_path, model_dir
         f.write('im000.png,"\x01\x02"\n')
     out = tmp_path / "r.json"
     code, stdout, err = run_cli(capsys, "--model", f"local-dir:{model_dir}", "--retrieval", table, "--images",
-                                tmp_path / "images", "--precision", "fp32", "--workers", 0, "--out", out)
+                                tmp_path / "images", "--precision", "fp32", "--workers", 0, "--json", out)
     assert code == 0, err
     rt = json.loads(out.read_text())["retrieval"]
     assert rt["num_images"] == 4 and rt["num_captions"] == 8

@@ -7,7 +7,9 @@ import json
 
 import pytest
 
-from ldmclip.train.config import TrainConfig, add_train_arguments, config_from_args
+from ldmclip.cli.train import add_arguments as add_train_arguments
+from ldmclip.cli.train import config_from_args
+from ldmclip.train.config import TrainConfig
 
 
 def _parse(argv):

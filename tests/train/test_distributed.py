@@ -67,7 +67,7 @@ def _train_here(output: Path, *extra: str) -> None:
     """A 1-process run in this process (no process group), from the same flags."""
     import argparse
 
-    from ldmclip.train.config import add_train_arguments, config_from_args
+    from ldmclip.cli.train import add_arguments as add_train_arguments, config_from_args
 
     parser = argparse.ArgumentParser()
     add_train_arguments(parser)

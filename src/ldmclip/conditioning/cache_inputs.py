@@ -78,12 +78,12 @@ def open_inputs(
     anything else a text file), ``webdataset``, ``table`` or
     ``text``."""
     if input_format not in INPUT_FORMATS:
-        raise ValueError(f"unknown input format {input_format!r}; use one of {', '.join(INPUT_FORMATS)}")
+        raise UserError(f"unknown input format {input_format!r}; use one of {', '.join(INPUT_FORMATS)}")
     if int(shard_size) < 1:
-        raise ValueError(f"shard_size must be at least 1, got {shard_size}")
+        raise UserError(f"shard_size must be at least 1, got {shard_size}")
     if not isinstance(source, (str, os.PathLike)):  # a list of shard URLs / paths
         if input_format not in ("auto", "webdataset"):
-            raise ValueError("a list of inputs is read as webdataset shards; give a table or text file on its own")
+            raise UserError("a list of inputs is read as webdataset shards; give a table or text file on its own")
         return _webdataset_chunks([os.fspath(s) for s in source])
     text = os.fspath(source)
     kind = _detect_format(text) if input_format == "auto" else input_format
@@ -110,13 +110,13 @@ def _webdataset_chunks(pattern: str | list[str]) -> list[InputChunk]:
 
     urls = expand_urls(pattern)
     if not urls:
-        raise ValueError(f"no shards in {pattern!r}")
+        raise UserError(f"no shards in {pattern!r}")
     names = [_shard_name(url, i) for i, url in enumerate(urls)]
     if len(set(names)) != len(names):
         seen: dict[str, str] = {}
         for name, url in zip(names, urls):
             if name in seen:
-                raise ValueError(f"input shards {seen[name]!r} and {url!r} have the same file name {name!r}; "
+                raise UserError(f"input shards {seen[name]!r} and {url!r} have the same file name {name!r}; "
                                  "cache them into separate folders")
             seen[name] = url
     for url in urls:
@@ -200,7 +200,7 @@ def _table_chunks(path: Path, caption_column: str, key_column: str | None, image
         keys = [str(row) for row in range(len(captions))]
         key_rule = {"key": "row"}
     if not captions:
-        raise ValueError(f"{path} has no rows")
+        raise UserError(f"{path} has no rows")
     return _slices(path, keys, captions, shard_size, {"table": path.name, **key_rule})
 
 
@@ -223,7 +223,7 @@ def _text_chunks(path: Path, shard_size: int) -> list[InputChunk]:
         lines.pop()  # the newline that ends the last line does not start another
     lines = [line[:-1] if line.endswith(b"\r") else line for line in lines]
     if not lines:
-        raise ValueError(f"{path} is empty")
+        raise UserError(f"{path} is empty")
     keys = [str(i + 1) for i in range(len(lines))]
     return _slices(path, keys, lines, shard_size, {"text": path.name})
 

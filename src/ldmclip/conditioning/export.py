@@ -20,7 +20,6 @@ OpenCLIP's single ``"!!"`` token. The official SD 2.x / SDXL folders behave the 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -33,11 +32,10 @@ import torch
 
 from ..checkpoints import openclip_to_hf_state_dict
 from ..core.files import write_safetensors
-from ..core.formats import carries_weights
-from ..core.precision import DTYPES, dtype_from_name, dtype_name
+from ..core.precision import dtype_from_name, dtype_name
 from ..models.text import TextTransformer
 from ..tokenizer import CLIPTokenizer, build_tokenizer
-from .conditioner import PRESETS, TextConditioner, get_preset, text_tower_config
+from .conditioner import TextConditioner, text_tower_config
 
 _HF_ACT = {"gelu": "gelu", "quick_gelu": "quick_gelu"}
 LAYER_NORM_EPS = 1e-5  # every CLIP tower; ldmclip's LayerNorms use it
@@ -239,112 +237,3 @@ def _write_clip_model(model, directory: Path, *, tokenizer: CLIPTokenizer, pad_i
         "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
         "image_mean": list(pp.mean), "image_std": list(pp.std), "do_convert_rgb": True,
     })
-
-
-# --------------------------------------------------------------------------------------------
-# Command line
-
-
-EXPORT_EPILOG = """examples:
-  # an SD 1.x text encoder as a transformers CLIPTextModel folder (pads with end-of-text)
-  ldmclip export --format transformers --preset sd1 --model ViT-L-14-quickgelu \
-      --pretrained weights.safetensors --out te
-  # a fine-tuned ViT-H/14 as the text_encoder/ + tokenizer/ of an SD 2.x diffusers pipeline
-  ldmclip export --format diffusers --preset sd2 --model local-dir:runs/my-run/final --out sd2-te
-  # SDXL: CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 -> text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/
-  ldmclip export --format diffusers --preset sdxl --pretrained vit-l.safetensors \
-      --pretrained-2 bigg.safetensors --out sdxl-te
-  # a whole CLIP model as a transformers CLIPModel folder
-  ldmclip export --format transformers --full --model local-dir:runs/my-run/final --out clip-hf
-"""
-
-
-def add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--format", required=True, choices=["transformers", "diffusers"],
-                        help="transformers: one model folder (CLIPTextModel, or CLIPModel with --full); "
-                             "diffusers: text_encoder/ + tokenizer/ sub-folders (two of each for sdxl)")
-    parser.add_argument("--out", required=True, help="output folder; must not exist yet (or be empty)")
-    parser.add_argument("--preset", choices=list(PRESETS),
-                        help="the recipe the text encoder serves: sets the tokenizer's pad token (sd1 and sdxl's "
-                             "first tokenizer pad with end-of-text, sd2 and sdxl's second with 0) and the default "
-                             "--model. Required for --format diffusers. Without it the pad token is 0 (OpenCLIP's)")
-    parser.add_argument("--model", help="model name: a packaged config (ldmclip info), a JSON config, "
-                                        "'hf-hub:org/repo' or 'local-dir:/path' (default: the preset's model)")
-    parser.add_argument("--pretrained", help="weights file or folder for --model (not needed when --model is "
-                                             "'hf-hub:' or 'local-dir:', which carry their weights)")
-    parser.add_argument("--model-2", help="sdxl only: the second text encoder's model (default ViT-bigG-14)")
-    parser.add_argument("--pretrained-2", help="sdxl only: weights for --model-2")
-    parser.add_argument("--with-projection", action="store_true",
-                        help="write CLIPTextModelWithProjection (text tower + text_projection) instead of "
-                             "CLIPTextModel (--format transformers)")
-    parser.add_argument("--full", action="store_true",
-                        help="write the whole CLIP model as a transformers CLIPModel (--format transformers)")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="dtype of the written weights")
-
-
-def _check_export_args(args: argparse.Namespace) -> None:
-    """Every mistake that can be seen before loading gigabytes of weights."""
-
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"--out {out} already exists; choose a new folder or delete it first")
-    two_towers = args.preset is not None and len(get_preset(args.preset).models) == 2
-    if args.format == "diffusers" and args.preset is None:
-        raise ValueError("--format diffusers needs --preset (sd1, sd2 or sdxl): it decides the sub-folders "
-                         "and the pad tokens")
-    if args.format == "diffusers" and (args.full or args.with_projection):
-        raise ValueError("--full and --with-projection are for --format transformers; the diffusers layout "
-                         "fixes the classes (SDXL's text_encoder_2 is written with its projection)")
-    if args.format == "transformers" and two_towers:
-        raise ValueError(f"--preset {args.preset} has two text encoders; use --format diffusers, or export each "
-                         f"tower on its own with --format transformers (--preset sd1 for the ViT-L/14 one)")
-    if args.full and args.with_projection:
-        raise ValueError("--full already includes the projection; drop --with-projection")
-    if not two_towers and (args.model_2 or args.pretrained_2):
-        raise ValueError("--model-2/--pretrained-2 are only for --preset sdxl")
-    if args.model is None and args.preset is None:
-        raise ValueError("pass --model (a model name, 'hf-hub:org/repo' or 'local-dir:/path') or --preset")
-    pairs = [(args.model, args.pretrained, "--model", "--pretrained")]
-    if two_towers:
-        pairs.append((args.model_2, args.pretrained_2, "--model-2", "--pretrained-2"))
-    for index, (name, weights, model_flag, weights_flag) in enumerate(pairs):
-        name = name or get_preset(args.preset).models[index]
-        if weights is None and not carries_weights(name):
-            raise ValueError(f"no weights for {name}: pass {weights_flag} (a weights file or folder), or a "
-                             f"{model_flag} of the form 'hf-hub:org/repo' or 'local-dir:/path'; exporting a "
-                             f"randomly initialised model is almost never what you want")
-
-
-def run_export(args: argparse.Namespace) -> int:
-    """``ldmclip export``: check the arguments, load the model(s), write the folder."""
-    from ..registry import create_model, get_tokenizer
-    from .conditioner import load_text_tower
-
-    _check_export_args(args)
-    if args.format == "diffusers":
-        conditioner = TextConditioner.from_pretrained(args.preset, args.model, args.pretrained, args.model_2,
-                                                      args.pretrained_2)
-        out = export_diffusers(conditioner, args.out, dtype=args.dtype)
-        folders = ", ".join(sorted(p.name + "/" for p in out.iterdir()))
-        print(f"wrote {out}: {folders} ({args.preset}, {args.dtype})")
-        print(f"load with: CLIPTextModel.from_pretrained('{out}', subfolder='text_encoder'), or copy the "
-              f"folders into a diffusers pipeline folder")
-        return 0
-    name = args.model or get_preset(args.preset).models[0]
-    tokenizer = get_tokenizer(name)
-    pad_id = 0
-    if args.preset is not None:
-        pad = get_preset(args.preset).pad[0]
-        pad_id = tokenizer.eot_token_id if pad == "eot" else pad
-    if args.full:
-        model = create_model(name, pretrained=args.pretrained)
-        kind = "CLIPModel"
-    else:
-        model = load_text_tower(name, args.pretrained)
-        kind = "CLIPTextModelWithProjection" if args.with_projection else "CLIPTextModel"
-    out = export_transformers(model, args.out, tokenizer=tokenizer, pad_id=pad_id,
-                              with_projection=args.with_projection, full=args.full, dtype=args.dtype)
-    parameters = sum(p.numel() for p in model.parameters()) / 1e6
-    print(f"wrote {out}: {kind}, {parameters:.1f}M parameters, {args.dtype}, pad token id {pad_id}")
-    print(f"load with: transformers.{kind}.from_pretrained('{out}') and CLIPTokenizer.from_pretrained('{out}')")
-    return 0

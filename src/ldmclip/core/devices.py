@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from .errors import UserError
 from .launch import local_process
 
 __all__ = ["resolve_device"]
@@ -24,7 +25,7 @@ def resolve_device(name: str | None = "auto", local_rank: int | None = None,
     try:
         device = torch.device(name)
     except RuntimeError as err:
-        raise ValueError(f"unknown device {name!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'") from err
+        raise UserError(f"unknown device {name!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'") from err
     if device.type == "cuda" and device.index is None:
         env_rank, env_world = local_process()
         local_rank = env_rank if local_rank is None else local_rank

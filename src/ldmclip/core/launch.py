@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Mapping
 
+from .errors import UserError
+
 __all__ = ["DEFAULT_PORT", "Launch", "read_launch", "detect_launch", "local_process", "process_rank", "join_process_group",
            "slurm_first_host"]
 
@@ -110,7 +112,7 @@ def slurm_first_host(nodelist: str) -> str:
         pass
     first = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
     if first is None:
-        raise ValueError(f"cannot read the SLURM node list {nodelist!r}")
+        raise UserError(f"cannot read the SLURM node list {nodelist!r}")
     prefix, ranges = first.group(1), first.group(3)
     if ranges is None:
         return prefix

@@ -16,7 +16,7 @@ from .samples import (REASONS, SHARD_REASONS, BadSample, Batch, ImageTextCollato
                       decode_image, make_dataloader)
 from .shards import ShardDataset, dataset_size, expand_urls, make_shard_pipeline
 from .table import CaptionTable, ImageList, read_split_file, read_table
-from .writer import add_pack_arguments, run_pack, write_shards
+from .writer import write_shards
 
 __all__ = [
     # synthetic
@@ -25,7 +25,7 @@ __all__ = [
     "render_scene", "synthetic_retrieval_pairs", "zero_shot_templates",
     # real data
     "REASONS", "SHARD_REASONS", "BadSample", "Batch", "CaptionTable", "ImageList", "ImageTextCollator", "Sample",
-    "SampleStats", "ShardDataset", "add_pack_arguments", "dataset_size", "decode_caption", "decode_image",
-    "expand_urls", "make_dataloader", "make_shard_pipeline", "read_split_file", "read_table", "run_pack",
+    "SampleStats", "ShardDataset", "dataset_size", "decode_caption", "decode_image",
+    "expand_urls", "make_dataloader", "make_shard_pipeline", "read_split_file", "read_table",
     "write_shards",
 ]

@@ -40,6 +40,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch.utils.data
 
+from ..core.errors import UserError
 from ..core.launch import process_rank
 from .samples import (REASON_SHARD_ERROR, REASON_SHARD_UNREADABLE, REASON_TRUNCATED_SHARD, Sample, SampleStats,
                       clear_pending, has_pending, load_sample, record_bad)
@@ -151,7 +152,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         super().__init__()
         self.urls = expand_urls(urls)
         if not self.urls:
-            raise ValueError(f"no shards in {urls!r}")
+            raise UserError(f"no shards in {urls!r}")
         self.transform = transform
         self.shuffle_buffer = max(0, int(shuffle_buffer))
         self.shuffle_initial = (min(self.shuffle_buffer, 100) if shuffle_initial is None

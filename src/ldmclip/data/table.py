@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 
 import torch.utils.data
 
+from ..core.errors import UserError
 from ..core.formats import PARQUET_SUFFIXES, TABLE_DELIMITERS
 from .samples import BadSample, Sample, SampleStats, decode_caption, load_sample, record_bad
 
@@ -32,7 +33,7 @@ def _check_file(path: Path, what: str) -> None:
     if not path.exists():
         raise FileNotFoundError(f"{what} not found: {path}")
     if not path.is_file():
-        raise ValueError(f"{what} is not a file: {path}")
+        raise UserError(f"{what} is not a file: {path}")
 
 
 def _read_delimited(path: Path, sep: str, columns: Sequence[str]) -> dict[str, list[Any]]:
@@ -41,7 +42,7 @@ def _read_delimited(path: Path, sep: str, columns: Sequence[str]) -> dict[str, l
         try:
             header = next(reader, None)
             if header is None:
-                raise ValueError(f"{path} is empty (no header row)")
+                raise UserError(f"{path} is empty (no header row)")
             header = [h.strip() for h in header]
             _check_columns(path, header, columns)
             index = [header.index(c) for c in columns]
@@ -52,7 +53,7 @@ def _read_delimited(path: Path, sep: str, columns: Sequence[str]) -> dict[str, l
                 for c, i in zip(columns, index):
                     out[c].append(row[i] if i < len(row) else None)
         except csv.Error as e:
-            raise ValueError(f"{path}, line {reader.line_num}: cannot parse ({e})") from None
+            raise UserError(f"{path}, line {reader.line_num}: cannot parse ({e})") from None
     return out
 
 
@@ -64,7 +65,7 @@ def _read_parquet(path: Path, columns: Sequence[str]) -> dict[str, list[Any]]:
     try:
         schema = pq.read_schema(path)
     except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid etc.
-        raise ValueError(f"{path} is not a readable parquet file ({e})") from None
+        raise UserError(f"{path} is not a readable parquet file ({e})") from None
     _check_columns(path, list(schema.names), columns)
     table = pq.read_table(path, columns=list(dict.fromkeys(columns)))
     return {c: table.column(c).to_pylist() for c in columns}
@@ -74,7 +75,7 @@ def _check_columns(path: Path, found: Sequence[str], wanted: Sequence[str]) -> N
     missing = [c for c in dict.fromkeys(wanted) if c not in found]
     if missing:
         names = ", ".join(repr(c) for c in missing)
-        raise ValueError(f"{path}: column{'s' if len(missing) > 1 else ''} {names} not found; "
+        raise UserError(f"{path}: column{'s' if len(missing) > 1 else ''} {names} not found; "
                          f"the columns are: {', '.join(repr(c) for c in found) or '(none)'}")
 
 
@@ -90,7 +91,7 @@ def read_table(path: str | os.PathLike, columns: Sequence[str], sep: str | None 
     if sep is None:
         sep = TABLE_DELIMITERS.get(suffix)
         if sep is None:
-            raise ValueError(f"{path}: unknown table format {suffix!r}; use .csv, .tsv or .parquet, "
+            raise UserError(f"{path}: unknown table format {suffix!r}; use .csv, .tsv or .parquet, "
                              "or pass sep= for delimited text")
     return _read_delimited(path, sep, columns)
 
@@ -106,17 +107,17 @@ def table_columns(path: str | os.PathLike, sep: str | None = None) -> list[str]:
         try:
             return list(pq.read_schema(path).names)
         except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid etc.
-            raise ValueError(f"{path} is not a readable parquet file ({e})") from None
+            raise UserError(f"{path} is not a readable parquet file ({e})") from None
     sep = sep or TABLE_DELIMITERS.get(suffix)
     if sep is None:
-        raise ValueError(f"{path}: unknown table format {suffix!r}; use .csv, .tsv or .parquet")
+        raise UserError(f"{path}: unknown table format {suffix!r}; use .csv, .tsv or .parquet")
     with open(path, "r", encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
         try:
             header = next(csv.reader(f, delimiter=sep), None)
         except csv.Error as e:
-            raise ValueError(f"{path}, line 1: cannot parse ({e})") from None
+            raise UserError(f"{path}, line 1: cannot parse ({e})") from None
     if header is None:
-        raise ValueError(f"{path} is empty (no header row)")
+        raise UserError(f"{path} is empty (no header row)")
     return [h.strip() for h in header]
 
 
@@ -185,17 +186,17 @@ class CaptionTable(torch.utils.data.Dataset):
         columns = read_table(self.path, [image_column, caption_column], sep=sep)
         names, raw_captions = columns[image_column], columns[caption_column]
         if not names:
-            raise ValueError(f"{self.path} has no rows")
+            raise UserError(f"{self.path} has no rows")
         rows = range(len(names))
         if split_file is not None:
             listed = read_split_file(split_file)
             if not listed:
-                raise ValueError(f"split file {split_file} lists no images")
+                raise UserError(f"split file {split_file} lists no images")
             wanted = {_norm(n) for n in listed}
             rows = [r for r in rows if names[r] is not None and _norm(str(names[r])) in wanted]
             if not rows:
                 example_table = next((str(n) for n in names if n), "")
-                raise ValueError(
+                raise UserError(
                     f"none of the {len(listed)} images listed in split file {split_file} matches the "
                     f"{image_column!r} column of {self.path} (split file: {listed[0]!r}, "
                     f"table: {example_table!r})")

@@ -1,4 +1,4 @@
-"""Write image–text pairs to webdataset shards in the img2dataset layout, and the ``ldmclip pack`` command.
+"""Write image–text pairs to webdataset shards in the img2dataset layout (what ``ldmclip pack`` writes).
 
 A shard ``{prefix}-{00000}.tar`` holds, per sample, ``{key}.jpg`` (or ``.png``/``.webp`` with
 ``reencode="never"``), ``{key}.txt`` (UTF-8 caption) and, when there is metadata, ``{key}.json``.
@@ -26,14 +26,12 @@ captions included), except what cannot be read or re-encoded.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import io
 import itertools
 import json
 import os
 import re
-import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -47,8 +45,7 @@ from ..core.formats import IMAGE_SUFFIXES, is_image_file
 from .samples import (REASON_EMPTY_FILE, REASON_MISSING_FILE, REASON_MISSING_IMAGE, REASON_READ_ERROR, BadSample,
                       SampleStats, decode_caption, decode_image)
 
-__all__ = ["write_shards", "iter_image_folder", "iter_table", "add_pack_arguments", "run_pack",
-           "REENCODE_MODES"]
+__all__ = ["write_shards", "iter_image_folder", "iter_table", "REENCODE_MODES"]
 
 REENCODE_MODES = ("auto", "always", "never")
 _KEY_DIGITS = 9
@@ -376,88 +373,3 @@ def iter_table(table: Any, stats: SampleStats) -> Iterator[tuple[None, str, str,
             continue
         image = table.images[i] or None
         yield None, image, table.captions[i], {"image": table.names[i], "row": table.rows[i]}
-
-
-# ----------------------------------------------------------------------------------------------------
-# `ldmclip pack`
-# ----------------------------------------------------------------------------------------------------
-
-def add_pack_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Arguments of ``ldmclip pack`` (use with ``run_pack``)."""
-    parser.add_argument("input", help="a table (.csv, .tsv, .parquet) of image paths and captions, or a "
-                                      "folder of images with sidecar .txt captions (a.jpg + a.txt)")
-    parser.add_argument("output", help="folder to write the shards to")
-    table = parser.add_argument_group("table input")
-    table.add_argument("--image-root", default=None,
-                       help="folder the image paths of the table are relative to (default: the table's folder)")
-    table.add_argument("--image-column", default="image", help="column of image paths (default: image)")
-    table.add_argument("--caption-column", default="caption", help="column of captions (default: caption)")
-    table.add_argument("--split-file", default=None,
-                       help="text file of image names, one per line; only those rows are packed")
-    table.add_argument("--sep", default=None,
-                       help="delimiter of a text table whose suffix does not say it ('\\t' or 'tab' for a tab)")
-    shards = parser.add_argument_group("shards")
-    shards.add_argument("--per-shard", type=int, default=1000, help="samples per shard (default: 1000)")
-    shards.add_argument("--prefix", default="shard", help="shard file names: PREFIX-00000.tar (default: shard)")
-    shards.add_argument("--reencode", choices=REENCODE_MODES, default="auto",
-                        help="auto: keep JPEG bytes, re-encode other formats as JPEG; always: re-encode "
-                             "everything; never: store the source bytes as they are (default: auto)")
-    shards.add_argument("--max-size", type=int, default=None,
-                        help="downscale (re-encode) images whose shorter side exceeds this many pixels")
-    shards.add_argument("--quality", type=int, default=95, help="JPEG quality when re-encoding (default: 95)")
-    shards.add_argument("--no-verify", dest="verify", action="store_false",
-                        help="do not decode every image to check it (faster; corrupt files get packed)")
-    shards.add_argument("--workers", type=int, default=0,
-                        help="processes decoding/re-encoding images in parallel (default: 0 = none)")
-    shards.add_argument("--overwrite", action="store_true", help="replace existing PREFIX-*.tar shards")
-    shards.add_argument("--quiet", action="store_true", help="no progress bar")
-    return parser
-
-
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
-def run_pack(args: argparse.Namespace) -> int:
-    """``ldmclip pack``: pack a table or an image folder into shards; prints a summary.
-    Returns 0 when at least one sample was written, 1 otherwise. Input errors raise
-    ``FileNotFoundError``/``ValueError`` with a clear message."""
-    from .table import CaptionTable
-
-    source = Path(args.input)
-    stats = SampleStats()
-    sep = args.sep
-    if sep is not None:
-        sep = {"\\t": "\t", "tab": "\t", "TAB": "\t"}.get(sep, sep)  # `--sep '\t'` from a shell
-    if source.is_dir():
-        if args.split_file:
-            raise ValueError("--split-file applies to table inputs, not to image folders")
-        total, items = iter_image_folder(source)
-        what = f"{total} images in {source}"
-    else:
-        table = CaptionTable(source, args.image_root, None, image_column=args.image_column,
-                             caption_column=args.caption_column, split_file=args.split_file, sep=sep)
-        total, items = len(table), iter_table(table, stats)
-        what = f"{total} rows of {source}"
-    print(f"packing {what} into {args.output}", file=sys.stderr)
-    shards = write_shards(items, args.output, prefix=args.prefix, max_per_shard=args.per_shard,
-                          reencode=args.reencode, max_size=args.max_size, quality=args.quality,
-                          verify=args.verify, workers=args.workers, overwrite=args.overwrite, stats=stats,
-                          progress=not args.quiet, total=total)
-    size = sum(p.stat().st_size for p in shards)
-    if shards:
-        names = shards[0].name if len(shards) == 1 else f"{shards[0].name} .. {shards[-1].name}"
-        print(f"wrote {stats.good} samples in {len(shards)} shard(s) to {args.output} ({names}, "
-              f"{_human_bytes(size)})")
-    else:
-        print(f"wrote nothing to {args.output}")
-    if stats.skipped:
-        reasons = ", ".join(f"{r} {n}" for r, n in stats.counts.most_common())
-        print(f"skipped {stats.skipped} sample(s): {reasons}")
-    else:
-        print("skipped 0 samples")
-    return 0 if shards else 1

@@ -30,6 +30,7 @@ from typing import Callable, Sequence
 
 import torch.utils.data
 
+from ..core.errors import UserError
 from ..core.formats import IMAGE_SUFFIXES, is_image_file, is_shards, is_table
 from ..data.samples import REASON_MISSING_IMAGE, Sample, SampleStats, load_sample
 from ..data.table import table_columns
@@ -122,15 +123,15 @@ def read_classnames(spec: str | os.PathLike, keys: Sequence[str] | None = None) 
             try:
                 data = json.load(f)
             except ValueError as e:
-                raise ValueError(f"class names file {path}: not valid JSON ({e})") from None
+                raise UserError(f"class names file {path}: not valid JSON ({e})") from None
         if isinstance(data, list) and all(isinstance(n, str) for n in data):
             return data
         if isinstance(data, dict) and all(isinstance(n, str) for n in data.values()):
             return {str(k): v for k, v in data.items()}
-        raise ValueError(f"class names file {path}: expected a JSON list of names or an object of key -> name")
+        raise UserError(f"class names file {path}: expected a JSON list of names or an object of key -> name")
     lines = read_lines(path, "class names file")
     if not lines:
-        raise ValueError(f"class names file {path} is empty")
+        raise UserError(f"class names file {path} is empty")
     split = [re.split(r"\t|,|\s+", line, maxsplit=1) for line in lines]
     key_set = set(keys or ())
     if all(len(parts) == 2 and parts[1].strip() for parts in split) and (
@@ -150,11 +151,11 @@ def _names_for_keys(keys: Sequence[str], spec: str | None, what: str) -> list[st
     if isinstance(names, dict):
         missing = [k for k in keys if k not in names]
         if missing:
-            raise ValueError(f"class names {spec}: no name for {len(missing)} of the {len(keys)} {what} "
+            raise UserError(f"class names {spec}: no name for {len(missing)} of the {len(keys)} {what} "
                              f"(e.g. {', '.join(repr(m) for m in missing[:5])})")
         return [names[k] for k in keys]
     if len(names) != len(keys):
-        raise ValueError(f"class names {spec}: {len(names)} names for {len(keys)} {what}; a list of names is "
+        raise UserError(f"class names {spec}: {len(names)} names for {len(keys)} {what}; a list of names is "
                          f"matched to the {what} in sorted order, so the counts must agree (or use a "
                          "'KEY name' mapping file)")
     return list(names)
@@ -163,17 +164,17 @@ def _names_for_keys(keys: Sequence[str], spec: str | None, what: str) -> list[st
 def _names_for_indices(spec: str | None, what: str) -> list[str]:
     """Class names for integer labels: a list (label i -> names[i]) or a mapping with keys 0..n-1."""
     if spec is None:
-        raise ValueError(f"{what} has integer labels: pass --classnames (a file of names, one per line, "
+        raise UserError(f"{what} has integer labels: pass --classnames (a file of names, one per line, "
                          "in label order, or 'imagenet')")
     names = read_classnames(spec)
     if isinstance(names, dict):
         try:
             order = sorted(int(k) for k in names)
         except ValueError:
-            raise ValueError(f"class names {spec}: integer labels need integer keys, got "
+            raise UserError(f"class names {spec}: integer labels need integer keys, got "
                              f"{next(iter(names))!r}") from None
         if order != list(range(len(order))):
-            raise ValueError(f"class names {spec}: mapping keys must be 0..{len(order) - 1}")
+            raise UserError(f"class names {spec}: mapping keys must be 0..{len(order) - 1}")
         return [names[str(i)] for i in range(len(order))]
     return list(names)
 
@@ -209,7 +210,7 @@ def class_folder(root: str | os.PathLike, transform: Callable | None, classnames
     root = Path(root)
     folders = _class_folders(root)
     if not folders:
-        raise ValueError(f"{root}: no class sub-folders (expected one folder of images per class)")
+        raise UserError(f"{root}: no class sub-folders (expected one folder of images per class)")
     paths, labels, empty, ignored = [], [], [], 0
     for label, name in enumerate(folders):
         files, skipped = _images_under(root / name)
@@ -221,7 +222,7 @@ def class_folder(root: str | os.PathLike, transform: Callable | None, classnames
     if empty:
         # An empty class would still compete in the classifier and change the numbers: refuse, like
         # torchvision's ImageFolder does, rather than guess.
-        raise ValueError(f"{root}: {len(empty)} class folder(s) have no images ({', '.join(empty[:10])}"
+        raise UserError(f"{root}: {len(empty)} class folder(s) have no images ({', '.join(empty[:10])}"
                          f"{', ...' if len(empty) > 10 else ''}); image files end in {', '.join(IMAGE_SUFFIXES)}")
     names = _names_for_keys(folders, classnames, "class folders")
     description = f"{root} ({len(folders)} class folders"
@@ -234,13 +235,13 @@ def pick_column(path: str | os.PathLike, wanted: str | None, candidates: Sequenc
     columns = table_columns(path)
     if wanted is not None:
         if wanted not in columns:
-            raise ValueError(f"{path}: {what} column {wanted!r} not found; the columns are: "
+            raise UserError(f"{path}: {what} column {wanted!r} not found; the columns are: "
                              f"{', '.join(repr(c) for c in columns) or '(none)'}")
         return wanted
     for candidate in candidates:
         if candidate in columns:
             return candidate
-    raise ValueError(f"{path}: no {what} column (looked for {', '.join(repr(c) for c in candidates)}); the "
+    raise UserError(f"{path}: no {what} column (looked for {', '.join(repr(c) for c in candidates)}); the "
                      f"columns are: {', '.join(repr(c) for c in columns) or '(none)'}. Name it with "
                      f"--{what}-column")
 
@@ -270,13 +271,13 @@ def label_table(path: str | os.PathLike, transform: Callable | None, classnames:
         else:
             rows.append((os.path.join(root, image), label))
     if not rows:
-        raise ValueError(f"{path}: no rows with both an image and a label")
+        raise UserError(f"{path}: no rows with both an image and a label")
     values = sorted({label for _, label in rows})
     if all(re.fullmatch(r"\d+", v) for v in values):
         names = _names_for_indices(classnames, str(path))
         too_big = [v for v in values if int(v) >= len(names)]
         if too_big:
-            raise ValueError(f"{path}: label {too_big[-1]} but only {len(names)} class names")
+            raise UserError(f"{path}: label {too_big[-1]} but only {len(names)} class names")
         index = {v: int(v) for v in values}
         keys = None
     else:
@@ -312,7 +313,7 @@ def open_zero_shot(spec: str | os.PathLike, transform: Callable | None, classnam
         return label_shards(text, transform, classnames)
     if not Path(text).exists():
         raise FileNotFoundError(f"zero-shot data not found: {text}")
-    raise ValueError(f"zero-shot data {text}: expected a folder of class folders, a .csv/.tsv/.parquet table "
+    raise UserError(f"zero-shot data {text}: expected a folder of class folders, a .csv/.tsv/.parquet table "
                      "or webdataset shards (.tar)")
 
 
@@ -332,7 +333,7 @@ def caption_table(path: str | os.PathLike, transform: Callable | None, image_roo
                          split_file=split_file)
     groups = table.grouped()
     if not groups:
-        raise ValueError(f"{path}: no image has a usable caption")
+        raise UserError(f"{path}: no image has a usable caption")
     captions = [[table.captions[i] for i in rows] for _, rows in groups]
     bad_captions = len(table) - sum(len(c) for c in captions)
     description = f"{path} ({len(groups)} images, {sum(map(len, captions))} captions"
@@ -356,8 +357,8 @@ def open_retrieval(spec: str | os.PathLike, transform: Callable | None, image_ro
     if is_table(text):
         return caption_table(text, transform, image_root, split_file, image_column, caption_column)
     if split_file is not None:
-        raise ValueError("--split applies to caption tables, not to webdataset shards")
+        raise UserError("--split applies to caption tables, not to webdataset shards")
     if Path(text).is_dir():
-        raise ValueError(f"retrieval data {text} is a folder: pass a caption table (.csv/.tsv/.parquet with "
+        raise UserError(f"retrieval data {text} is a folder: pass a caption table (.csv/.tsv/.parquet with "
                          "image and caption columns) or webdataset shards")
     return caption_shards(text, transform)

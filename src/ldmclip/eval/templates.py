@@ -21,6 +21,8 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
+from ..core.errors import UserError
+
 __all__ = ["OPENAI_IMAGENET_TEMPLATES", "SIMPLE_IMAGENET_TEMPLATES", "BUILTIN_TEMPLATES", "imagenet_classnames",
            "load_templates", "read_lines"]
 
@@ -147,14 +149,14 @@ def load_templates(spec: str | os.PathLike) -> list[str]:
                                 "nor a file")
     templates = read_lines(path, "templates file")
     if not templates:
-        raise ValueError(f"templates file {path} has no templates")
+        raise UserError(f"templates file {path} has no templates")
     for number, template in enumerate(templates, 1):
         try:
             filled = template.format("\0")
         except (IndexError, KeyError, ValueError):
             filled = ""
         if filled.count("\0") != 1:
-            raise ValueError(f"templates file {path}: template {number} ({template!r}) must contain exactly one "
+            raise UserError(f"templates file {path}: template {number} ({template!r}) must contain exactly one "
                              "'{}' for the class name and no other braces (write '{{' for a literal brace)")
     return templates
 

@@ -12,6 +12,7 @@ import torch
 
 from ..data.samples import BadSample, apply_transform, decode_image
 from ..core.devices import resolve_device
+from ..core.errors import UserError
 from .index import SearchIndex, check_same_model, model_identity
 from .neighbors import DEFAULT_ANN_THRESHOLD, Searcher, make_searcher
 
@@ -20,7 +21,7 @@ __all__ = ["Hit", "QueryError", "SearchEngine", "MAX_QUERY_CHARS"]
 MAX_QUERY_CHARS = 1000  # CLIP reads at most 77 tokens; a longer "query" is a mistake, not a search
 
 
-class QueryError(ValueError):
+class QueryError(UserError):
     """A query that cannot be searched (empty, no readable tokens, an unreadable image...)."""
 
 

@@ -1,18 +1,18 @@
 """The training configuration: one typed object, filled from defaults, a YAML/JSON file and flags.
 
-Every field is also a command-line flag (``--batch-size`` for ``batch_size``), generated from this
-dataclass so the two can never drift apart.
+Every field is also a command-line flag of ``ldmclip train`` (``--batch-size`` for ``batch_size``),
+generated from this dataclass by ``ldmclip.cli.train`` so the two can never drift apart.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any
 
+from ..core.errors import UserError
 from ..core.precision import PRECISIONS
 
 
@@ -83,7 +83,7 @@ class TrainConfig:
     keep_checkpoints: int = _opt(2, "number of recent checkpoints to keep")
     eval_every: int = _opt(500, "run validation every N steps (0: only at the end)")
     log_every: int = _opt(10, "write metrics every N steps")
-    resume: str | None = _opt(None, "checkpoint file to resume from, or 'latest' (newest in --output)")
+    resume: str | None = _opt(None, "checkpoint file to resume from, or 'latest' (newest in --out)")
     max_bad_fraction: float = _opt(0.5, "stop when more than this fraction of samples is unreadable")
     max_nonfinite_steps: int = _opt(20, "stop after this many non-finite losses in a row")
     progress: bool = _opt(True, "show a progress bar")
@@ -103,53 +103,12 @@ class TrainConfig:
         else:
             values = json.loads(text)
         if not isinstance(values, dict):
-            raise ValueError(f"{path} must hold a mapping of option names to values")
+            raise UserError(f"{path} must hold a mapping of option names to values")
         names = {f.name for f in dataclasses.fields(cls)}
         values = {k.replace("-", "_"): v for k, v in values.items()}
+        if "out" in values and "output" not in values:  # `out:` as the flag is spelled (--out)
+            values["output"] = values.pop("out")
         unknown = sorted(set(values) - names)
         if unknown:
-            raise ValueError(f"unknown option(s) in {path}: {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+            raise UserError(f"unknown option(s) in {path}: {', '.join(unknown)}; known: {', '.join(sorted(names))}")
         return values
-
-
-def _parse_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
-
-
-def _optional(kind: type):
-    def parse(text: str):
-        return None if text.lower() in ("none", "null", "") else kind(text)
-
-    parse.__name__ = kind.__name__
-    return parse
-
-
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per :class:`TrainConfig` field, plus ``--config FILE``."""
-    parser.add_argument("--config", help="YAML or JSON file setting any of the options below "
-                                         "(flags given on the command line win)")
-    hints = get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kind = hints[f.name]
-        extra = {k: v for k, v in f.metadata.items() if k != "help"}
-        if kind is bool:
-            parser.add_argument(flag, dest=f.name, nargs="?", const=True, type=_parse_bool, default=None, metavar="yes|no",
-                                help=f"{f.metadata['help']} (default: {f.default})", **extra)
-            continue
-        base = next(t for t in (int, float, str) if t in getattr(kind, "__args__", (kind,)))
-        parser.add_argument(flag, dest=f.name, type=_optional(base), default=None,
-                            help=f"{f.metadata['help']} (default: {f.default})", **extra)
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    values: dict[str, Any] = TrainConfig.from_file(args.config) if getattr(args, "config", None) else {}
-    for f in dataclasses.fields(TrainConfig):
-        value = getattr(args, f.name, None)
-        if value is not None:
-            values[f.name] = value
-    return TrainConfig(**values)

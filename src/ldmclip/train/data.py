@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..core.errors import UserError
 from ..core.formats import is_table
 from ..transforms import EvalTransform, PreprocessConfig, image_transform
 from .config import TrainConfig
@@ -69,7 +70,7 @@ class GlobalBatchSlices(Sampler[list[int]]):
 
     def __init__(self, order: Sampler[int], batch_size: int, rank: int = 0, world_size: int = 1):
         if batch_size % world_size:
-            raise ValueError(f"--batch-size {batch_size} (the global batch) must be divisible by the "
+            raise UserError(f"--batch-size {batch_size} (the global batch) must be divisible by the "
                              f"number of processes ({world_size})")
         self.order, self.batch_size, self.rank, self.world_size = order, batch_size, rank, world_size
         self.local = batch_size // world_size
@@ -101,10 +102,10 @@ class MapStyleData:
     def __init__(self, dataset: Dataset, collate, batch_size: int, workers: int, seed: int,
                  default_steps: int | None = None, rank: int = 0, world_size: int = 1, description: str = ""):
         if len(dataset) < batch_size:
-            raise ValueError(f"the training data has {len(dataset)} samples, fewer than one batch "
+            raise UserError(f"the training data has {len(dataset)} samples, fewer than one batch "
                              f"(--batch-size {batch_size})")
         if batch_size % world_size:
-            raise ValueError(f"--batch-size {batch_size} is the global batch: it must be divisible by the "
+            raise UserError(f"--batch-size {batch_size} is the global batch: it must be divisible by the "
                              f"number of processes ({world_size})")
         self.dataset, self.collate = dataset, collate
         self.batch_size, self.workers, self.seed = batch_size, workers, seed
@@ -120,7 +121,7 @@ class MapStyleData:
             return self.default_steps
         if cfg.epochs:
             return max(1, math.ceil(cfg.epochs * self.batches_per_epoch))
-        raise ValueError("say how long to train: --steps N or --epochs E")
+        raise UserError("say how long to train: --steps N or --epochs E")
 
     def batches(self, position: DataPosition, device: torch.device) -> Iterator[TrainBatch]:
         epoch, done = position.epoch, position.batches
@@ -149,7 +150,7 @@ class StreamData:
     def __init__(self, make_dataset, collate, batch_size: int, workers: int, seed: int,
                  rank: int = 0, world_size: int = 1, description: str = "webdataset shards"):
         if batch_size % world_size:
-            raise ValueError(f"--batch-size {batch_size} is the global batch: it must be divisible by the "
+            raise UserError(f"--batch-size {batch_size} is the global batch: it must be divisible by the "
                              f"number of processes ({world_size})")
         self.make_dataset, self.collate = make_dataset, collate
         self.batch_size, self.workers, self.seed = batch_size // world_size, workers, seed
@@ -158,7 +159,7 @@ class StreamData:
 
     def total_steps(self, cfg: TrainConfig) -> int:
         if not cfg.steps:
-            raise ValueError("webdataset shards are a stream: say how long to train with --steps N")
+            raise UserError("webdataset shards are a stream: say how long to train with --steps N")
         return cfg.steps
 
     def batches(self, position: DataPosition, device: torch.device) -> Iterator[TrainBatch]:
@@ -175,7 +176,7 @@ class StreamData:
                 produced += 1
                 yield _on_device(batch, device, DataPosition(epoch, done))
             if produced == 0:
-                raise ValueError("the webdataset shards yielded no batch; check the --data pattern and the shards")
+                raise UserError("the webdataset shards yielded no batch; check the --data pattern and the shards")
             epoch, done = epoch + 1, 0
 
 
@@ -204,7 +205,7 @@ def build_train_data(cfg: TrainConfig, tokenizer, preprocess: PreprocessConfig, 
         from ..data import CaptionTable
 
         if not cfg.images:
-            raise ValueError(f"--data {cfg.data} is a table of image paths: also pass --images ROOT")
+            raise UserError(f"--data {cfg.data} is a table of image paths: also pass --images ROOT")
         dataset = CaptionTable(cfg.data, cfg.images, transform, image_column=cfg.image_column,
                                caption_column=cfg.caption_column, split_file=cfg.split)
         return MapStyleData(dataset, collate, cfg.batch_size, cfg.workers, cfg.seed, rank=rank, world_size=world_size,
@@ -330,7 +331,7 @@ def _table_validation(cfg: TrainConfig, source: str, tokenizer, transform) -> Va
     from ..data import CaptionTable
 
     if not cfg.images:
-        raise ValueError(f"--val-data {source} is a table of image paths: also pass --images ROOT")
+        raise UserError(f"--val-data {source} is a table of image paths: also pass --images ROOT")
     table = CaptionTable(source, cfg.images, transform, image_column=cfg.image_column,
                          caption_column=cfg.caption_column, split_file=cfg.val_split)
     return table_retrieval_validation(table, tokenizer, cfg.val_size)
@@ -353,7 +354,7 @@ def _shard_validation(urls: str, tokenizer, transform, max_images: int) -> Valid
             break
     drain_pending()  # validation's unreadable samples are not the training data's
     if len(images) < 2:
-        raise ValueError(f"--val-data {urls}: fewer than two readable image–caption pairs in these shards")
+        raise UserError(f"--val-data {urls}: fewer than two readable image–caption pairs in these shards")
     return Validation(torch.stack(images), tokenizer(captions), torch.arange(len(images)), [], tokenizer,
                       description=f"webdataset shards {urls} (first {len(images)} image-caption pairs)")
 
@@ -373,6 +374,6 @@ def table_retrieval_validation(table, tokenizer, max_images: int | None = None) 
             captions.append(table.captions[index])
             text_to_image.append(len(images) - 1)
     if len(images) < 2:
-        raise ValueError(f"{table.path}: fewer than two readable validation images")
+        raise UserError(f"{table.path}: fewer than two readable validation images")
     return Validation(torch.stack(images), tokenizer(captions), torch.tensor(text_to_image), [], tokenizer,
                       description=f"table {table.path} ({len(images)} images, {len(captions)} captions)")

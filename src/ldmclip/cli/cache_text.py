@@ -1,11 +1,5 @@
-"""``ldmclip cache-text``: build (or resume) a text-embedding cache from the command line.
-
-    ldmclip cache-text 'shards/{00000..00999}.tar' --out cache/ --preset sdxl \\
-        --pretrained clip-l.safetensors --pretrained-2 hf-hub:laion/CLIP-ViT-bigG-14-laion2B-39B-b160k
-    torchrun --nproc-per-node 8 -m ldmclip cache-text ...      # each rank takes its own input shards
-
-Rerunning the same command continues where a stopped run ended.
-"""
+"""``ldmclip cache-text``: build (or resume) a text-embedding cache. Rerunning the same command continues
+where a stopped run ended; under torchrun or srun each rank takes its own input chunks."""
 
 from __future__ import annotations
 
@@ -13,90 +7,82 @@ import argparse
 import sys
 from typing import Any
 
+from ..conditioning.cache import CACHE_DTYPES, build_text_cache
+from ..conditioning.cache_inputs import DEFAULT_SHARD_SIZE, INPUT_FORMATS, open_inputs
+from ..core.errors import UserError
 from ..core.formats import carries_weights
-from ..core.precision import PRECISIONS
-from .cache import CACHE_DTYPES, build_text_cache
-from .cache_inputs import DEFAULT_SHARD_SIZE, INPUT_FORMATS, open_inputs
+from .common import (add_column_options, add_device_option, add_dtype_option, add_input_format_option,
+                     add_model_options, add_out_option, add_precision_option, add_quiet_option, parse_sep)
 
-__all__ = ["add_cache_text_arguments", "run_cache_text", "CACHE_TEXT_EPILOG"]
+__all__ = ["HELP", "DESCRIPTION", "EPILOG", "add_arguments", "run"]
 
-CACHE_TEXT_EPILOG = """examples:
+HELP = "precompute the text conditioning (sd1/sd2/sdxl) of every caption into a cache"
+DESCRIPTION = ("Encode the captions of webdataset shards, a table or a text file with an LDM text conditioner "
+               "and store hidden states (+ pooled embeddings) in sharded safetensors files, read back by key with "
+               "ldmclip.TextEmbeddingCache. Resumable: rerun to continue.")
+EPILOG = """examples:
   ldmclip cache-text 'shards/{00000..00999}.tar' --out cache/ --preset sd2 --pretrained open_clip_model.safetensors
   ldmclip cache-text captions.csv --out cache/ --preset sd1 --pretrained clip-vit-large-patch14/
   torchrun --nproc-per-node 8 -m ldmclip cache-text 'shards/{00000..41407}.tar' --out cache/ --preset sdxl \\
       --pretrained clip-l.safetensors --pretrained-2 clip-bigG.safetensors
   ldmclip cache-text prompts.txt --out /tmp/c --preset sd2 --model ViT-Tiny-64 --random-init     (a quick try)
 
-read it back:  cache = ldmclip.TextEmbeddingCache("cache/"); cache[key]["hidden"], cache.join(image_samples)
+read it back:
+  cache = ldmclip.TextEmbeddingCache("cache/"); cache[key]["hidden"], cache.join(image_samples)
 """
 
 
 def _default_models() -> dict[str, tuple[str, ...]]:
-    from .conditioner import PRESETS
+    from ..conditioning.conditioner import PRESETS
 
     return {name: preset.models for name, preset in PRESETS.items()}
 
 
-
-
-def add_cache_text_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Arguments of ``ldmclip cache-text`` (use with ``run_cache_text``)."""
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", help="captions: webdataset shards ('shards/{00000..00099}.tar', KEY.txt members), "
                                       "a table (.csv, .tsv, .parquet) or a text file with one caption per line")
-    parser.add_argument("--out", required=True, help="cache folder (created; an existing cache is resumed)")
+    add_out_option(parser, "cache folder (created; an existing cache is resumed)", metavar="DIR")
     defaults = _default_models()
     model = parser.add_argument_group("conditioner")
     model.add_argument("--preset", required=True, choices=sorted(defaults),
                        help="the conditioning recipe: sd1 (CLIP ViT-L/14, last layer), sd2 (OpenCLIP ViT-H/14, "
                             "penultimate layer), sdxl (ViT-L/14 + ViT-bigG/14, penultimate layers + pooled)")
-    model.add_argument("--model", default=None,
-                       help="model name or config of the (first) text encoder (default: the preset's: "
-                            + ", ".join(f"{k} {v[0]}" for k, v in defaults.items()) + ")")
-    model.add_argument("--pretrained", default=None,
-                       help="its weights: a file, a checkpoint folder or hf-hub:org/repo")
-    model.add_argument("--model-2", default=None,
-                       help=f"sdxl only: the second text encoder (default: {defaults['sdxl'][1]})")
-    model.add_argument("--pretrained-2", default=None, help="sdxl only: the second encoder's weights")
+    add_model_options(model,
+                      model_help="model name or config of the (first) text encoder (default: the preset's: "
+                                 + ", ".join(f"{k} {v[0]}" for k, v in defaults.items()) + ")",
+                      pretrained_help="its weights: a file, a checkpoint folder or hf-hub:org/repo",
+                      second=f"sdxl only: the second text encoder (default: {defaults['sdxl'][1]})")
     model.add_argument("--random-init", action="store_true",
                        help="allow encoders without weights (random initialisation with seed 0): "
                             "for tests and benchmarks only")
     source = parser.add_argument_group("input")
-    source.add_argument("--format", dest="input_format", choices=INPUT_FORMATS, default="auto",
-                        help="input kind (default: auto, from the name: .tar/brace pattern/pipe: = webdataset, "
-                             ".csv/.tsv/.parquet = table, anything else = text file)")
-    source.add_argument("--caption-column", default="caption", help="table column of captions (default: caption)")
-    source.add_argument("--key-column", default=None,
-                        help="table column of sample keys (default: IMAGE#ROW, the keys ldmclip's CaptionTable "
-                             "gives its samples; row numbers when the table has no image column)")
-    source.add_argument("--image-column", default="image", help="table column of image names (default: image)")
+    add_input_format_option(source, INPUT_FORMATS, aliases=["--format"],
+                            help="what the input is (default: auto, from the name: .tar/brace pattern/pipe: = "
+                                 "webdataset, .csv/.tsv/.parquet = table, anything else = text file)")
+    add_column_options(source, caption=("caption", "table column of captions"),
+                       key=(None, "table column of sample keys (default: IMAGE#ROW, the keys ldmclip's "
+                                  "CaptionTable gives its samples; row numbers when the table has no image column)"),
+                       image=("image", "table column of image names"))
     source.add_argument("--sep", default=None, help="delimiter of a text table whose suffix does not say it")
     source.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
                         help=f"table rows / text lines per cache shard (default: {DEFAULT_SHARD_SIZE}); "
                              "webdataset input keeps one cache shard per input shard")
     encode = parser.add_argument_group("encoding")
-    encode.add_argument("--batch-size", type=int, default=256, help="captions per forward pass (default: 256)")
-    encode.add_argument("--dtype", choices=list(CACHE_DTYPES), default="fp16",
-                        help="stored dtype of the embeddings (default: fp16)")
-    encode.add_argument("--precision", choices=PRECISIONS, default="auto",
-                        help="autocast while encoding (default: auto = bf16 on GPUs and CPUs with AMX/AVX512-bf16)")
-    encode.add_argument("--device", default="auto",
-                        help="cpu, cuda, cuda:N (default: auto = cuda:LOCAL_RANK when CUDA is available, else cpu)")
-    encode.add_argument("--quiet", action="store_true", help="no progress bar")
-    return parser
-
-
-def _has_own_weights(name: str) -> bool:
-    return carries_weights(name)
+    encode.add_argument("--batch-size", type=int, default=256, help="captions per forward pass")
+    add_dtype_option(encode, CACHE_DTYPES, "fp16", "stored dtype of the embeddings")
+    add_precision_option(encode, "autocast while encoding: 'auto' is bf16 on GPUs and CPUs with AMX/AVX512-bf16")
+    add_device_option(encode)
+    add_quiet_option(encode)
 
 
 def _check_weights(args: argparse.Namespace, model: str, model_2: str | None) -> None:
     missing = []
-    if args.pretrained is None and not _has_own_weights(model):
+    if args.pretrained is None and not carries_weights(model):
         missing.append("--pretrained")
-    if model_2 is not None and args.pretrained_2 is None and not _has_own_weights(model_2):
+    if model_2 is not None and args.pretrained_2 is None and not carries_weights(model_2):
         missing.append("--pretrained-2")
     if missing and not args.random_init:
-        raise ValueError(
+        raise UserError(
             f"no weights for the text encoder ({' and '.join(missing)} not given): a cache of randomly initialised "
             f"encoders is useless for training. Pass the weights ({' / '.join(missing)} FILE, folder or "
             "hf-hub:org/repo, or a model named hf-hub:... / local-dir:...), or --random-init for a test or benchmark.")
@@ -118,27 +104,26 @@ def _init_distributed() -> Any:
     return dist
 
 
-def run_cache_text(args: argparse.Namespace) -> int:
-    """``ldmclip cache-text``. Returns 0 when every input chunk is cached, 1 when some failed (a rerun
-    retries them). Bad options and a mismatching cache raise ``ValueError`` with a clear message."""
+def run(args: argparse.Namespace) -> int:
+    """Returns 0 when every input chunk is cached, 1 when some failed (a rerun retries them). Bad options
+    and a mismatching cache raise a ``UserError`` with a clear message."""
     import torch
 
+    from ..conditioning.conditioner import TextConditioner
     from ..core.devices import resolve_device
-    from .conditioner import TextConditioner
 
     defaults = _default_models()[args.preset]
     model = args.model or defaults[0]
     model_2 = (args.model_2 or defaults[1]) if len(defaults) > 1 else None
     if model_2 is None and (args.model_2 or args.pretrained_2):
-        raise ValueError(f"--model-2/--pretrained-2 are for the two-encoder preset sdxl, not {args.preset}")
+        raise UserError(f"--model-2/--pretrained-2 are for the two-encoder preset sdxl, not {args.preset}")
     if args.batch_size < 1 or args.shard_size < 1:
-        raise ValueError("--batch-size and --shard-size must be at least 1")
+        raise UserError("--batch-size and --shard-size must be at least 1")
     _check_weights(args, model, model_2)
-    sep = {"\\t": "\t", "tab": "\t", "TAB": "\t"}.get(args.sep, args.sep) if args.sep else None
     # Read the input first: a typo in a path fails before minutes of model loading.
     chunks = open_inputs(args.input, args.input_format, caption_column=args.caption_column,
                          key_column=args.key_column, image_column=args.image_column,
-                         shard_size=args.shard_size, sep=sep)
+                         shard_size=args.shard_size, sep=parse_sep(args.sep))
     dist = _init_distributed()
     try:
         rank = dist.get_rank() if dist else 0

@@ -1,25 +1,30 @@
-"""``ldmclip eval``: zero-shot classification and image↔text retrieval of a model, as a table and JSON."""
+"""``ldmclip eval``: zero-shot classification and image<->text retrieval of a model, as a table and JSON."""
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from ..core.errors import UserError
 from ..core.formats import carries_weights
-from ..core.precision import PRECISIONS
 from ..data.samples import default_workers
+from .common import (STDOUT, add_column_options, add_device_option, add_hidden_alias, add_image_root_option,
+                     add_json_option, add_model_options, add_precision_option, add_split_option,
+                     add_workers_option, write_json_output)
 
-__all__ = ["add_eval_arguments", "run_eval", "format_results", "EVAL_EPILOG"]
+__all__ = ["HELP", "DESCRIPTION", "EPILOG", "add_arguments", "run", "format_results"]
 
-EVAL_EPILOG = """examples:
+HELP = "zero-shot classification and image-text retrieval of a model"
+DESCRIPTION = ("Evaluate a model: zero-shot classification (top-1, top-5, mean per-class accuracy, confusion "
+               "matrix) and image<->text retrieval (recall@1/5/10, mean/median rank). Prints a table; --json "
+               "writes the results as JSON.")
+EPILOG = """examples:
   ldmclip eval --model ViT-B-32 --pretrained model.safetensors --zeroshot cifar10-test/
   ldmclip eval --model local-dir:runs/flickr8k/final --retrieval flickr8k/captions.csv \\
-      --images flickr8k/images --split flickr8k/test.txt --out results.json
+      --images flickr8k/images --split flickr8k/test.txt --json results.json
   ldmclip eval --model ViT-L-14 --pretrained hf-hub:laion/CLIP-ViT-L-14-laion2B-s32B-b82K \\
       --zeroshot imagenet/val/ --classnames imagenet --templates openai
 
@@ -29,14 +34,12 @@ retrieval data: a caption table (one row per caption, Flickr/COCO style) or webd
 """
 
 
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``ldmclip eval``."""
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model")
-    model.add_argument("--model", required=True,
-                       help="model name: a packaged config, a JSON config, 'hf-hub:org/repo' or 'local-dir:PATH'")
-    model.add_argument("--pretrained", default=None,
-                       help="weights: a file (.safetensors/.bin/.pt), a checkpoint folder or 'hf-hub:org/repo' "
-                            "(default: random weights, or the weights of a local-dir:/hf-hub: model)")
+    add_model_options(model, required=True,
+                      pretrained_help="weights: a file (.safetensors/.bin/.pt), a checkpoint folder or "
+                                      "'hf-hub:org/repo' (default: random weights, or the weights of a "
+                                      "local-dir:/hf-hub: model)")
     zero = parser.add_argument_group("zero-shot classification")
     zero.add_argument("--zeroshot", metavar="DIR|TABLE|SHARDS",
                       help="a folder of class folders, a table of image paths and labels, or webdataset shards "
@@ -47,52 +50,37 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                            "Default: the folder names / label strings")
     zero.add_argument("--templates", default="openai", metavar="openai|simple|FILE",
                       help="prompt templates: 'openai' (the 80 ImageNet prompts of the CLIP paper), 'simple' "
-                           "(their 7-prompt subset), or a file with one template per line containing '{}' "
-                           "(default: %(default)s)")
-    zero.add_argument("--label-column", default=None,
-                      help="label column of a zero-shot table (default: the first of label, class, cls, target)")
+                           "(their 7-prompt subset), or a file with one template per line containing '{}'")
+    add_column_options(zero, label=(None, "label column of a zero-shot table (default: the first of label, "
+                                          "class, cls, target)"))
     zero.add_argument("--confusion-matrix", metavar="PNG", default=None,
-                      help="write the confusion matrix here (up to 50 classes; default: next to --out)")
+                      help="write the confusion matrix here (up to 50 classes; default: next to a --json file)")
     ret = parser.add_argument_group("retrieval")
     ret.add_argument("--retrieval", metavar="TABLE|SHARDS",
                      help="a caption table (CSV/TSV/parquet, one row per caption) or webdataset shards (jpg + txt)")
-    ret.add_argument("--split", metavar="FILE", default=None,
-                     help="evaluate only the images listed in this file, one per line (retrieval tables)")
-    ret.add_argument("--caption-column", default=None,
-                     help="caption column of a retrieval table (default: the first of caption, title, text)")
+    add_split_option(ret, "evaluate only the images listed in this file, one per line (retrieval tables)")
+    add_column_options(ret, caption=(None, "caption column of a retrieval table (default: the first of caption, "
+                                           "title, text)"))
     data = parser.add_argument_group("data and run")
-    data.add_argument("--images", metavar="ROOT", default=None,
-                      help="folder the image paths in the tables are relative to (default: the table's folder)")
-    data.add_argument("--image-column", default=None,
-                      help="image-path column of the tables (default: the first of image, filepath, path, "
-                           "filename, file, image_path)")
-    data.add_argument("--batch-size", type=int, default=64, help="images or captions per batch (default: %(default)s)")
-    data.add_argument("--precision", default="auto", choices=PRECISIONS,
-                      help="'auto': bf16 autocast on GPUs and on CPUs with AMX/AVX512-bf16, else fp32; use fp32 to "
-                           "reproduce numbers exactly (default: %(default)s)")
-    data.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda if available)")
-    data.add_argument("--workers", type=int, default=default_workers(),
-                      help="image-decoding worker processes (default: %(default)s)")
-    data.add_argument("--out", metavar="JSON", default=None, help="write the results to this JSON file")
+    add_image_root_option(data, "folder the image paths in the tables are relative to (default: the table's folder)")
+    add_column_options(data, image=(None, "image-path column of the tables (default: the first of image, "
+                                          "filepath, path, filename, file, image_path)"))
+    data.add_argument("--batch-size", type=int, default=64, help="images or captions per batch")
+    add_precision_option(data)
+    add_device_option(data)
+    add_workers_option(data, default_workers())
+    add_json_option(data, "write the results as JSON to this file ('-': standard output, the table then goes "
+                          "to standard error)")
+    add_hidden_alias(data, "--out", "json")  # the old spelling of --json FILE
 
 
 def _confusion_path(args: argparse.Namespace) -> Path | None:
     if args.confusion_matrix:
         return Path(args.confusion_matrix)
-    if args.out:
-        out = Path(args.out)
+    if args.json and args.json != STDOUT:
+        out = Path(args.json)
         return out.with_name(out.stem + "_confusion.png")
     return None
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write to a temporary file and rename: an interrupted run never leaves half a JSON file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def _percent(value: float | None) -> str:
@@ -137,8 +125,8 @@ def format_results(results: dict[str, Any]) -> str:
         lines += [line for line in [_skip_line(rt["skipped"])] if line]
         for reason, n in rt.get("captions_skipped", {}).items():
             lines.append(f"  captions left out: {n} ({reason})")
-    if results.get("out"):
-        lines += ["", f"results written to {results['out']}"]
+    if results.get("json"):
+        lines += ["", f"results written to {results['json']}"]
     return "\n".join(lines)
 
 
@@ -146,24 +134,22 @@ def _public(result: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in result.items() if not k.startswith("_")}
 
 
-def run_eval(args: argparse.Namespace) -> int:
-    """Run ``ldmclip eval``; prints the table, writes ``--out``; returns the exit status."""
-    from ..core.version import __version__
+def run(args: argparse.Namespace) -> int:
+    """Print the table, write ``--json``; return the exit status."""
     from ..core.devices import resolve_device
-    from ..registry import create_model_and_transforms, get_tokenizer
     from ..core.precision import autocast, resolve_precision
-    from .evaluate import evaluate_retrieval, evaluate_zero_shot
-    from .sources import open_retrieval, open_zero_shot
-    from .templates import load_templates
+    from ..core.version import __version__
+    from ..eval import evaluate_retrieval, evaluate_zero_shot, load_templates, open_retrieval, open_zero_shot
+    from ..registry import create_model_and_transforms, get_tokenizer
 
     if not args.zeroshot and not args.retrieval:
-        raise ValueError("nothing to evaluate: pass --zeroshot DATA and/or --retrieval DATA")
+        raise UserError("nothing to evaluate: pass --zeroshot DATA and/or --retrieval DATA")
     if args.batch_size < 1:
-        raise ValueError("--batch-size must be at least 1")
+        raise UserError("--batch-size must be at least 1")
     if args.workers < 0:
-        raise ValueError("--workers must be 0 or more")
+        raise UserError("--workers must be 0 or more")
     if args.split and not args.retrieval:
-        raise ValueError("--split selects images of the --retrieval table; there is none")
+        raise UserError("--split selects images of the --retrieval table; there is none")
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     # Inputs first, the (possibly slow) model load last: a typo in a path fails at once. The data gets
@@ -195,9 +181,12 @@ def run_eval(args: argparse.Namespace) -> int:
         results["zeroshot"] = _public(result)
     if retrieval_source is not None:
         results["retrieval"] = _public(evaluate_retrieval(model, tokenizer, retrieval_source, **run))
-    if args.out:
-        _write_json(Path(args.out), results)
-        results["out"] = args.out
-    print(format_results(results))
-    sys.stdout.flush()
+    if args.json:
+        write_json_output(args.json, results)
+        if args.json != STDOUT:
+            results["json"] = args.json
+    # With --json -, standard output holds only the JSON.
+    table = sys.stderr if args.json == STDOUT else sys.stdout
+    print(format_results(results), file=table)
+    table.flush()
     return 0

@@ -34,8 +34,8 @@ def test_python_dash_m_entry_point_and_help():
 
 
 def test_train_with_missing_data_file_is_a_clear_error(tmp_path, capsys):
-    code = main(["train", "--data", str(tmp_path / "nope.csv"), "--images", str(tmp_path), "--output",
-                 str(tmp_path / "run"), "--model", "ViT-Tiny-64", "--progress", "no"])
+    code = main(["train", "--data", str(tmp_path / "nope.csv"), "--images", str(tmp_path), "--out",
+                 str(tmp_path / "run"), "--model", "ViT-Tiny-64", "--quiet"])
     assert code == 2
     err = capsys.readouterr().err
     assert "nope.csv" in err and "Traceback" not in err
