@@ -12,6 +12,7 @@ import ldmclip.cli.info
 from ldmclip.checkpoints import CheckpointError
 from ldmclip.cli import main
 from ldmclip.core.errors import UserError
+from ldmclip.train import PeerFailure, TrainingError
 
 
 def _raising(error: BaseException):
@@ -22,7 +23,8 @@ def _raising(error: BaseException):
 
 
 @pytest.mark.parametrize("error", [UserError("--batch-size must be at least 1"),
-                                   CheckpointError("--batch-size must be at least 1")])
+                                   CheckpointError("--batch-size must be at least 1"),
+                                   TrainingError("--batch-size must be at least 1")])
 def test_a_user_error_is_one_line(monkeypatch, capsys, error):
     monkeypatch.setattr(ldmclip.cli.info, "run", _raising(error))
     assert main(["info"]) == 2
@@ -37,7 +39,8 @@ def test_a_missing_path_is_one_line_naming_it(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("error", [RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"),
-                                   ValueError("mat1 and mat2 shapes cannot be multiplied"), KeyError("visual")])
+                                   ValueError("mat1 and mat2 shapes cannot be multiplied"), KeyError("visual"),
+                                   PeerFailure("rank 1 of 2: a collective operation failed")])
 def test_any_other_error_keeps_its_traceback(monkeypatch, error):
     monkeypatch.setattr(ldmclip.cli.info, "run", _raising(error))
     with pytest.raises(type(error)):

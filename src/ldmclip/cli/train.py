@@ -7,7 +7,6 @@ import argparse
 import dataclasses
 from typing import Any, Callable, get_type_hints
 
-from ..core.errors import UserError
 from ..train.config import TrainConfig
 from .common import add_hidden_alias, parse_bool
 
@@ -93,14 +92,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def run(args: argparse.Namespace) -> int:
     """Train; print the summary."""
-    from ..train import TrainingError, train
+    from ..train import train
     from ..train.loop import format_summary
 
-    try:
-        result = train(config_from_args(args))
-    except TrainingError as error:
-        # A run that cannot go on for a reason the message explains (unreadable data, a diverged loss, a
-        # --resume that does not fit): one line, like every mistake the user can fix.
-        raise UserError(str(error)) from error
+    result = train(config_from_args(args))  # a TrainingError is a UserError: one line
     print(format_summary(result))
     return 0

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from .. import losses
+from ..core.errors import UserError
 from ..core.files import write_json_atomic
 from ..core.precision import autocast, resolve_precision
 from ..registry import create_model, get_tokenizer
@@ -44,8 +45,14 @@ from .parallelize import (apply_activation_checkpointing, apply_compile, apply_d
 from .step import contrastive_step
 
 
-class TrainingError(RuntimeError):
-    """A run that cannot go on (unreadable data, diverged loss); the message says what to do."""
+class TrainingError(UserError):
+    """A run that cannot go on for a reason its message explains (unreadable data, a diverged loss, a
+    ``--resume`` that does not fit): the command line shows it as one line."""
+
+
+class PeerFailure(RuntimeError):
+    """A collective failed because another process died, was killed or hangs. Not a ``UserError``: the
+    command line keeps its traceback and its cause (an NCCL or gloo error), which is what to look at."""
 
 
 @dataclass
@@ -150,14 +157,14 @@ def train(cfg: TrainConfig) -> TrainResult:
     """Train as configured; under ``torchrun`` / ``srun`` with several processes, distributed.
 
     The process group is set up here (and torn down at the end) unless one is already initialised.
-    A collective that fails because another process died or hangs becomes a :class:`TrainingError`
+    A collective that fails because another process died or hangs becomes a :class:`PeerFailure`
     naming the likely cause, so no process waits forever."""
     info = distributed.init_distributed(cfg.device, cfg.dist_timeout)
     try:
         result = _train(cfg, info)
     except Exception as error:
         if info.enabled and not isinstance(error, TrainingError) and distributed.is_collective_failure(error):
-            raise TrainingError(
+            raise PeerFailure(
                 f"rank {info.rank} of {info.world_size}: a collective operation failed, most likely because "
                 f"another process died, was killed or hangs (see its log; a hung peer is given up on after "
                 f"--dist-timeout {cfg.dist_timeout:g} s). This process stops too. Cause: "
