@@ -59,7 +59,7 @@ def run_ldmclip(args, flickr: Path, out: Path, steps: int) -> float:
                "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--wd", str(args.wd),
                "--warmup", str(args.warmup), "--grad-clip", "1.0", "--precision", args.precision,
                "--workers", str(args.workers), "--seed", str(args.seed), "--eval-every", "0", "--save-every", "0",
-               "--output", str(out), "--progress", "no"]
+               "--out", str(out), "--quiet"]
     start = time.perf_counter()
     subprocess.run(command, check=True)
     return time.perf_counter() - start

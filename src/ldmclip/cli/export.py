@@ -65,13 +65,13 @@ def check_arguments(args: argparse.Namespace) -> None:
     two_towers = args.preset is not None and len(get_preset(args.preset).models) == 2
     if args.format == "diffusers" and args.preset is None:
         raise UserError("--format diffusers needs --preset (sd1, sd2 or sdxl): it decides the sub-folders "
-                         "and the pad tokens")
+                        "and the pad tokens")
     if args.format == "diffusers" and (args.full or args.with_projection):
         raise UserError("--full and --with-projection are for --format transformers; the diffusers layout "
-                         "fixes the classes (SDXL's text_encoder_2 is written with its projection)")
+                        "fixes the classes (SDXL's text_encoder_2 is written with its projection)")
     if args.format == "transformers" and two_towers:
         raise UserError(f"--preset {args.preset} has two text encoders; use --format diffusers, or export each "
-                         f"tower on its own with --format transformers (--preset sd1 for the ViT-L/14 one)")
+                        f"tower on its own with --format transformers (--preset sd1 for the ViT-L/14 one)")
     if args.full and args.with_projection:
         raise UserError("--full already includes the projection; drop --with-projection")
     if not two_towers and (args.model_2 or args.pretrained_2):
@@ -85,8 +85,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         name = name or get_preset(args.preset).models[index]
         if weights is None and not carries_weights(name):
             raise UserError(f"no weights for {name}: pass {weights_flag} (a weights file or folder), or a "
-                             f"{model_flag} of the form 'hf-hub:org/repo' or 'local-dir:/path'; exporting a "
-                             f"randomly initialised model is almost never what you want")
+                            f"{model_flag} of the form 'hf-hub:org/repo' or 'local-dir:/path'; exporting a "
+                            f"randomly initialised model is almost never what you want")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     if args.pretrained is None and not carries_weights(args.model):
         # Random weights differ on every load, so such an index could never be searched.
         raise UserError(f"--pretrained is needed: {args.model!r} names only a config, and an index made with "
-                         "random weights cannot be searched (the weights would differ next time)")
+                        "random weights cannot be searched (the weights would differ next time)")
     if not find_images(args.images):  # before the (slow) model load: a wrong folder fails at once
         raise UserError(f"no image files under {args.images}")
     device = resolve_device(args.device)

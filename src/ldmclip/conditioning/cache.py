@@ -74,6 +74,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
+from ..core.errors import UserError
 from ..core.launch import process_rank
 from ..core.precision import DTYPES
 from ..data.store import ChunkStore, StoreError, StoreMismatchError, as_json_value, differing_fields
@@ -213,8 +214,8 @@ class _Encoder:
             return None
         x = x.detach().to(device="cpu", dtype=self.dtype)
         if not torch.isfinite(x).all():
-            raise ValueError(f"the {what} embeddings have values that are not finite in {self.dtype} "
-                             "(fp16 overflows above 65504); store them as bf16 or fp32 (--dtype)")
+            raise UserError(f"the {what} embeddings have values that are not finite in {self.dtype} "
+                            "(fp16 overflows above 65504); store them as bf16 or fp32 (--dtype)")
         return x.contiguous()
 
     def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None, int | None]:
@@ -377,9 +378,9 @@ def build_text_cache(
 
     started = time.perf_counter()
     if dtype not in CACHE_DTYPES:
-        raise ValueError(f"unknown cache dtype {dtype!r}; use one of {', '.join(CACHE_DTYPES)}")
+        raise UserError(f"unknown cache dtype {dtype!r}; use one of {', '.join(CACHE_DTYPES)}")
     if int(batch_size) < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        raise UserError(f"batch_size must be at least 1, got {batch_size}")
     batch_size = int(batch_size)
     if isinstance(source, (str, os.PathLike)) or not all(isinstance(c, InputChunk) for c in source):
         chunks = open_inputs(source, input_format, caption_column=caption_column, key_column=key_column,

@@ -117,7 +117,7 @@ def _webdataset_chunks(pattern: str | list[str]) -> list[InputChunk]:
         for name, url in zip(names, urls):
             if name in seen:
                 raise UserError(f"input shards {seen[name]!r} and {url!r} have the same file name {name!r}; "
-                                 "cache them into separate folders")
+                                "cache them into separate folders")
             seen[name] = url
     for url in urls:
         if "://" not in url and not url.startswith("pipe:") and not Path(url).exists():

@@ -76,7 +76,7 @@ def _check_columns(path: Path, found: Sequence[str], wanted: Sequence[str]) -> N
     if missing:
         names = ", ".join(repr(c) for c in missing)
         raise UserError(f"{path}: column{'s' if len(missing) > 1 else ''} {names} not found; "
-                         f"the columns are: {', '.join(repr(c) for c in found) or '(none)'}")
+                        f"the columns are: {', '.join(repr(c) for c in found) or '(none)'}")
 
 
 def read_table(path: str | os.PathLike, columns: Sequence[str], sep: str | None = None) -> dict[str, list[Any]]:
@@ -92,7 +92,7 @@ def read_table(path: str | os.PathLike, columns: Sequence[str], sep: str | None 
         sep = TABLE_DELIMITERS.get(suffix)
         if sep is None:
             raise UserError(f"{path}: unknown table format {suffix!r}; use .csv, .tsv or .parquet, "
-                             "or pass sep= for delimited text")
+                            "or pass sep= for delimited text")
     return _read_delimited(path, sep, columns)
 
 

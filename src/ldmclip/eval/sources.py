@@ -152,12 +152,12 @@ def _names_for_keys(keys: Sequence[str], spec: str | None, what: str) -> list[st
         missing = [k for k in keys if k not in names]
         if missing:
             raise UserError(f"class names {spec}: no name for {len(missing)} of the {len(keys)} {what} "
-                             f"(e.g. {', '.join(repr(m) for m in missing[:5])})")
+                            f"(e.g. {', '.join(repr(m) for m in missing[:5])})")
         return [names[k] for k in keys]
     if len(names) != len(keys):
         raise UserError(f"class names {spec}: {len(names)} names for {len(keys)} {what}; a list of names is "
-                         f"matched to the {what} in sorted order, so the counts must agree (or use a "
-                         "'KEY name' mapping file)")
+                        f"matched to the {what} in sorted order, so the counts must agree (or use a "
+                        "'KEY name' mapping file)")
     return list(names)
 
 
@@ -165,14 +165,14 @@ def _names_for_indices(spec: str | None, what: str) -> list[str]:
     """Class names for integer labels: a list (label i -> names[i]) or a mapping with keys 0..n-1."""
     if spec is None:
         raise UserError(f"{what} has integer labels: pass --classnames (a file of names, one per line, "
-                         "in label order, or 'imagenet')")
+                        "in label order, or 'imagenet')")
     names = read_classnames(spec)
     if isinstance(names, dict):
         try:
             order = sorted(int(k) for k in names)
         except ValueError:
             raise UserError(f"class names {spec}: integer labels need integer keys, got "
-                             f"{next(iter(names))!r}") from None
+                            f"{next(iter(names))!r}") from None
         if order != list(range(len(order))):
             raise UserError(f"class names {spec}: mapping keys must be 0..{len(order) - 1}")
         return [names[str(i)] for i in range(len(order))]
@@ -223,7 +223,7 @@ def class_folder(root: str | os.PathLike, transform: Callable | None, classnames
         # An empty class would still compete in the classifier and change the numbers: refuse, like
         # torchvision's ImageFolder does, rather than guess.
         raise UserError(f"{root}: {len(empty)} class folder(s) have no images ({', '.join(empty[:10])}"
-                         f"{', ...' if len(empty) > 10 else ''}); image files end in {', '.join(IMAGE_SUFFIXES)}")
+                        f"{', ...' if len(empty) > 10 else ''}); image files end in {', '.join(IMAGE_SUFFIXES)}")
     names = _names_for_keys(folders, classnames, "class folders")
     description = f"{root} ({len(folders)} class folders"
     description += f", {ignored} non-image files ignored)" if ignored else ")"
@@ -236,14 +236,14 @@ def pick_column(path: str | os.PathLike, wanted: str | None, candidates: Sequenc
     if wanted is not None:
         if wanted not in columns:
             raise UserError(f"{path}: {what} column {wanted!r} not found; the columns are: "
-                             f"{', '.join(repr(c) for c in columns) or '(none)'}")
+                            f"{', '.join(repr(c) for c in columns) or '(none)'}")
         return wanted
     for candidate in candidates:
         if candidate in columns:
             return candidate
     raise UserError(f"{path}: no {what} column (looked for {', '.join(repr(c) for c in candidates)}); the "
-                     f"columns are: {', '.join(repr(c) for c in columns) or '(none)'}. Name it with "
-                     f"--{what}-column")
+                    f"columns are: {', '.join(repr(c) for c in columns) or '(none)'}. Name it with "
+                    f"--{what}-column")
 
 
 def label_table(path: str | os.PathLike, transform: Callable | None, classnames: str | None = None,
@@ -314,7 +314,7 @@ def open_zero_shot(spec: str | os.PathLike, transform: Callable | None, classnam
     if not Path(text).exists():
         raise FileNotFoundError(f"zero-shot data not found: {text}")
     raise UserError(f"zero-shot data {text}: expected a folder of class folders, a .csv/.tsv/.parquet table "
-                     "or webdataset shards (.tar)")
+                    "or webdataset shards (.tar)")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -360,5 +360,5 @@ def open_retrieval(spec: str | os.PathLike, transform: Callable | None, image_ro
         raise UserError("--split applies to caption tables, not to webdataset shards")
     if Path(text).is_dir():
         raise UserError(f"retrieval data {text} is a folder: pass a caption table (.csv/.tsv/.parquet with "
-                         "image and caption columns) or webdataset shards")
+                        "image and caption columns) or webdataset shards")
     return caption_shards(text, transform)

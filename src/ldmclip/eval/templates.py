@@ -157,7 +157,7 @@ def load_templates(spec: str | os.PathLike) -> list[str]:
             filled = ""
         if filled.count("\0") != 1:
             raise UserError(f"templates file {path}: template {number} ({template!r}) must contain exactly one "
-                             "'{}' for the class name and no other braces (write '{{' for a literal brace)")
+                            "'{}' for the class name and no other braces (write '{{' for a literal brace)")
     return templates
 
 

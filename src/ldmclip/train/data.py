@@ -71,7 +71,7 @@ class GlobalBatchSlices(Sampler[list[int]]):
     def __init__(self, order: Sampler[int], batch_size: int, rank: int = 0, world_size: int = 1):
         if batch_size % world_size:
             raise UserError(f"--batch-size {batch_size} (the global batch) must be divisible by the "
-                             f"number of processes ({world_size})")
+                            f"number of processes ({world_size})")
         self.order, self.batch_size, self.rank, self.world_size = order, batch_size, rank, world_size
         self.local = batch_size // world_size
 
@@ -103,10 +103,10 @@ class MapStyleData:
                  default_steps: int | None = None, rank: int = 0, world_size: int = 1, description: str = ""):
         if len(dataset) < batch_size:
             raise UserError(f"the training data has {len(dataset)} samples, fewer than one batch "
-                             f"(--batch-size {batch_size})")
+                            f"(--batch-size {batch_size})")
         if batch_size % world_size:
             raise UserError(f"--batch-size {batch_size} is the global batch: it must be divisible by the "
-                             f"number of processes ({world_size})")
+                            f"number of processes ({world_size})")
         self.dataset, self.collate = dataset, collate
         self.batch_size, self.workers, self.seed = batch_size, workers, seed
         self.rank, self.world_size = rank, world_size
@@ -151,7 +151,7 @@ class StreamData:
                  rank: int = 0, world_size: int = 1, description: str = "webdataset shards"):
         if batch_size % world_size:
             raise UserError(f"--batch-size {batch_size} is the global batch: it must be divisible by the "
-                             f"number of processes ({world_size})")
+                            f"number of processes ({world_size})")
         self.make_dataset, self.collate = make_dataset, collate
         self.batch_size, self.workers, self.seed = batch_size // world_size, workers, seed
         self.rank = rank
