@@ -183,6 +183,75 @@ def test_hf_round_trip_of_state_dict_is_lossless(tiny_reference):
     assert all(torch.equal(back[k], state[k]) for k in state)
 
 
+def record_safetensors_reads(monkeypatch) -> list[str]:
+    """From now on, the name of every tensor ``read_state_dict`` reads from a safetensors file is
+    appended to the returned list."""
+    from ldmclip.checkpoints import state_dict as state_dict_module
+
+    read: list[str] = []
+    real_open = state_dict_module.safe_open
+
+    class Recording:
+        def __init__(self, *args, **kwargs):
+            self.file = real_open(*args, **kwargs)
+
+        def __enter__(self):
+            self.handle = self.file.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.file.__exit__(*exc)
+
+        def keys(self):
+            return self.handle.keys()
+
+        def get_tensor(self, name):
+            read.append(name)
+            return self.handle.get_tensor(name)
+
+    monkeypatch.setattr(state_dict_module, "safe_open", Recording)
+    return read
+
+
+def _layout(state: dict[str, torch.Tensor], layout: str) -> dict[str, torch.Tensor]:
+    """``state`` (OpenCLIP keys) written the way another tool would."""
+    from ldmclip.checkpoints import openclip_to_hf_state_dict
+    from ldmclip.models.text import is_text_key
+
+    if layout == "ddp":
+        return {f"module._orig_mod.{k}": v for k, v in state.items()}
+    if layout == "custom-text":  # OpenCLIP's CustomTextCLIP
+        return {f"text.{k}" if is_text_key(k) else k: v for k, v in state.items()}
+    hf = openclip_to_hf_state_dict(state)
+    if layout == "transformers-5-text":  # a CLIPTextModelWithProjection saved by transformers 5: no text_model.
+        return {k.removeprefix("text_model."): v for k, v in hf.items()
+                if k.startswith("text_model.") or k == "text_projection.weight"}
+    return hf
+
+
+@pytest.mark.parametrize("layout", ["openclip", "ddp", "custom-text", "transformers", "transformers-5-text"])
+def test_read_state_dict_with_a_key_filter_reads_only_those_tensors(tiny_reference, tmp_path, layout, monkeypatch):
+    from safetensors.torch import save_file
+
+    from ldmclip.checkpoints import openclip_key_names
+    from ldmclip.models.text import is_text_key
+
+    state = _layout(tiny_reference.state_dict(), layout)
+    save_file(state, str(tmp_path / "w.safetensors"))
+    torch.save(state, tmp_path / "w.pt")
+    whole = read_state_dict(tmp_path / "w.safetensors")
+    # the names alone give the names of the whole read (q/k/v share their in_proj name)
+    assert {n for n in openclip_key_names(list(state)).values() if n is not None} == set(whole)
+    wanted = {k: v for k, v in whole.items() if is_text_key(k)}
+    assert wanted and (len(wanted) < len(whole)) == (layout != "transformers-5-text")
+    read = record_safetensors_reads(monkeypatch)
+    for path in (tmp_path / "w.safetensors", tmp_path / "w.pt"):
+        got = read_state_dict(path, keys=is_text_key)
+        assert got.keys() == wanted.keys() and all(torch.equal(got[k], v) for k, v in wanted.items()), path
+    assert read and all(is_text_key(n) for n in openclip_key_names(read).values())  # nothing else was read
+    assert read_state_dict(tmp_path / "w.safetensors", keys=lambda key: False) == {}
+
+
 # ---------------------------------------------------------------------------------------------
 # hf-hub: through the Hugging Face cache, offline
 
