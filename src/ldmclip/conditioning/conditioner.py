@@ -51,6 +51,7 @@ from ..core.files import tensors_sha256
 from ..core.precision import precision_dtype
 from ..models.config import TextConfig
 from ..models.text import TextTransformer, is_text_key
+from ..registry import get_model_config, get_tokenizer, resolve_pretrained, suggest_configs
 from ..tokenizer import CLIPTokenizer, build_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -293,14 +294,13 @@ class TextConditioner(nn.Module):
         precision: str = "fp32",
         **options: Any,
     ) -> "TextConditioner":
-        """Build the towers with :func:`ldmclip.create_model` and wrap them in a preset.
+        """Load the text towers with :func:`load_text_tower` and wrap them in a preset.
 
         Model names default to the preset's (sd1: ``ViT-L-14-quickgelu``; sd2: ``ViT-H-14``; sdxl:
         ``ViT-L-14-quickgelu`` + ``ViT-bigG-14``); ``pretrained`` takes what ``create_model`` takes.
-        Only the text towers are kept (the image towers are dropped); they are frozen and in eval mode.
+        Only the text towers are built and read (no image tower is ever allocated); they are frozen
+        and in eval mode.
         """
-        from ..registry import get_tokenizer
-
         spec = get_preset(preset)
         if len(spec.models) == 1 and (model_2 is not None or pretrained_2 is not None):
             raise ValueError(f"the {preset} preset uses one text tower; model_2/pretrained_2 are for sdxl")
@@ -462,8 +462,6 @@ def load_text_tower(name: str, pretrained: str | Path | None = None, device: str
     ``text_encoder/`` keeps 23 of ViT-H/14's 24 blocks (2.x never uses the last one), so its
     ``layer="last"`` is the ``sd2`` preset's ``"penultimate"``.
     """
-    from ..registry import get_model_config, resolve_pretrained, suggest_configs
-
     dtype = precision_dtype(precision)  # a bad precision fails before anything is read
     folder = checkpoints.checkpoint_folder(name)
     text_encoder = checkpoints.read_text_encoder_config(folder) if folder is not None else None
