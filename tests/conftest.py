@@ -37,3 +37,31 @@ def _deterministic():
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     """Max-abs difference relative to the reference's largest magnitude."""
     return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12))
+
+
+# hf-hub: names through the Hugging Face cache, offline (no test may download)
+
+
+def fake_hub_cache(cache: Path, repo_id: str, files: dict[str, Path]) -> None:
+    """Lay files out as huggingface_hub's cache does (refs/main -> snapshots/<commit>/...)."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for name, source in files.items():
+        (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+        (snapshot / name).write_bytes(source.read_bytes())
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    import huggingface_hub.constants as constants
+
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return cache

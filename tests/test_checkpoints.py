@@ -11,7 +11,7 @@ import torch
 
 import ldmclip
 from ldmclip.checkpoints import CheckpointError, read_state_dict
-from tests.conftest import relative_error
+from tests.conftest import fake_hub_cache, relative_error
 from tests.openclip_reference import open_clip, openclip_model, sample_inputs, save_openclip_hub
 
 
@@ -183,38 +183,82 @@ def test_hf_round_trip_of_state_dict_is_lossless(tiny_reference):
     assert all(torch.equal(back[k], state[k]) for k in state)
 
 
+def record_safetensors_reads(monkeypatch) -> list[str]:
+    """From now on, the name of every tensor ``read_state_dict`` reads from a safetensors file is
+    appended to the returned list."""
+    from ldmclip.checkpoints import state_dict as state_dict_module
+
+    read: list[str] = []
+    real_open = state_dict_module.safe_open
+
+    class Recording:
+        def __init__(self, *args, **kwargs):
+            self.file = real_open(*args, **kwargs)
+
+        def __enter__(self):
+            self.handle = self.file.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.file.__exit__(*exc)
+
+        def keys(self):
+            return self.handle.keys()
+
+        def get_tensor(self, name):
+            read.append(name)
+            return self.handle.get_tensor(name)
+
+    monkeypatch.setattr(state_dict_module, "safe_open", Recording)
+    return read
+
+
+def _layout(state: dict[str, torch.Tensor], layout: str) -> dict[str, torch.Tensor]:
+    """``state`` (OpenCLIP keys) written the way another tool would."""
+    from ldmclip.checkpoints import openclip_to_hf_state_dict
+    from ldmclip.models.text import is_text_key
+
+    if layout == "ddp":
+        return {f"module._orig_mod.{k}": v for k, v in state.items()}
+    if layout == "custom-text":  # OpenCLIP's CustomTextCLIP
+        return {f"text.{k}" if is_text_key(k) else k: v for k, v in state.items()}
+    hf = openclip_to_hf_state_dict(state)
+    if layout == "transformers-5-text":  # a CLIPTextModelWithProjection saved by transformers 5: no text_model.
+        return {k.removeprefix("text_model."): v for k, v in hf.items()
+                if k.startswith("text_model.") or k == "text_projection.weight"}
+    return hf
+
+
+@pytest.mark.parametrize("layout", ["openclip", "ddp", "custom-text", "transformers", "transformers-5-text"])
+def test_read_state_dict_with_a_key_filter_reads_only_those_tensors(tiny_reference, tmp_path, layout, monkeypatch):
+    from safetensors.torch import save_file
+
+    from ldmclip.checkpoints import openclip_key_names
+    from ldmclip.models.text import is_text_key
+
+    state = _layout(tiny_reference.state_dict(), layout)
+    save_file(state, str(tmp_path / "w.safetensors"))
+    torch.save(state, tmp_path / "w.pt")
+    whole = read_state_dict(tmp_path / "w.safetensors")
+    # the names alone give the names of the whole read (q/k/v share their in_proj name)
+    assert {n for n in openclip_key_names(list(state)).values() if n is not None} == set(whole)
+    wanted = {k: v for k, v in whole.items() if is_text_key(k)}
+    assert wanted and (len(wanted) < len(whole)) == (layout != "transformers-5-text")
+    read = record_safetensors_reads(monkeypatch)
+    for path in (tmp_path / "w.safetensors", tmp_path / "w.pt"):
+        got = read_state_dict(path, keys=is_text_key)
+        assert got.keys() == wanted.keys() and all(torch.equal(got[k], v) for k, v in wanted.items()), path
+    assert read and all(is_text_key(n) for n in openclip_key_names(read).values())  # nothing else was read
+    assert read_state_dict(tmp_path / "w.safetensors", keys=lambda key: False) == {}
+
+
 # ---------------------------------------------------------------------------------------------
 # hf-hub: through the Hugging Face cache, offline
 
 
-def _fake_hub_cache(cache: Path, repo_id: str, files: dict[str, Path]) -> None:
-    """Lay files out as huggingface_hub's cache does (refs/main -> snapshots/<commit>/...)."""
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    for name, source in files.items():
-        (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
-        (snapshot / name).write_bytes(source.read_bytes())
-
-
-@pytest.fixture
-def offline_hub(tmp_path, monkeypatch):
-    import huggingface_hub.constants as constants
-
-    cache = tmp_path / "hf-cache"
-    cache.mkdir()
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return cache
-
-
 def test_hf_hub_name_loads_from_cache_offline(tiny_reference, tmp_path, offline_hub):
     folder = save_openclip_hub(tiny_reference, TINY, tmp_path / "hub")
-    _fake_hub_cache(offline_hub, "someone/tiny-clip",
+    fake_hub_cache(offline_hub, "someone/tiny-clip",
                     {n: folder / n for n in ("open_clip_config.json", "open_clip_model.safetensors")})
     model = ldmclip.create_model("hf-hub:someone/tiny-clip")
     assert_same_outputs(model, tiny_reference, 64, 32)
@@ -225,7 +269,7 @@ def test_hf_hub_name_loads_from_cache_offline(tiny_reference, tmp_path, offline_
 def test_hf_hub_name_with_a_sub_folder(tiny_reference, tmp_path, offline_hub):
     # a diffusers-style repo: the model sits in a folder of the repository (e.g. text_encoder/)
     folder = save_openclip_hub(tiny_reference, TINY, tmp_path / "hub")
-    _fake_hub_cache(offline_hub, "someone/pipeline",
+    fake_hub_cache(offline_hub, "someone/pipeline",
                     {f"models/tiny/{n}": folder / n for n in ("open_clip_config.json", "open_clip_model.safetensors")})
     model = ldmclip.create_model("hf-hub:someone/pipeline/models/tiny")
     assert_same_outputs(model, tiny_reference, 64, 32)

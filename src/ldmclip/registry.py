@@ -73,8 +73,9 @@ def get_model_config(name: str) -> CLIPConfig:
     return resolve_model(name)[0]
 
 
-def _load_pretrained(model: CLIP, pretrained: str | Path) -> dict[str, Any]:
-    """Load weights into ``model``; returns the preprocess config the checkpoint carries, if any."""
+def resolve_pretrained(pretrained: str | Path) -> tuple[Path, dict[str, Any]]:
+    """``(weights file, preprocess config it carries)`` of any ``pretrained=`` form: a weights file, a
+    checkpoint folder or ``hf-hub:org/repo``."""
     pretrained = str(pretrained)
     if pretrained.startswith(HF_HUB_PREFIX):
         source = checkpoints.resolve_hf_hub(pretrained[len(HF_HUB_PREFIX):])
@@ -82,15 +83,19 @@ def _load_pretrained(model: CLIP, pretrained: str | Path) -> dict[str, Any]:
         source = Path(pretrained).expanduser()
     if source.is_dir():
         _, preprocess = checkpoints.read_dir_config(source)
-        weights = checkpoints.find_weights_in_dir(source)
-    elif source.is_file():
-        preprocess, weights = {}, source
-    else:
-        raise FileNotFoundError(
-            f"pretrained weights not found: {pretrained}. Pass a file (.safetensors/.bin/.pt), a checkpoint "
-            f"folder, or 'hf-hub:org/repo'. (ldmclip has no OpenCLIP-style pretrained tags like 'laion2b_s32b_b82k'; "
-            f"use 'hf-hub:laion/CLIP-ViT-L-14-laion2B-s32B-b82K' instead.)"
-        )
+        return checkpoints.find_weights_in_dir(source), preprocess
+    if source.is_file():
+        return source, {}
+    raise FileNotFoundError(
+        f"pretrained weights not found: {pretrained}. Pass a file (.safetensors/.bin/.pt), a checkpoint "
+        f"folder, or 'hf-hub:org/repo'. (ldmclip has no OpenCLIP-style pretrained tags like 'laion2b_s32b_b82k'; "
+        f"use 'hf-hub:laion/CLIP-ViT-L-14-laion2B-s32B-b82K' instead.)"
+    )
+
+
+def _load_pretrained(model: CLIP, pretrained: str | Path) -> dict[str, Any]:
+    """Load weights into ``model``; returns the preprocess config the checkpoint carries, if any."""
+    weights, preprocess = resolve_pretrained(pretrained)
     checkpoints.load_into_model(model, checkpoints.read_state_dict(weights), source=str(weights),
                                 suggest=suggest_configs)
     return preprocess

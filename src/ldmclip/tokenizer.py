@@ -55,6 +55,8 @@ import regex
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
+from .core.files import atomic_write
+
 __all__ = [
     "CLIPTokenizer",
     "build_tokenizer",
@@ -604,10 +606,10 @@ class CLIPTokenizer:
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         vocab_file, merges_file = out / "vocab.json", out / "merges.txt"
-        vocab_text = json.dumps(self._backend.hf_vocab(), indent=2, sort_keys=True, ensure_ascii=False)
-        vocab_file.write_text(vocab_text + "\n", encoding="utf-8")
+        vocab_text = json.dumps(self._backend.hf_vocab(), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+        atomic_write(vocab_file, lambda temp: temp.write_text(vocab_text, encoding="utf-8"))
         merges_text = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self._backend.merges)
-        merges_file.write_text(merges_text, encoding="utf-8")
+        atomic_write(merges_file, lambda temp: temp.write_text(merges_text, encoding="utf-8"))
         return vocab_file, merges_file
 
     def __repr__(self) -> str:

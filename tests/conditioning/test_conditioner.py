@@ -13,13 +13,16 @@ import logging
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import ldmclip
 from ldmclip.checkpoints import CheckpointError
 from ldmclip.conditioning import ConditionerOutput, TextConditioner
 from ldmclip.conditioning.conditioner import load_text_tower
 from tests.conditioning.reference_towers import EOT, SOT, hf_text_tower, openclip_text_model
-from tests.conftest import relative_error
+from tests.conftest import fake_hub_cache, relative_error
+from tests.openclip_reference import openclip_model, save_openclip_hub
+from tests.test_checkpoints import hf_clip_model, record_safetensors_reads
 
 transformers = pytest.importorskip("transformers")
 open_clip = pytest.importorskip("open_clip")
@@ -491,3 +494,96 @@ def test_bad_presets_and_options(clip_l, openclip_pair):
         TextConditioner(torch.nn.Linear(2, 2))
     with pytest.raises(TypeError, match="expected str"):
         TextConditioner(tower)(["fine", None])
+
+
+# ---------------------------------------------------------------------------------------------
+# load_text_tower builds and reads the text tower alone, from every pretrained form
+
+
+TINY = "ViT-Tiny-64"
+
+
+@pytest.fixture
+def text_only(monkeypatch):
+    """Call it to make building an image tower fail from then on; it returns the list in which the
+    names of the tensors read from safetensors files are recorded (a whole-file read fails)."""
+    from ldmclip.checkpoints import state_dict as state_dict_module
+    from ldmclip.models.vision import VisionTransformer
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an image tower was built")
+
+    def enable() -> list[str]:
+        monkeypatch.setattr(VisionTransformer, "__init__", refuse)
+        read = record_safetensors_reads(monkeypatch)
+        monkeypatch.setattr(state_dict_module, "load_file", lambda *a, **k: pytest.fail("a whole file was read"))
+        return read
+
+    return enable
+
+
+def _pretrained_form(form: str, tmp_path, hub_cache) -> tuple[str, str | None]:
+    """``(name, pretrained)`` of one form, holding the weights of a tiny OpenCLIP (or transformers) CLIP."""
+    torch.manual_seed(5)
+    if form == "transformers-folder":
+        hf_clip_model("gelu").save_pretrained(tmp_path / "hf")
+        return f"local-dir:{tmp_path / 'hf'}", None
+    reference = openclip_model(TINY)
+    if form == "safetensors-file":
+        save_file(reference.state_dict(), str(tmp_path / "w.safetensors"))
+        return TINY, str(tmp_path / "w.safetensors")
+    if form == "pt-file":  # a DDP training checkpoint
+        torch.save({"state_dict": {f"module.{k}": v for k, v in reference.state_dict().items()}}, tmp_path / "w.pt")
+        return TINY, str(tmp_path / "w.pt")
+    folder = save_openclip_hub(reference, TINY, tmp_path / "hub")
+    if form == "openclip-folder-name":
+        return f"local-dir:{folder}", None
+    if form == "openclip-folder-pretrained":
+        return TINY, str(folder)
+    fake_hub_cache(hub_cache, "someone/tiny-clip",
+                    {n: folder / n for n in ("open_clip_config.json", "open_clip_model.safetensors")})
+    return ("hf-hub:someone/tiny-clip", None) if form == "hf-hub-name" else (TINY, "hf-hub:someone/tiny-clip")
+
+
+FORMS = ["safetensors-file", "pt-file", "openclip-folder-name", "openclip-folder-pretrained", "hf-hub-name",
+         "hf-hub-pretrained", "transformers-folder"]
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_load_text_tower_builds_and_reads_only_the_text_tower(form, tmp_path, offline_hub, text_only):
+    name, pretrained = _pretrained_form(form, tmp_path, offline_hub)
+    reference = ldmclip.create_model(name, pretrained=pretrained, precision="bf16").text_state_dict()
+    read = text_only()
+    tower = load_text_tower(name, pretrained, precision="bf16")
+    assert type(tower) is ldmclip.models.TextTransformer
+    state = tower.state_dict()
+    assert state.keys() == reference.keys()
+    for key, value in reference.items():
+        assert value.dtype == torch.bfloat16 and torch.equal(state[key], value), key
+    if form != "pt-file":  # every other form is read from safetensors: only the text tensors
+        assert read and not [k for k in read if k.startswith(("visual", "vision_model.", "logit_scale"))]
+
+
+def test_random_text_tower_equals_create_models_and_warns(text_only, caplog):
+    torch.manual_seed(7)
+    reference = ldmclip.create_model(TINY).text_state_dict()
+    text_only()
+    torch.manual_seed(7)
+    with caplog.at_level(logging.WARNING):
+        tower = load_text_tower(TINY)
+    assert "no pretrained weights given for ViT-Tiny-64" in caplog.text
+    assert all(torch.equal(tower.state_dict()[k], v) for k, v in reference.items())
+
+
+def test_a_text_tower_checkpoint_alone_loads_and_a_missing_key_is_named(tmp_path, text_only):
+    torch.manual_seed(8)
+    model = ldmclip.create_model(TINY)
+    save_file(model.text_state_dict(), str(tmp_path / "text.safetensors"))  # no image tower in the file
+    text_only()
+    tower = load_text_tower(TINY, str(tmp_path / "text.safetensors"))
+    assert all(torch.equal(tower.state_dict()[k], v) for k, v in model.text_state_dict().items())
+    state = model.text_state_dict()
+    del state["ln_final.bias"]
+    save_file(state, str(tmp_path / "broken.safetensors"))
+    with pytest.raises(CheckpointError, match=r"missing keys \(1\): ln_final.bias"):
+        load_text_tower(TINY, str(tmp_path / "broken.safetensors"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -165,6 +166,32 @@ def test_export_is_atomic(clip_l, tmp_path, monkeypatch):
     (tmp_path / "taken" / "file").write_text("x")
     with pytest.raises(FileExistsError, match="already exists"):
         export_transformers(clip_l, tmp_path / "taken")
+
+
+def test_every_exported_file_is_written_atomically(clip_l, clip_g, tmp_path, monkeypatch):
+    """Each file goes through core.files (temporary name, fsync, rename), not only the folder."""
+    import os
+
+    import ldmclip.core.files as files
+
+    renamed: list[Path] = []
+    real_replace = os.replace
+
+    def recording_replace(source, target):
+        renamed.append(Path(target))
+        real_replace(source, target)
+
+    monkeypatch.setattr(files.os, "replace", recording_replace)
+    sdxl = TextConditioner.from_preset("sdxl", clip_l, model_2=clip_g)
+    exports = {"diffusers": lambda out: export_diffusers(sdxl, out),
+               "full": lambda out: export_transformers(clip_l, out, full=True)}
+    for name, export in exports.items():
+        renamed.clear()
+        out = export(tmp_path / name)
+        written = {p.relative_to(out) for p in out.rglob("*") if p.is_file()}
+        # the atomic writes went to the temporary export folder, renamed to out as a whole afterwards
+        atomic = {Path(*p.parts[len(tmp_path.parts) + 1:]) for p in renamed}
+        assert "tokenizer_config.json" in {p.name for p in written} and written == atomic, name
 
 
 # ---------------------------------------------------------------------------------------------

@@ -57,6 +57,22 @@ def test_config_rejects_architectures_it_does_not_build():
         CLIPConfig.from_dict(cfg)
 
 
+def test_a_typo_in_a_section_name_lists_the_sections_that_exist(tmp_path):
+    cfg = ldmclip.get_model_config("ViT-Tiny-64").to_dict()
+    cfg["vision_cfgs"] = cfg.pop("vision_cfg")
+    with pytest.raises(ValueError, match=r"model\.vision_cfgs.*did you mean 'vision_cfg'\?") as error:
+        CLIPConfig.from_dict(cfg)
+    for key in ("embed_dim", "quick_gelu", "text_cfg", "vision_cfg"):
+        assert f"'{key}'" in str(error.value)
+    (tmp_path / "typo.json").write_text(json.dumps(cfg))  # the same through a user's JSON file
+    with pytest.raises(ValueError, match="did you mean 'vision_cfg'"):
+        ldmclip.create_model(str(tmp_path / "typo.json"))
+    cfg["text_cfg"]["widht"] = 3  # and inside a section, the section's own keys
+    cfg["vision_cfg"] = cfg.pop("vision_cfgs")
+    with pytest.raises(ValueError, match=r"text_cfg\.widht.*did you mean 'width'"):
+        CLIPConfig.from_dict(cfg)
+
+
 def test_config_round_trips_through_dict():
     cfg = ldmclip.get_model_config("ViT-bigG-14")
     assert CLIPConfig.from_dict(cfg.to_dict()) == cfg

@@ -12,11 +12,12 @@ from .hf import (HF_CONFIG_NAME, HF_WEIGHT_NAMES, config_from_hf, hf_to_openclip
 from .hub import checkpoint_folder, resolve_hf_hub
 from .openclip import OPENCLIP_CONFIG_NAME, OPENCLIP_WEIGHT_NAMES, find_weights_in_dir, is_openclip_dir, read_dir_config
 from .state_dict import (STATE_DICT_SUFFIXES, infer_config, load_into_model, normalize_state_dict,
-                         read_state_dict, resize_image_positional_embedding, save_state_dict, unwrap_checkpoint)
+                         openclip_key_names, read_state_dict, resize_image_positional_embedding, save_state_dict,
+                         unwrap_checkpoint)
 
 __all__ = ["HF_CONFIG_NAME", "HF_WEIGHT_NAMES", "OPENCLIP_CONFIG_NAME", "OPENCLIP_WEIGHT_NAMES", "STATE_DICT_SUFFIXES",
            "CheckpointError", "checkpoint_folder", "config_from_hf", "find_weights_in_dir", "hf_to_openclip_state_dict",
            "infer_config", "is_hf_dir", "is_hf_text_config", "is_openclip_dir", "load_into_model",
-           "normalize_state_dict", "openclip_to_hf_state_dict", "read_dir_config", "read_hf_config",
-           "read_state_dict", "read_text_encoder_config", "resize_image_positional_embedding", "resolve_hf_hub",
-           "save_state_dict", "unwrap_checkpoint"]
+           "normalize_state_dict", "openclip_key_names", "openclip_to_hf_state_dict", "read_dir_config",
+           "read_hf_config", "read_state_dict", "read_text_encoder_config", "resize_image_positional_embedding",
+           "resolve_hf_hub", "save_state_dict", "unwrap_checkpoint"]

@@ -14,7 +14,7 @@ import torch
 from ..models.config import CLIPConfig, TextConfig
 from .errors import CheckpointError
 
-__all__ = ["HF_CONFIG_NAME", "HF_WEIGHT_NAMES", "hf_to_openclip_state_dict", "openclip_to_hf_state_dict",
+__all__ = ["HF_CONFIG_NAME", "HF_WEIGHT_NAMES", "hf_to_openclip_key", "hf_to_openclip_state_dict", "openclip_to_hf_state_dict",
            "config_from_hf", "is_hf_text_config", "is_hf_dir", "read_hf_config", "read_text_encoder_config"]
 
 HF_CONFIG_NAME = "config.json"
@@ -46,40 +46,54 @@ _HF_TOWERS = {"text_model.encoder.layers.": "transformer.resblocks.",
               "vision_model.encoder.layers.": "visual.transformer.resblocks."}
 
 
+_QKV = ("self_attn.q_proj.", "self_attn.k_proj.", "self_attn.v_proj.")
+_TRANSPOSED = ("text_projection", "visual.proj")  # nn.Linear weights in transformers, matrices in OpenCLIP
+
+
+def hf_to_openclip_key(key: str) -> str | None:
+    """The OpenCLIP name a ``transformers`` ``CLIPModel`` / ``CLIPTextModel`` key becomes (``None``: a
+    buffer that is no weight). The q, k and v projections of a block all become its ``in_proj`` key.
+    From the name alone, so a reader can pick the keys it needs before reading any tensor."""
+    if key.endswith("position_ids"):
+        return None
+    if key in _HF_TOP_NAMES:
+        return _HF_TOP_NAMES[key]
+    if key == "text_projection.weight":
+        return "text_projection"
+    if key == "visual_projection.weight":
+        return "visual.proj"
+    for hf_prefix, oc_prefix in _HF_TOWERS.items():
+        if key.startswith(hf_prefix):
+            index, rest = key[len(hf_prefix):].split(".", 1)
+            block = f"{oc_prefix}{index}."
+            module, kind = rest.rsplit(".", 1)
+            if rest.startswith(_QKV):
+                return f"{block}attn.in_proj_{kind}"
+            if module in _HF_BLOCK_NAMES:
+                return f"{block}{_HF_BLOCK_NAMES[module]}.{kind}"
+            break
+    raise CheckpointError(f"unexpected key in Hugging Face CLIP checkpoint: {key}")
+
+
 def hf_to_openclip_state_dict(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Convert ``transformers`` ``CLIPModel`` (or ``CLIPTextModel[WithProjection]``) weights."""
     out: dict[str, torch.Tensor] = {}
-    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    qkv: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in hf.items():
-        if key.endswith("position_ids"):
+        target = hf_to_openclip_key(key)
+        if target is None:
             continue
-        if key in _HF_TOP_NAMES:
-            out[_HF_TOP_NAMES[key]] = value
-        elif key == "text_projection.weight":
-            out["text_projection"] = value.t().contiguous()
-        elif key == "visual_projection.weight":
-            out["visual.proj"] = value.t().contiguous()
+        if target.endswith(("attn.in_proj_weight", "attn.in_proj_bias")):  # q, k or v: joined below
+            qkv.setdefault(target, {})[key.rsplit(".", 2)[-2][0]] = value
+        elif target in _TRANSPOSED:
+            out[target] = value.t().contiguous()
         else:
-            for hf_prefix, oc_prefix in _HF_TOWERS.items():
-                if key.startswith(hf_prefix):
-                    index, rest = key[len(hf_prefix):].split(".", 1)
-                    block = f"{oc_prefix}{index}."
-                    if rest.startswith(("self_attn.q_proj.", "self_attn.k_proj.", "self_attn.v_proj.")):
-                        which, kind = rest[len("self_attn."):].split(".")
-                        qkv.setdefault((block, kind), {})[which[0]] = value
-                    else:
-                        module, kind = rest.rsplit(".", 1)
-                        if module not in _HF_BLOCK_NAMES:
-                            raise CheckpointError(f"unexpected key in Hugging Face CLIP checkpoint: {key}")
-                        out[f"{block}{_HF_BLOCK_NAMES[module]}.{kind}"] = value
-                    break
-            else:
-                raise CheckpointError(f"unexpected key in Hugging Face CLIP checkpoint: {key}")
-    for (block, kind), parts in qkv.items():
+            out[target] = value
+    for target, parts in qkv.items():
         if set(parts) != {"q", "k", "v"}:
+            block = target.rsplit("attn.", 1)[0]
             raise CheckpointError(f"{block} is missing some of its q/k/v projections in the checkpoint")
-        name = "in_proj_weight" if kind == "weight" else "in_proj_bias"
-        out[f"{block}attn.{name}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+        out[target] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
     return out
 
 

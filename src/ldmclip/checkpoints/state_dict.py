@@ -15,42 +15,64 @@ import math
 import pickle
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Collection, Iterable
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from ..core.files import write_safetensors
+from ..models.text import is_text_key
 from .errors import CheckpointError
-from .hf import hf_to_openclip_state_dict
+from .hf import hf_to_openclip_key, hf_to_openclip_state_dict
 
 __all__ = ["STATE_DICT_SUFFIXES", "CheckpointError", "read_state_dict", "unwrap_checkpoint", "normalize_state_dict",
-           "resize_image_positional_embedding", "infer_config", "load_into_model", "save_state_dict"]
+           "openclip_key_names", "resize_image_positional_embedding", "infer_config", "load_into_model", "save_state_dict"]
 
 STATE_DICT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a checkpoint file, unwrapped and with OpenCLIP's key names."""
+KeyFilter = Callable[[str], bool]
+
+
+def read_state_dict(path: str | Path, keys: KeyFilter | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint file, unwrapped and with OpenCLIP's key names.
+
+    ``keys``: keep only the tensors whose OpenCLIP name it accepts (e.g. ``models.text.is_text_key``).
+    From a ``.safetensors`` file only those tensors are read at all; a pickled file is read whole
+    and the rest dropped."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        raw: Any = load_file(str(path), device="cpu")
+    if path.suffix == ".safetensors" and keys is not None:
+        state = _read_safetensors_keys(path, keys)
+    elif path.suffix == ".safetensors":
+        state = normalize_state_dict(unwrap_checkpoint(load_file(str(path), device="cpu"), path))
     else:
-        try:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as error:
-            raise CheckpointError(
-                f"refusing to load {path}: it is a pickle that would run code or build objects other than "
-                f"tensors when loaded ({str(error).splitlines()[0]}). Only load pickles you trust; convert "
-                f"trusted ones to .safetensors with safetensors.torch.save_file."
-            ) from None
-        except RuntimeError as error:
-            raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint: {error}") from None
-    return normalize_state_dict(unwrap_checkpoint(raw, path))
+        state = normalize_state_dict(unwrap_checkpoint(_read_pickle(path), path))
+    return state if keys is None else {k: v for k, v in state.items() if keys(k)}
+
+
+def _read_safetensors_keys(path: Path, keys: KeyFilter) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file whose OpenCLIP names pass ``keys``; the others stay on disk."""
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        names = openclip_key_names(list(f.keys()))
+        return normalize_state_dict({raw: f.get_tensor(raw) for raw, name in names.items()
+                                     if name is not None and keys(name)})
+
+
+def _read_pickle(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"refusing to load {path}: it is a pickle that would run code or build objects other than "
+            f"tensors when loaded ({str(error).splitlines()[0]}). Only load pickles you trust; convert "
+            f"trusted ones to .safetensors with safetensors.torch.save_file."
+        ) from None
+    except RuntimeError as error:
+        raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint: {error}") from None
 
 
 def unwrap_checkpoint(raw: Any, source: Any = "checkpoint") -> dict[str, torch.Tensor]:
@@ -65,27 +87,53 @@ def unwrap_checkpoint(raw: Any, source: Any = "checkpoint") -> dict[str, torch.T
     raise CheckpointError(f"{source} holds no state dict (a mapping of parameter names to tensors)")
 
 
-_CUSTOM_TEXT_KEYS = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection")
+def _with_hf4_prefix(key: str) -> str:
+    # transformers 5 saves a CLIPTextModel without the "text_model." prefix that version 4 (and
+    # every published diffusers text_encoder/) has
+    return key if key == "text_projection.weight" else f"text_model.{key}"
+
+
+def _is_hf5_text(keys: Collection[str]) -> bool:
+    return "embeddings.token_embedding.weight" in keys
+
+
+def _is_hf(keys: Iterable[str]) -> bool:
+    return any(k.startswith(("text_model.", "vision_model.")) for k in keys)
+
+
+def _openclip_key(key: str) -> str | None:
+    """The name of one key of an OpenCLIP-style checkpoint (``None``: a buffer the model rebuilds)."""
+    for prefix in ("module.", "_orig_mod."):
+        while key.startswith(prefix):
+            key = key[len(prefix):]
+    if key.startswith("text.") and is_text_key(key[len("text."):]):  # OpenCLIP's custom-text layout
+        key = key[len("text."):]
+    if key.endswith("attn_mask") or key.endswith("position_ids"):
+        return None  # buffers rebuilt by the model, not weights
+    return key
+
+
+def openclip_key_names(keys: Collection[str]) -> dict[str, str | None]:
+    """What :func:`normalize_state_dict` names each of ``keys`` (``None``: dropped), from the names
+    alone; the q/k/v keys of a ``transformers`` block share their ``in_proj`` name."""
+    if _is_hf5_text(keys):
+        return {k: hf_to_openclip_key(_with_hf4_prefix(k)) for k in keys}
+    if _is_hf(keys):
+        return {k: hf_to_openclip_key(k) for k in keys}
+    return {k: _openclip_key(k) for k in keys}
 
 
 def normalize_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Map any supported layout to OpenCLIP ``CLIP`` keys."""
-    if "embeddings.token_embedding.weight" in state_dict:
-        # transformers 5 saves a CLIPTextModel without the "text_model." prefix that version 4 (and
-        # every published diffusers text_encoder/) has
-        state_dict = {k if k == "text_projection.weight" else f"text_model.{k}": v for k, v in state_dict.items()}
-    if any(k.startswith(("text_model.", "vision_model.")) for k in state_dict):
+    if _is_hf5_text(state_dict):
+        state_dict = {_with_hf4_prefix(k): v for k, v in state_dict.items()}
+    if _is_hf(state_dict):
         return hf_to_openclip_state_dict(state_dict)
     out = {}
     for key, value in state_dict.items():
-        for prefix in ("module.", "_orig_mod."):
-            while key.startswith(prefix):
-                key = key[len(prefix):]
-        if key.startswith("text.") and key.split(".")[1] in _CUSTOM_TEXT_KEYS:
-            key = key[len("text."):]
-        if key.endswith("attn_mask") or key.endswith("position_ids"):
-            continue  # buffers rebuilt by the model, not weights
-        out[key] = value
+        name = _openclip_key(key)
+        if name is not None:
+            out[name] = value
     return out
 
 

@@ -40,7 +40,7 @@ import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -48,10 +48,10 @@ from torch import nn
 
 from .. import checkpoints
 from ..core.files import tensors_sha256
-from ..core.formats import carries_weights
 from ..core.precision import precision_dtype
 from ..models.config import TextConfig
-from ..models.text import TextTransformer
+from ..models.text import TextTransformer, is_text_key
+from ..registry import get_model_config, get_tokenizer, resolve_pretrained, suggest_configs
 from ..tokenizer import CLIPTokenizer, build_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -294,14 +294,13 @@ class TextConditioner(nn.Module):
         precision: str = "fp32",
         **options: Any,
     ) -> "TextConditioner":
-        """Build the towers with :func:`ldmclip.create_model` and wrap them in a preset.
+        """Load the text towers with :func:`load_text_tower` and wrap them in a preset.
 
         Model names default to the preset's (sd1: ``ViT-L-14-quickgelu``; sd2: ``ViT-H-14``; sdxl:
         ``ViT-L-14-quickgelu`` + ``ViT-bigG-14``); ``pretrained`` takes what ``create_model`` takes.
-        Only the text towers are kept (the image towers are dropped); they are frozen and in eval mode.
+        Only the text towers are built and read (no image tower is ever allocated); they are frozen
+        and in eval mode.
         """
-        from ..registry import get_tokenizer
-
         spec = get_preset(preset)
         if len(spec.models) == 1 and (model_2 is not None or pretrained_2 is not None):
             raise ValueError(f"the {preset} preset uses one text tower; model_2/pretrained_2 are for sdxl")
@@ -449,10 +448,12 @@ class TextConditioner(nn.Module):
                 f"pad_ids={self.pad_ids}, context_length={self.context_length}, max_tokens={self.max_tokens}")
 
 
-def load_text_tower(name: str, pretrained: str | None = None, device: str | torch.device = "cpu",
+def load_text_tower(name: str, pretrained: str | Path | None = None, device: str | torch.device = "cpu",
                     precision: str = "fp32") -> TextTransformer:
-    """The text tower of ``create_model(name, pretrained)``, without the image tower (bigG's alone is
-    1.8 billion parameters that conditioning never uses).
+    """The text tower of ``create_model(name, pretrained)``, built and loaded alone: the image tower is
+    never allocated and its tensors are not read (bigG's alone is 1.8 billion parameters that
+    conditioning never uses). ``pretrained`` takes every form ``create_model`` takes; without weights
+    the tower is randomly initialised exactly as ``create_model``'s text tower would be.
 
     ``name`` may also be ``local-dir:``/``hf-hub:`` a ``transformers`` text encoder alone
     (``CLIPTextModel`` or ``CLIPTextModelWithProjection``, e.g. a diffusers pipeline's
@@ -461,31 +462,41 @@ def load_text_tower(name: str, pretrained: str | None = None, device: str | torc
     ``text_encoder/`` keeps 23 of ViT-H/14's 24 blocks (2.x never uses the last one), so its
     ``layer="last"`` is the ``sd2`` preset's ``"penultimate"``.
     """
-    from ..registry import checkpoint_folder, create_model
-
-    folder = checkpoint_folder(name) if pretrained is None else None
+    dtype = precision_dtype(precision)  # a bad precision fails before anything is read
+    folder = checkpoints.checkpoint_folder(name)
     text_encoder = checkpoints.read_text_encoder_config(folder) if folder is not None else None
-    if text_encoder is not None:
-        dtype = precision_dtype(precision)
+    if text_encoder is not None and pretrained is None:
         return _text_tower_from_hf_dir(folder, *text_encoder).to(device=device, dtype=dtype)
-    if pretrained is None and not carries_weights(name):
+    # a folder's own config (a text encoder alone with pretrained= says it holds no whole CLIP)
+    cfg = checkpoints.read_dir_config(folder)[0] if folder is not None else get_model_config(name)
+    pretrained = folder if pretrained is None else pretrained
+    if pretrained is None:
         logger.warning("no pretrained weights given for %s: its text tower is randomly initialised", name)
-    clip = create_model(name, pretrained=pretrained, device=device, precision=precision)
-    cfg = clip.config
-    with torch.device("meta"):  # no time spent on a random init that is overwritten at once
+        # CLIP builds (and initialises) its text tower first, so the same seed gives the same weights
         tower = TextTransformer(cfg.text_cfg, cfg.embed_dim, cfg.activation)
-    tower.load_state_dict(clip.text_state_dict(), assign=True)
-    return tower
+        return tower.to(device=device, dtype=dtype)
+    weights = resolve_pretrained(pretrained)[0]
+    state = checkpoints.read_state_dict(weights, keys=is_text_key)
+    for key, value in state.items():  # create_model copies a checkpoint into fp32 parameters, then casts
+        state[key] = value.float()    # one tensor at a time: a half-precision one is never held twice
+    tower = _tower_from_state(state, cfg.text_cfg, cfg.embed_dim, cfg.activation, str(weights), suggest_configs)
+    return tower.to(device=device, dtype=dtype)
 
 
 def _text_tower_from_hf_dir(folder: Path, text_cfg: TextConfig, activation: str) -> TextTransformer:
     weights = checkpoints.find_weights_in_dir(folder)
-    state = checkpoints.read_state_dict(weights)  # OpenCLIP key names
+    state = checkpoints.read_state_dict(weights)  # OpenCLIP key names; a text encoder holds nothing else
     if "text_projection" not in state:
         # CLIPTextModel has no projection: its pooled output is the EOT state, i.e. an identity projection
         state["text_projection"] = torch.eye(text_cfg.width, dtype=state["positional_embedding"].dtype)
-    with torch.device("meta"):
-        tower = TextTransformer(text_cfg, state["text_projection"].shape[1], activation)
-    checkpoints.load_into_model(tower, state, source=str(weights), assign=True)
-    return tower
+    return _tower_from_state(state, text_cfg, state["text_projection"].shape[1], activation, str(weights))
 
+
+def _tower_from_state(state: dict[str, torch.Tensor], text_cfg: TextConfig, embed_dim: int, activation: str,
+                      source: str, suggest: Callable[[dict[str, Any]], list[str]] | None = None) -> TextTransformer:
+    """A text tower that takes ``state``'s tensors as they are (built on the meta device: no time or
+    memory spent on a random init that is overwritten at once)."""
+    with torch.device("meta"):
+        tower = TextTransformer(text_cfg, embed_dim, activation)
+    checkpoints.load_into_model(tower, state, source=source, assign=True, suggest=suggest)
+    return tower

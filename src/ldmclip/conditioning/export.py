@@ -31,7 +31,7 @@ from typing import Any, Iterator
 import torch
 
 from ..checkpoints import openclip_to_hf_state_dict
-from ..core.files import write_safetensors
+from ..core.files import atomic_write, write_safetensors
 from ..core.precision import dtype_from_name, dtype_name
 from ..models.text import TextTransformer
 from ..tokenizer import CLIPTokenizer, build_tokenizer
@@ -64,7 +64,9 @@ def _atomic_directory(out: str | os.PathLike) -> Iterator[Path]:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    # atomic on its own too: write_text_encoder / write_tokenizer may be called outside an export folder
+    text = json.dumps(data, indent=2) + "\n"
+    atomic_write(path, lambda temp: temp.write_text(text, encoding="utf-8"))
 
 
 def _save_safetensors(state: dict[str, torch.Tensor], path: Path, dtype: torch.dtype | None) -> None:

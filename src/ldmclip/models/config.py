@@ -8,6 +8,7 @@ saved by ldmclip loads in OpenCLIP.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +42,9 @@ def _check_keys(section: str, raw: dict[str, Any], known: set[str]) -> dict[str,
             if value not in (expected, "eos" if section == "text_cfg" else expected):
                 raise ValueError(f"{section}.pool_type={value!r} is not supported (ldmclip pools with {expected!r})")
         elif key not in _IGNORED_KEYS:
-            raise ValueError(f"unknown key {section}.{key} in model config; known keys: {sorted(known)}")
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"unknown key {section}.{key} in model config; {hint}known keys: {sorted(known)}")
     return kept
 
 
@@ -98,7 +101,9 @@ class CLIPConfig:
             if height != width:
                 raise ValueError("only square images are supported (vision_cfg.image_size)")
             vision = {**vision, "image_size": height}
-        top = _check_keys("model", raw, {f.name for f in dataclasses.fields(cls)} - {"vision_cfg", "text_cfg"})
+        # vision_cfg and text_cfg are popped above but stay in the known keys: a typo of them
+        # ("vision_cfgs") must be told which sections exist
+        top = _check_keys("model", raw, {f.name for f in dataclasses.fields(cls)})
         return cls(
             vision_cfg=VisionConfig(**_check_keys("vision_cfg", vision, {f.name for f in dataclasses.fields(VisionConfig)})),
             text_cfg=TextConfig(**_check_keys("text_cfg", text, {f.name for f in dataclasses.fields(TextConfig)})),

@@ -16,10 +16,17 @@ from .config import TextConfig
 from .layers import LayerNorm, Transformer
 
 
-class TextTransformer(nn.Module):
-    # The top-level attributes that make up the text tower (a CLIP adds ``visual`` and ``logit_scale``).
-    TEXT_PARTS = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection")
+# The top-level attributes that make up the text tower (a CLIP adds ``visual`` and ``logit_scale``).
+TEXT_PARTS = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection")
 
+
+def is_text_key(key: str) -> bool:
+    """Whether a key of an OpenCLIP ``CLIP`` state dict belongs to the text tower: the one rule, used by
+    :meth:`TextTransformer.text_state_dict` and by loaders that read only the text tower's tensors."""
+    return key.split(".", 1)[0] in TEXT_PARTS
+
+
+class TextTransformer(nn.Module):
     def __init__(self, cfg: TextConfig, output_dim: int, activation: str = "gelu"):
         super().__init__()
         # Kept so that an export (transformers config.json) or a cache can describe the tower.
@@ -49,7 +56,7 @@ class TextTransformer(nn.Module):
     def text_state_dict(self) -> dict[str, torch.Tensor]:
         """The text tower's own tensors, under OpenCLIP's key names (a CLIP's image tower and
         temperature left out)."""
-        return {k: v for k, v in self.state_dict().items() if k.split(".", 1)[0] in self.TEXT_PARTS}
+        return {k: v for k, v in self.state_dict().items() if is_text_key(k)}
 
     def _check_tokens(self, tokens: torch.Tensor) -> None:
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
