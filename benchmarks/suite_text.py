@@ -48,7 +48,7 @@ def bench_conditioning(profile: Profile) -> list[Row]:
 
     import ldmclip
     from ldmclip.conditioning import TextConditioner
-    from ldmclip.conditioning.conditioner import load_text_tower
+    from ldmclip.registry import load_text_tower
     from ldmclip.conditioning.export import export_transformers
 
     device = _device()
@@ -113,7 +113,7 @@ def bench_pooled(profile: Profile) -> list[Row]:
     import open_clip
 
     import ldmclip
-    from ldmclip.conditioning.conditioner import load_text_tower
+    from ldmclip.registry import load_text_tower
 
     device = _device()
     name = profile.pooled_model

@@ -78,7 +78,7 @@ def _load_before(name: str, weights: str):
 
 
 def _load_after(name: str, weights: str):
-    from ldmclip.conditioning.conditioner import load_text_tower
+    from ldmclip.registry import load_text_tower
 
     return load_text_tower(name, weights)
 

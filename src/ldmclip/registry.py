@@ -1,4 +1,5 @@
-"""The model registry and the public constructors: configs + checkpoints -> models (``create_model`` and friends).
+"""The model registry and the public constructors (``create_model`` and friends, ``load_text_tower``):
+configs + checkpoints -> models.
 
 A model is named the way OpenCLIP names it, so an OpenCLIP user changes only the import:
 
@@ -11,9 +12,10 @@ A model is named the way OpenCLIP names it, so an OpenCLIP user changes only the
 from __future__ import annotations
 
 import json
+import logging
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -23,8 +25,10 @@ from .core.errors import UserError
 from .core.formats import HF_HUB_PREFIX
 from .core.precision import precision_dtype
 from .models.clip import CLIP
-from .models.config import CLIPConfig
+from .models.config import CLIPConfig, TextConfig
+from .models.text import TextTransformer, is_text_key
 
+logger = logging.getLogger(__name__)
 
 
 def _packaged_configs() -> dict[str, Any]:
@@ -179,3 +183,57 @@ def get_tokenizer(name: str, context_length: int | None = None, pad_id: int = 0)
     if folder is not None and (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
         return CLIPTokenizer.from_pretrained_dir(folder, context_length=length, pad_id=pad_id)
     return build_tokenizer(context_length=length, pad_id=pad_id)
+
+
+def load_text_tower(name: str, pretrained: str | Path | None = None, device: str | torch.device = "cpu",
+                    precision: str = "fp32") -> TextTransformer:
+    """The text tower of ``create_model(name, pretrained)``, built and loaded alone: the image tower is
+    never allocated and its tensors are not read (bigG's alone is 1.8 billion parameters that
+    conditioning never uses). ``pretrained`` takes every form ``create_model`` takes; without weights
+    the tower is randomly initialised exactly as ``create_model``'s text tower would be.
+
+    ``name`` may also be ``local-dir:``/``hf-hub:`` a ``transformers`` text encoder alone
+    (``CLIPTextModel`` or ``CLIPTextModelWithProjection``, e.g. a diffusers pipeline's
+    ``text_encoder/`` or ``text_encoder_2/``). Without a projection the pooled output is the
+    final-LayerNorm EOT state itself (``pooler_output``). Note that diffusers' Stable Diffusion 2.x
+    ``text_encoder/`` keeps 23 of ViT-H/14's 24 blocks (2.x never uses the last one), so its
+    ``layer="last"`` is the ``sd2`` preset's ``"penultimate"``.
+    """
+    dtype = precision_dtype(precision)  # a bad precision fails before anything is read
+    folder = checkpoints.checkpoint_folder(name)
+    text_encoder = checkpoints.read_text_encoder_config(folder) if folder is not None else None
+    if text_encoder is not None and pretrained is None:
+        return _text_tower_from_hf_dir(folder, *text_encoder).to(device=device, dtype=dtype)
+    # a folder's own config (a text encoder alone with pretrained= says it holds no whole CLIP)
+    cfg = checkpoints.read_dir_config(folder)[0] if folder is not None else get_model_config(name)
+    pretrained = folder if pretrained is None else pretrained
+    if pretrained is None:
+        logger.warning("no pretrained weights given for %s: its text tower is randomly initialised", name)
+        # CLIP builds (and initialises) its text tower first, so the same seed gives the same weights
+        tower = TextTransformer(cfg.text_cfg, cfg.embed_dim, cfg.activation)
+        return tower.to(device=device, dtype=dtype)
+    weights = resolve_pretrained(pretrained)[0]
+    state = checkpoints.read_state_dict(weights, keys=is_text_key)
+    for key, value in state.items():  # create_model copies a checkpoint into fp32 parameters, then casts
+        state[key] = value.float()    # one tensor at a time: a half-precision one is never held twice
+    tower = _tower_from_state(state, cfg.text_cfg, cfg.embed_dim, cfg.activation, str(weights), suggest_configs)
+    return tower.to(device=device, dtype=dtype)
+
+
+def _text_tower_from_hf_dir(folder: Path, text_cfg: TextConfig, activation: str) -> TextTransformer:
+    weights = checkpoints.find_weights_in_dir(folder)
+    state = checkpoints.read_state_dict(weights)  # OpenCLIP key names; a text encoder holds nothing else
+    if "text_projection" not in state:
+        # CLIPTextModel has no projection: its pooled output is the EOT state, i.e. an identity projection
+        state["text_projection"] = torch.eye(text_cfg.width, dtype=state["positional_embedding"].dtype)
+    return _tower_from_state(state, text_cfg, state["text_projection"].shape[1], activation, str(weights))
+
+
+def _tower_from_state(state: dict[str, torch.Tensor], text_cfg: TextConfig, embed_dim: int, activation: str,
+                      source: str, suggest: Callable[[dict[str, Any]], list[str]] | None = None) -> TextTransformer:
+    """A text tower that takes ``state``'s tensors as they are (built on the meta device: no time or
+    memory spent on a random init that is overwritten at once)."""
+    with torch.device("meta"):
+        tower = TextTransformer(text_cfg, embed_dim, activation)
+    checkpoints.load_into_model(tower, state, source=source, assign=True, suggest=suggest)
+    return tower

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 import ldmclip
 from ldmclip.checkpoints import CheckpointError
 from ldmclip.conditioning import ConditionerOutput, TextConditioner
-from ldmclip.conditioning.conditioner import load_text_tower
+from ldmclip.registry import load_text_tower
 from tests.conditioning.reference_towers import EOT, SOT, hf_text_tower, openclip_text_model
 from tests.conftest import fake_hub_cache, relative_error
 from tests.openclip_reference import openclip_model, save_openclip_hub

@@ -91,7 +91,8 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Check the arguments, load the model(s), write the folder."""
-    from ..conditioning.conditioner import TextConditioner, load_text_tower
+    from ..conditioning.conditioner import TextConditioner
+    from ..registry import load_text_tower
     from ..conditioning.export import export_diffusers, export_transformers
     from ..registry import create_model, get_tokenizer
 

@@ -3,6 +3,7 @@ prompts, the empty prompt, the text-embedding cache, and export to the transform
 
 from .cache import build_text_cache
 from .cache_reader import TextEmbeddingCache
+from ..registry import load_text_tower
 from .conditioner import PRESETS, ConditionerOutput, TextConditioner
 
-__all__ = ["PRESETS", "ConditionerOutput", "TextConditioner", "TextEmbeddingCache", "build_text_cache"]
+__all__ = ["PRESETS", "ConditionerOutput", "TextConditioner", "TextEmbeddingCache", "build_text_cache", "load_text_tower"]

@@ -39,19 +39,15 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from .. import checkpoints
 from ..core.files import tensors_sha256
-from ..core.precision import precision_dtype
-from ..models.config import TextConfig
-from ..models.text import TextTransformer, is_text_key
-from ..registry import get_model_config, get_tokenizer, resolve_pretrained, suggest_configs
+from ..models.text import TextTransformer
+from ..registry import get_tokenizer, load_text_tower
 from ..tokenizer import CLIPTokenizer, build_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -446,57 +442,3 @@ class TextConditioner(nn.Module):
     def extra_repr(self) -> str:
         return (f"preset={self.preset}, layer={self.layer!r}, final_ln={self.final_ln}, pooled={self.pooled}, "
                 f"pad_ids={self.pad_ids}, context_length={self.context_length}, max_tokens={self.max_tokens}")
-
-
-def load_text_tower(name: str, pretrained: str | Path | None = None, device: str | torch.device = "cpu",
-                    precision: str = "fp32") -> TextTransformer:
-    """The text tower of ``create_model(name, pretrained)``, built and loaded alone: the image tower is
-    never allocated and its tensors are not read (bigG's alone is 1.8 billion parameters that
-    conditioning never uses). ``pretrained`` takes every form ``create_model`` takes; without weights
-    the tower is randomly initialised exactly as ``create_model``'s text tower would be.
-
-    ``name`` may also be ``local-dir:``/``hf-hub:`` a ``transformers`` text encoder alone
-    (``CLIPTextModel`` or ``CLIPTextModelWithProjection``, e.g. a diffusers pipeline's
-    ``text_encoder/`` or ``text_encoder_2/``). Without a projection the pooled output is the
-    final-LayerNorm EOT state itself (``pooler_output``). Note that diffusers' Stable Diffusion 2.x
-    ``text_encoder/`` keeps 23 of ViT-H/14's 24 blocks (2.x never uses the last one), so its
-    ``layer="last"`` is the ``sd2`` preset's ``"penultimate"``.
-    """
-    dtype = precision_dtype(precision)  # a bad precision fails before anything is read
-    folder = checkpoints.checkpoint_folder(name)
-    text_encoder = checkpoints.read_text_encoder_config(folder) if folder is not None else None
-    if text_encoder is not None and pretrained is None:
-        return _text_tower_from_hf_dir(folder, *text_encoder).to(device=device, dtype=dtype)
-    # a folder's own config (a text encoder alone with pretrained= says it holds no whole CLIP)
-    cfg = checkpoints.read_dir_config(folder)[0] if folder is not None else get_model_config(name)
-    pretrained = folder if pretrained is None else pretrained
-    if pretrained is None:
-        logger.warning("no pretrained weights given for %s: its text tower is randomly initialised", name)
-        # CLIP builds (and initialises) its text tower first, so the same seed gives the same weights
-        tower = TextTransformer(cfg.text_cfg, cfg.embed_dim, cfg.activation)
-        return tower.to(device=device, dtype=dtype)
-    weights = resolve_pretrained(pretrained)[0]
-    state = checkpoints.read_state_dict(weights, keys=is_text_key)
-    for key, value in state.items():  # create_model copies a checkpoint into fp32 parameters, then casts
-        state[key] = value.float()    # one tensor at a time: a half-precision one is never held twice
-    tower = _tower_from_state(state, cfg.text_cfg, cfg.embed_dim, cfg.activation, str(weights), suggest_configs)
-    return tower.to(device=device, dtype=dtype)
-
-
-def _text_tower_from_hf_dir(folder: Path, text_cfg: TextConfig, activation: str) -> TextTransformer:
-    weights = checkpoints.find_weights_in_dir(folder)
-    state = checkpoints.read_state_dict(weights)  # OpenCLIP key names; a text encoder holds nothing else
-    if "text_projection" not in state:
-        # CLIPTextModel has no projection: its pooled output is the EOT state, i.e. an identity projection
-        state["text_projection"] = torch.eye(text_cfg.width, dtype=state["positional_embedding"].dtype)
-    return _tower_from_state(state, text_cfg, state["text_projection"].shape[1], activation, str(weights))
-
-
-def _tower_from_state(state: dict[str, torch.Tensor], text_cfg: TextConfig, embed_dim: int, activation: str,
-                      source: str, suggest: Callable[[dict[str, Any]], list[str]] | None = None) -> TextTransformer:
-    """A text tower that takes ``state``'s tensors as they are (built on the meta device: no time or
-    memory spent on a random init that is overwritten at once)."""
-    with torch.device("meta"):
-        tower = TextTransformer(text_cfg, embed_dim, activation)
-    checkpoints.load_into_model(tower, state, source=source, assign=True, suggest=suggest)
-    return tower
