@@ -11,6 +11,7 @@ from ..conditioning.cache import CACHE_DTYPES, build_text_cache
 from ..conditioning.cache_inputs import DEFAULT_SHARD_SIZE, INPUT_FORMATS, open_inputs
 from ..core.errors import UserError
 from ..core.formats import carries_weights
+from ..core.launch import process_rank
 from .common import (add_column_options, add_device_option, add_dtype_option, add_input_format_option,
                      add_model_options, add_out_option, add_precision_option, add_quiet_option, parse_sep)
 
@@ -126,8 +127,7 @@ def run(args: argparse.Namespace) -> int:
                          shard_size=args.shard_size, sep=parse_sep(args.sep))
     dist = _init_distributed()
     try:
-        rank = dist.get_rank() if dist else 0
-        world = dist.get_world_size() if dist else 1
+        rank, world = process_rank()
         device = resolve_device(args.device)
         with torch.random.fork_rng(devices=[]):
             # --random-init: the same random weights in every run, so that a stopped run can be resumed
