@@ -35,6 +35,24 @@ def write_json(target: str | os.PathLike, data: Any) -> None:
     print(f"wrote {path}", file=sys.stderr)
 
 
+def run_child(script: str | os.PathLike, spec: dict) -> dict:
+    """Run ``script --_child SPEC_JSON`` in a fresh Python process (its own peak RSS, its own import cost)
+    and return the JSON object on the last line of its standard output. A failure raises with the end of
+    the child's output; a child killed by the kernel is said to be probably out of memory."""
+    import json
+    import subprocess
+
+    cmd = [sys.executable, str(Path(script).resolve()), "--_child", json.dumps(spec)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        reason = f"exit code {proc.returncode}" + (f": {' | '.join(tail)}" if tail else "")
+        if proc.returncode in (-9, 137):
+            reason += " (killed, probably out of memory)"
+        raise RuntimeError(reason)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 # ----------------------------------------------------------------------------------------------------
 # size profiles
 # ----------------------------------------------------------------------------------------------------

@@ -29,7 +29,6 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -48,7 +47,7 @@ DENSE_NN_BUFFERS = {"ldmclip-dense": 4.0, "openclip": 4.1}
 MEMORY_HEADROOM = 0.7
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
-from benchmarks.common import write_json  # noqa: E402
+from benchmarks.common import run_child, write_json  # noqa: E402
 
 
 def _dtype(name: str):
@@ -192,17 +191,8 @@ def measure(impl: str, n: int, d: int, dtype_name: str, tile_size: int, device: 
 
 
 def _measure_in_subprocess(impl, n, d, dtype_name, tile_size, device, iters=1, threads=None) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_child",
-           json.dumps({"impl": impl, "n": n, "d": d, "dtype": dtype_name, "tile_size": tile_size,
-                       "device": device, "iters": iters, "threads": threads})]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        reason = f"exit code {proc.returncode}" + (f": {' | '.join(tail)}" if tail else "")
-        if proc.returncode in (-9, 137):
-            reason += " (killed, probably out of memory)"
-        raise RuntimeError(reason)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_child(__file__, {"impl": impl, "n": n, "d": d, "dtype": dtype_name, "tile_size": tile_size,
+                                "device": device, "iters": iters, "threads": threads})
 
 
 def run(quick: bool = False, sizes=None, *, dim: int = DEFAULT_DIM, dtype: str = "float32",

@@ -29,14 +29,13 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
-from benchmarks.common import write_json  # noqa: E402
+from benchmarks.common import run_child, write_json  # noqa: E402
 
 SIDES = ("before", "after")
 FULL_MODEL = "ViT-bigG-14"
@@ -115,15 +114,7 @@ def write_checkpoint(name: str, path: Path) -> int:
 
 
 def _child(spec: dict) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_child", json.dumps(spec)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        reason = f"exit code {proc.returncode}" + (f": {' | '.join(tail)}" if tail else "")
-        if proc.returncode in (-9, 137):
-            reason += " (killed, probably out of memory)"
-        raise RuntimeError(reason)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_child(__file__, spec)
 
 
 def run(name: str, sides=SIDES, repeats: int = 1, verbose: bool = False) -> dict:
