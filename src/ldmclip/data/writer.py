@@ -42,8 +42,8 @@ from PIL import Image
 
 from ..core.files import atomic_write, write_json_atomic
 from ..core.formats import IMAGE_SUFFIXES, is_image_file
-from .samples import (REASON_EMPTY_FILE, REASON_MISSING_FILE, REASON_MISSING_IMAGE, REASON_READ_ERROR, BadSample,
-                      SampleStats, decode_caption, decode_image)
+from .samples import (REASON_EMPTY_FILE, REASON_MISSING_IMAGE, BadSample, SampleStats, decode_caption, decode_image,
+                      read_image_file)
 
 __all__ = ["write_shards", "iter_image_folder", "iter_table", "REENCODE_MODES"]
 
@@ -91,12 +91,7 @@ def _read_source(image: Any) -> tuple[bytes, str | None]:
     if isinstance(image, (bytes, bytearray, memoryview)):
         return bytes(image), None
     path = Path(image)
-    try:
-        data = path.read_bytes()
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
-        raise BadSample(REASON_MISSING_FILE, str(e)) from None
-    except OSError as e:
-        raise BadSample(REASON_READ_ERROR, str(e)) from None
+    data = read_image_file(path)  # regular files only, size-capped: never blocks on a FIFO
     suffix = path.suffix.lower().lstrip(".")
     return data, (suffix or None)
 
