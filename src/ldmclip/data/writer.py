@@ -342,7 +342,8 @@ def iter_image_folder(root: str | os.PathLike) -> tuple[int, Iterator[tuple[None
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
-    paths = sorted(p for p in root.rglob("*") if is_image_file(p) and p.is_file())
+    # not is_file(): a FIFO or dangling link named like an image is read (and counted), not dropped
+    paths = sorted(p for p in root.rglob("*") if is_image_file(p) and not p.is_dir())
     if not paths:
         raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {root}")
 
