@@ -41,6 +41,7 @@ from typing import Any, Iterable, Iterator, Sequence
 from PIL import Image
 
 from ..core.files import atomic_write, write_json_atomic
+from ..core.reading import read_regular_file
 from ..core.formats import IMAGE_SUFFIXES, is_image_file
 from .samples import (REASON_EMPTY_FILE, REASON_MISSING_IMAGE, BadSample, SampleStats, decode_caption, decode_image,
                       read_image_file)
@@ -351,7 +352,7 @@ def iter_image_folder(root: str | os.PathLike) -> tuple[int, Iterator[tuple[None
         for path in paths:
             sidecar = path.with_suffix(".txt")
             try:
-                caption: bytes | None = sidecar.read_bytes()
+                caption: bytes | None = read_regular_file(sidecar, None)  # a FIFO x.txt: no caption, no hang
             except OSError:
                 caption = None
             yield None, path, caption, {"image": path.relative_to(root).as_posix()}
