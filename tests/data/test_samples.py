@@ -413,3 +413,12 @@ def test_caption_length_limit():
         with pytest.raises(BadSample) as info:
             decode_caption(value)
         assert info.value.reason == "caption_too_long"
+
+
+def test_image_byte_limit_from_the_environment(monkeypatch):
+    for value, limit in (("", 64 * 2**20), ("0.5", 2**19), ("none", None)):
+        monkeypatch.setenv("LDMCLIP_MAX_IMAGE_MB", value)
+        assert reading._limit_from_env() == limit
+    monkeypatch.setenv("LDMCLIP_MAX_IMAGE_MB", "64MB")
+    with pytest.raises(ValueError, match="LDMCLIP_MAX_IMAGE_MB must be a number"):
+        reading._limit_from_env()

@@ -11,7 +11,8 @@ Two things a plain ``open(path).read()`` gets wrong on real data:
   while it is read cannot get past it either).
 
 The limit for images is ``MAX_IMAGE_BYTES`` (64 MiB by default; the ``LDMCLIP_MAX_IMAGE_MB``
-environment variable sets it for a whole run, DataLoader workers included; ``None`` = no limit). It is
+environment variable sets it in MiB for a whole run, DataLoader workers included; ``none`` there, or
+``None`` here, = no limit). It is
 read at each call, so setting ``ldmclip.core.reading.MAX_IMAGE_BYTES`` works too.
 """
 
@@ -19,6 +20,8 @@ from __future__ import annotations
 
 import os
 import stat
+
+from .errors import UserError
 
 __all__ = ["MAX_IMAGE_BYTES", "NotARegularFile", "FileTooLarge", "read_regular_file", "image_byte_limit"]
 
@@ -29,7 +32,10 @@ def _limit_from_env() -> int | None:
         return 64 * 2**20
     if value.lower() in ("none", "0", "off"):
         return None
-    return int(float(value) * 2**20)
+    try:
+        return int(float(value) * 2**20)
+    except ValueError:
+        raise UserError(f"LDMCLIP_MAX_IMAGE_MB must be a number of MiB (or 'none'), got {value!r}") from None
 
 
 MAX_IMAGE_BYTES: int | None = _limit_from_env()
