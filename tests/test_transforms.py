@@ -418,3 +418,33 @@ def test_normalisation_equals_torchvision_ops_for_every_uint8_value(mean, std):
     # torchvision's ToTensor + Normalize, written out
     expected = chw.to(torch.float32).div(255).sub_(torch.tensor(mean).view(-1, 1, 1)).div_(torch.tensor(std).view(-1, 1, 1))
     assert torch.equal(_Normalize(mean, std)(img), expected)
+
+
+def test_load_image_checks_the_file_before_reading_it(tmp_path, monkeypatch):
+    from ldmclip.core import reading
+
+    (tmp_path / "folder.jpg").mkdir()  # a FIFO is the same case (tests/data/test_samples.py, in a child)
+    with pytest.raises(reading.NotARegularFile, match="folder.jpg is a directory"):
+        load_image(tmp_path / "folder.jpg")
+    data = _jpeg_bytes(40, 30)
+    (tmp_path / "a.jpg").write_bytes(data)
+    monkeypatch.setattr(reading, "MAX_IMAGE_BYTES", len(data) - 1)
+    with pytest.raises(reading.FileTooLarge, match="a.jpg holds"):
+        load_image(tmp_path / "a.jpg")
+    with pytest.raises(reading.FileTooLarge):
+        load_image(data)
+    monkeypatch.setattr(reading, "MAX_IMAGE_BYTES", None)
+    assert load_image(tmp_path / "a.jpg").size == (40, 30)
+
+
+def test_load_image_refuses_an_absurd_resize_before_decoding():
+    from ldmclip.transforms import MAX_ASPECT_RATIO, resize_problem
+
+    buf = io.BytesIO()
+    Image.new("L", (1, 20000)).save(buf, "PNG")
+    assert load_image(buf.getvalue()).size == (1, 20000)  # no target size: nothing is resized
+    with pytest.raises(ValueError, match="decompression bomb.*aspect ratio of 20000:1"):
+        load_image(buf.getvalue(), 224)
+    assert resize_problem(MAX_ASPECT_RATIO, 1, 224) is None
+    assert "aspect ratio" in resize_problem(MAX_ASPECT_RATIO + 1, 1, 224)
+    assert resize_problem(20000, 1, None) is None

@@ -34,7 +34,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 import torch.utils.data
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, JpegImagePlugin
+
+from .core import reading
 
 __all__ = [
     "OPENAI_MEAN",
@@ -44,6 +46,8 @@ __all__ = [
     "TrainTransform",
     "image_transform",
     "load_image",
+    "resize_problem",
+    "MAX_ASPECT_RATIO",
 ]
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -487,6 +491,70 @@ def image_transform(
 # Decoding
 # ----------------------------------------------------------------------------------------------------
 
+# Longer side / shorter side above which an image is refused: resizing its short side to the model's
+# size makes a strip of tens of millions of pixels (a 165-byte 1x20000 PNG at 224 px: 4.6 GB, 16 s)
+# of which the centre crop keeps a sliver. Real panoramas and banners stay well under 1:20.
+MAX_ASPECT_RATIO = 100
+
+
+def resize_problem(width: int, height: int, target_size: int | None) -> str | None:
+    """Why an image of ``width x height`` must not be resized to ``target_size`` (a decompression bomb
+    counted at the size it will be used), or ``None`` when it is fine (always with no ``target_size``).
+
+    The bound is the shortest-side resize of ``EvalTransform`` (the largest result of every mode): it
+    holds ``S * S * long / short`` pixels, which must stay under ``PIL.Image.MAX_IMAGE_PIXELS``; and the
+    aspect ratio must stay under ``MAX_ASPECT_RATIO``.
+    """
+    if target_size is None:
+        return None
+    short, long = sorted((max(1, width), max(1, height)))
+    if MAX_ASPECT_RATIO is not None and long > MAX_ASPECT_RATIO * short:
+        return (f"a {width}x{height} image has an aspect ratio of {long / short:.0f}:1, over "
+                f"ldmclip.transforms.MAX_ASPECT_RATIO ({MAX_ASPECT_RATIO}:1)")
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None:
+        resized = target_size * target_size * long / short
+        if resized > limit:
+            return (f"resizing a {width}x{height} image to {target_size} px gives {resized:.0f} pixels, over "
+                    f"the limit of {limit} (PIL.Image.MAX_IMAGE_PIXELS)")
+    return None
+
+
+def _encoded(source: Any) -> tuple[bytes, str]:
+    """The encoded bytes of a path (through the one checked read: regular files only, at most
+    ``ldmclip.core.reading.MAX_IMAGE_BYTES``) or of bytes (same limit), and a name for messages."""
+    limit = reading.image_byte_limit()
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if limit is not None and len(source) > limit:
+            raise reading.FileTooLarge(f"<{len(source)} bytes> of image data, over the limit of {limit}")
+        return bytes(source), f"<{len(source)} bytes>"
+    if isinstance(source, (str, os.PathLike)):
+        return reading.read_regular_file(source, limit), os.fsdecode(source)
+    raise TypeError(f"source must be a path or bytes, got {type(source).__name__}")
+
+
+def _open_drafted_jpeg(data: bytes, target_size: int | None) -> Image.Image | None:
+    """A JPEG over the pixel limit opened at the smallest libjpeg scale (1/2, 1/4, 1/8) that brings it
+    under the limit and keeps its short side at least ``target_size``; ``None`` when no scale does.
+    Only images that would otherwise be refused get here, so no accepted image changes."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is None or data[:3] != b"\xff\xd8\xff":
+        return None
+    img = JpegImagePlugin.jpeg_factory(io.BytesIO(data))  # Image.open would refuse it outright
+    width, height = img.size
+    for scale in (2, 4, 8):
+        w, h = -(-width // scale), -(-height // scale)
+        if target_size is not None and min(w, h) < target_size:
+            break
+        if w * h <= limit:
+            img.draft(img.mode, (width // scale, height // scale))
+            if img.width * img.height <= limit:
+                return img
+            break
+    img.close()
+    return None
+
+
 def load_image(
     source: str | os.PathLike | bytes | bytearray | memoryview,
     target_size: int | None = None,
@@ -496,34 +564,46 @@ def load_image(
     """Open and fully decode an image (path or encoded bytes), keeping its mode (no RGB conversion,
     no EXIF rotation: the transforms do what OpenCLIP does with the result).
 
+    A path is read through ``ldmclip.core.reading.read_regular_file``: a FIFO, socket, device or
+    directory raises ``NotARegularFile`` (without blocking) and a file over
+    ``ldmclip.core.reading.MAX_IMAGE_BYTES`` raises ``FileTooLarge`` without being read (encoded bytes
+    over the limit too).
+
     ``fast=True`` with a ``target_size`` lets libjpeg decode a JPEG at 1/2, 1/4 or 1/8 scale when both
     sides stay at least ``target_size`` (``Image.draft``), i.e. when the image is at least twice as large
     as needed. That is several times faster on big photos but changes the pixels (DCT-domain
     downscaling), so it is off by default.
 
     Images above ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (PIL's decompression-bomb limit; set it to
-    ``None`` to disable) raise ``ValueError``.
+    ``None`` to disable) raise ``ValueError``, except JPEGs that libjpeg can decode at a reduced scale
+    under the limit (and, with ``target_size``, at least that large): those decode small. With
+    ``target_size``, images whose resize to that size would be absurd (``resize_problem``: the resized
+    pixels over the limit, or an aspect ratio over ``MAX_ASPECT_RATIO``) raise ``ValueError`` too,
+    before they are decoded.
     """
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        fp: Any = io.BytesIO(bytes(source))
-        name = f"<{len(source)} bytes>"
-    elif isinstance(source, (str, os.PathLike)):
-        fp = os.fspath(source)
-        name = fp
-    else:
-        raise TypeError(f"source must be a path or bytes, got {type(source).__name__}")
     if target_size is not None:
         target_size = _check_size(target_size)
+    data, name = _encoded(source)
     img = None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(fp)
-            limit = Image.MAX_IMAGE_PIXELS
-            if limit is not None and img.width * img.height > limit:
-                # Same test as PIL's warning, in case another thread changed the warning filters.
-                raise Image.DecompressionBombWarning(
-                    f"Image size ({img.width * img.height} pixels) exceeds limit of {limit} pixels")
+            try:
+                img = Image.open(io.BytesIO(data))
+                limit = Image.MAX_IMAGE_PIXELS
+                if limit is not None and img.width * img.height > limit:
+                    # Same test as PIL's warning, in case another thread changed the warning filters.
+                    raise Image.DecompressionBombWarning(
+                        f"Image size ({img.width * img.height} pixels) exceeds limit of {limit} pixels")
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+                if img is not None:
+                    img.close()
+                img = _open_drafted_jpeg(data, target_size)
+                if img is None:
+                    raise
+            problem = resize_problem(img.width, img.height, target_size)
+            if problem is not None:
+                raise Image.DecompressionBombError(problem)
             if fast and target_size is not None and img.format == "JPEG":
                 if min(img.width, img.height) >= 2 * target_size:
                     img.draft("RGB", (target_size, target_size))

@@ -6,6 +6,11 @@ from __future__ import annotations
 
 import collections
 import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +18,9 @@ import torch
 from PIL import Image
 
 from ldmclip.data import Batch, ImageTextCollator, Sample, SampleStats, decode_caption, decode_image
-from ldmclip.data.samples import BadSample, apply_transform, drain_pending, load_sample, record_bad
+from ldmclip.core import reading
+from ldmclip.data.samples import (MAX_CAPTION_CHARS, BadSample, apply_transform, drain_pending, load_sample,
+                                  record_bad)
 from ldmclip.tokenizer import build_tokenizer
 from ldmclip.transforms import PreprocessConfig, image_transform
 
@@ -251,3 +258,167 @@ def test_shard_level_reasons_do_not_count_as_samples():
     stats.record("truncated_shard")
     stats.record("empty_file")
     assert stats.seen == 1 and stats.skipped == 1 and stats.counts["truncated_shard"] == 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# One sample never costs the job, its memory or its time (issue 13)
+# ----------------------------------------------------------------------------------------------------
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+
+# Run in a child: a FIFO blocks open() for good, and the old code spent GBs on these files. The child
+# reports what each entry point did, how long it took and its peak RSS (VmHWM).
+_CHILD = r"""
+import json, sys, time
+from ldmclip.data.samples import SampleStats, decode_image, load_sample, BadSample
+from ldmclip.transforms import PreprocessConfig, image_transform, load_image
+
+def rss_kb(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+
+folder = sys.argv[1]
+out = {"baseline_kb": rss_kb("VmRSS"), "samples": {}, "decode": {}, "load_image": {}}
+stats = SampleStats()
+for is_train in (False, True):
+    transform = image_transform(PreprocessConfig(image_size=224), is_train=is_train)
+    for name in sys.argv[2:]:
+        start = time.monotonic()
+        sample = load_sample(f"{folder}/{name}", "a caption", name, transform, stats)
+        out["samples"][f"{name}/{is_train}"] = [sample is not None, time.monotonic() - start]
+for name in sys.argv[2:]:
+    try:  # what the search index and ldmclip pack call (no target size; the transform comes later)
+        decode_image(f"{folder}/{name}").close()
+        out["decode"][name] = "ok"
+    except BadSample as bad:
+        out["decode"][name] = bad.reason
+    try:
+        load_image(f"{folder}/{name}", 224).close()
+        out["load_image"][name] = "ok"
+    except Exception as e:
+        out["load_image"][name] = type(e).__name__
+out["reasons"] = dict(stats.counts)
+out["peak_kb"] = rss_kb("VmHWM")
+print(json.dumps(out))
+"""
+
+
+def _strip_png() -> bytes:
+    """The 157-byte 1x20000 PNG that cost 4.6 GB and 16 s to resize to 224 px."""
+    return encode(Image.new("RGB", (1, 20000)), "PNG")
+
+
+@pytest.fixture(scope="module")
+def hostile_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hostile")
+    os.mkfifo(folder / "fifo.jpg")
+    with open(folder / "sparse.jpg", "wb") as f:
+        f.truncate(2 * 2**30)  # 2 GiB, sparse: costs no disk, but read() would cost 2 GiB of memory
+    (folder / "strip.png").write_bytes(_strip_png())
+    (folder / "dir.jpg").mkdir()
+    (folder / "good.jpg").write_bytes(good_images()["rgb_jpeg"])
+    names = ["fifo.jpg", "sparse.jpg", "strip.png", "dir.jpg", "good.jpg"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    env.pop("LDMCLIP_MAX_IMAGE_MB", None)
+    try:  # generous: it only runs out when open() blocks (the child needs seconds to import torch)
+        done = subprocess.run([sys.executable, "-c", _CHILD, str(folder), *names], env=env, capture_output=True,
+                              text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("loading the hostile files hung (open() blocked on the FIFO?)")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_fifo_directory_huge_file_and_strip_are_counted_by_reason(hostile_run):
+    # each file, once with the eval and once with the train transform
+    assert hostile_run["reasons"] == {"not_a_file": 4, "too_large": 2, "decompression_bomb": 2}
+    assert hostile_run["samples"]["good.jpg/False"][0] and hostile_run["samples"]["good.jpg/True"][0]
+    assert hostile_run["decode"] == {"fifo.jpg": "not_a_file", "sparse.jpg": "too_large", "dir.jpg": "not_a_file",
+                                     "strip.png": "ok", "good.jpg": "ok"}  # the strip: apply_transform refuses it
+    assert hostile_run["load_image"] == {"fifo.jpg": "NotARegularFile", "sparse.jpg": "FileTooLarge",
+                                         "dir.jpg": "NotARegularFile", "strip.png": "ValueError", "good.jpg": "ok"}
+
+
+def test_hostile_files_cost_neither_time_nor_memory(hostile_run):
+    for name, (_, seconds) in hostile_run["samples"].items():
+        assert seconds < 2, f"{name} took {seconds:.1f} s"
+    peak, baseline = hostile_run["peak_kb"] * 1024, hostile_run["baseline_kb"] * 1024
+    assert peak < 2**30, f"peak RSS {peak / 2**20:.0f} MiB"
+    assert peak - baseline < 256 * 2**20, f"loading took {(peak - baseline) / 2**20:.0f} MiB over the imports"
+
+
+def test_apply_transform_counts_the_resize_of_a_strip(transform):
+    img = decode_image(_strip_png())  # decoding it is cheap; resizing it to the model's size is not
+    with pytest.raises(BadSample) as info:
+        apply_transform(img, image_transform(PreprocessConfig(image_size=224)))
+    assert info.value.reason == "decompression_bomb" and "aspect ratio" in info.value.detail
+    with pytest.raises(BadSample) as info:
+        decode_image(_strip_png(), target_size=224)  # refused before decoding
+    assert info.value.reason == "decompression_bomb"
+
+
+def test_aspect_ratio_and_resized_pixels_limits(monkeypatch):
+    ok = encode(Image.new("RGB", (2, 200)), "PNG")  # 100:1, the limit
+    assert apply_transform(decode_image(ok, target_size=SIZE), image_transform(PreprocessConfig(image_size=SIZE))
+                           ).shape == (3, SIZE, SIZE)
+    with pytest.raises(BadSample) as info:
+        decode_image(encode(Image.new("RGB", (2, 201)), "PNG"), target_size=SIZE)
+    assert info.value.reason == "decompression_bomb"
+    # the pixel limit applies to the resized result: 32 * 32 * 100 pixels > 50,000
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50_000)
+    with pytest.raises(BadSample) as info:
+        decode_image(ok, target_size=SIZE)
+    assert info.value.reason == "decompression_bomb" and "resizing" in info.value.detail
+    decode_image(ok).close()  # without a target size only the decoded pixels count
+
+
+def test_big_jpeg_over_the_pixel_limit_decodes_small(monkeypatch):
+    data = encode(rgb_image(256, 192), "JPEG", quality=90)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 128 * 96)  # 4x over: Image.open refuses it outright
+    img = decode_image(data, target_size=SIZE)
+    assert img.size == (128, 96) and img.mode == "RGB"
+    with pytest.raises(BadSample) as info:  # no libjpeg scale keeps the short side >= 100 under the limit
+        decode_image(data, target_size=100)
+    assert info.value.reason == "decompression_bomb"
+    with pytest.raises(BadSample) as info:  # PNG has no reduced-scale decoding
+        decode_image(encode(rgb_image(256, 192), "PNG"), target_size=SIZE)
+    assert info.value.reason == "decompression_bomb"
+
+
+def test_byte_limit_applies_to_paths_and_bytes(tmp_path, monkeypatch):
+    data = good_images()["png"]
+    (tmp_path / "a.png").write_bytes(data)
+    monkeypatch.setattr(reading, "MAX_IMAGE_BYTES", len(data) - 1)
+    for source in (tmp_path / "a.png", data):
+        with pytest.raises(BadSample) as info:
+            decode_image(source)
+        assert info.value.reason == "too_large"
+    monkeypatch.setattr(reading, "MAX_IMAGE_BYTES", len(data))
+    decode_image(tmp_path / "a.png").close()
+    assert reading.read_regular_file(tmp_path / "a.png", None) == data
+
+
+@pytest.mark.parametrize("kind", sorted(good_images()))
+def test_normal_images_are_bit_identical_at_the_target_size(kind, transform):
+    data = good_images()[kind]
+    out = load_sample(data, "a caption", "k", transform).image
+    torch.testing.assert_close(out, transform(Image.open(io.BytesIO(data))), rtol=0, atol=0)
+
+
+def test_caption_length_limit():
+    assert decode_caption("a" * MAX_CAPTION_CHARS) == "a" * MAX_CAPTION_CHARS
+    for value in ("a" * (MAX_CAPTION_CHARS + 1), b"b" * (MAX_CAPTION_CHARS + 1)):
+        with pytest.raises(BadSample) as info:
+            decode_caption(value)
+        assert info.value.reason == "caption_too_long"
+
+
+def test_image_byte_limit_from_the_environment(monkeypatch):
+    for value, limit in (("", 64 * 2**20), ("0.5", 2**19), ("none", None)):
+        monkeypatch.setenv("LDMCLIP_MAX_IMAGE_MB", value)
+        assert reading._limit_from_env() == limit
+    monkeypatch.setenv("LDMCLIP_MAX_IMAGE_MB", "64MB")
+    with pytest.raises(ValueError, match="LDMCLIP_MAX_IMAGE_MB must be a number"):
+        reading._limit_from_env()

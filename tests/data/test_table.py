@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ldmclip.data import CaptionTable, SampleStats, make_dataloader
+from ldmclip.data.table import table_columns
 from ldmclip.tokenizer import build_tokenizer
 from ldmclip.transforms import PreprocessConfig, image_transform
 
@@ -113,6 +114,23 @@ def test_non_utf8_caption_is_a_bad_row(tmp_path, image_root, transform):
     assert table[0].caption == "caf\u00e9 ok"
     assert table[1] is None and table.stats.counts == {"bad_caption_encoding": 1}
     assert table.caption_error(1) == "bad_caption_encoding" and table.captions[1] == ""
+
+
+@pytest.mark.parametrize("suffix, sep", [(".csv", ","), (".tsv", "\t")])
+def test_an_overlong_caption_is_one_counted_row_not_an_unreadable_table(tmp_path, image_root, transform, suffix,
+                                                                         sep):
+    default = csv.field_size_limit(131_072)  # the csv module's default, whatever an earlier test set
+    try:
+        rows = [("a.jpg", "a dog", None), ("a.jpg", "x" * 200_000, "caption_too_long"), ("b.png", "a cat", None)]
+        path = _write_delimited(tmp_path / f"long{suffix}", sep, rows=rows)
+        table = CaptionTable(path, image_root, transform)
+        assert [table[i] is not None for i in range(3)] == [True, False, True]
+        assert table.caption_error(1) == "caption_too_long"
+        assert table.stats.counts == {"caption_too_long": 1} and table[2].caption == "a cat"
+        (tmp_path / f"wide{suffix}").write_text("image" + sep + "c" * 200_000 + "\n")
+        assert table_columns(tmp_path / f"wide{suffix}") == ["image", "c" * 200_000]
+    finally:
+        csv.field_size_limit(default)
 
 
 def test_split_file(tmp_path, image_root, transform):

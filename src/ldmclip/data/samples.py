@@ -35,6 +35,18 @@ corrupt and non-image files raise :class:`BadSample` with the reason. The image 
 ldmclip transforms convert grayscale/CMYK/palette/alpha/16-bit images to RGB after cropping, exactly
 as OpenCLIP does. Any other transform callable is given an RGB image (``Image.convert("RGB")``, the
 same conversion).
+
+One sample never costs the job, its memory or its time. The limits, each settable in one place:
+
+* only regular files are read (``read_image_file``, through ``ldmclip.core.reading``): a FIFO named
+  ``x.jpg`` is ``not_a_file`` at once, never an ``open()`` that blocks;
+* ``ldmclip.core.reading.MAX_IMAGE_BYTES`` (64 MiB; env ``LDMCLIP_MAX_IMAGE_MB``): a bigger file is
+  ``too_large`` and is not read;
+* ``PIL.Image.MAX_IMAGE_PIXELS`` applies to the decoded image *and* to its resize to the transform's
+  size, and ``ldmclip.transforms.MAX_ASPECT_RATIO`` (100:1) to its shape: a 1x20000 PNG is a
+  ``decompression_bomb`` before it is decoded (a JPEG over the pixel limit decodes at 1/2..1/8 scale
+  when that brings it under);
+* ``MAX_CAPTION_CHARS`` (131,072): a longer caption is ``caption_too_long``.
 """
 
 from __future__ import annotations
@@ -50,7 +62,8 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 import torch
 from PIL import Image
 
-from ..transforms import EvalTransform, TrainTransform, load_image
+from ..core import reading
+from ..transforms import EvalTransform, TrainTransform, load_image, resize_problem
 
 __all__ = [
     "Sample",
@@ -59,6 +72,7 @@ __all__ = [
     "BadSample",
     "ImageTextCollator",
     "decode_image",
+    "read_image_file",
     "decode_caption",
     "apply_transform",
     "load_sample",
@@ -67,6 +81,7 @@ __all__ = [
     "make_dataloader",
     "REASONS",
     "SHARD_REASONS",
+    "MAX_CAPTION_CHARS",
 ]
 
 logger = logging.getLogger("ldmclip.data")
@@ -76,29 +91,38 @@ logger = logging.getLogger("ldmclip.data")
 # ----------------------------------------------------------------------------------------------------
 
 REASON_MISSING_FILE = "missing_file"                # image path does not exist
+REASON_NOT_A_FILE = "not_a_file"                    # a FIFO, socket, device or directory (never opened to read)
+REASON_TOO_LARGE = "too_large"                      # more bytes than ldmclip.core.reading.MAX_IMAGE_BYTES
 REASON_READ_ERROR = "read_error"                    # image path exists but cannot be read (permissions, I/O)
 REASON_EMPTY_FILE = "empty_file"                    # zero-byte image file / tar member
 REASON_NOT_AN_IMAGE = "not_an_image"                # PIL cannot identify the format
 REASON_TRUNCATED_IMAGE = "truncated_image"          # image data ends early
 REASON_CORRUPT_IMAGE = "corrupt_image"              # any other decoding failure
-REASON_DECOMPRESSION_BOMB = "decompression_bomb"    # more pixels than PIL.Image.MAX_IMAGE_PIXELS
+REASON_DECOMPRESSION_BOMB = "decompression_bomb"    # too many pixels decoded or resized (transforms.load_image)
 REASON_TRANSFORM_ERROR = "transform_error"          # the transform raised (e.g. an unsupported mode)
 REASON_MISSING_IMAGE = "missing_image"              # no image in the row / no image member for a key
 REASON_MISSING_CAPTION = "missing_caption"          # no caption (null cell, no .txt member)
 REASON_EMPTY_CAPTION = "empty_caption"              # caption is empty or only whitespace
 REASON_BAD_CAPTION_ENCODING = "bad_caption_encoding"  # caption bytes are not valid UTF-8
+REASON_CAPTION_TOO_LONG = "caption_too_long"        # more characters than MAX_CAPTION_CHARS
 # Shard-level problems (not tied to one sample, so no ``None`` is yielded for them):
 REASON_TRUNCATED_SHARD = "truncated_shard"          # tar stream ends in the middle of a member/header
 REASON_SHARD_UNREADABLE = "shard_unreadable"        # the shard URL cannot be opened
 REASON_SHARD_ERROR = "shard_error"                  # any other error while reading a shard
 
 REASONS = (
-    REASON_MISSING_FILE, REASON_READ_ERROR, REASON_EMPTY_FILE, REASON_NOT_AN_IMAGE, REASON_TRUNCATED_IMAGE,
-    REASON_CORRUPT_IMAGE, REASON_DECOMPRESSION_BOMB, REASON_TRANSFORM_ERROR, REASON_MISSING_IMAGE,
-    REASON_MISSING_CAPTION, REASON_EMPTY_CAPTION, REASON_BAD_CAPTION_ENCODING, REASON_TRUNCATED_SHARD,
-    REASON_SHARD_UNREADABLE, REASON_SHARD_ERROR,
+    REASON_MISSING_FILE, REASON_NOT_A_FILE, REASON_TOO_LARGE, REASON_READ_ERROR, REASON_EMPTY_FILE,
+    REASON_NOT_AN_IMAGE, REASON_TRUNCATED_IMAGE, REASON_CORRUPT_IMAGE, REASON_DECOMPRESSION_BOMB,
+    REASON_TRANSFORM_ERROR, REASON_MISSING_IMAGE, REASON_MISSING_CAPTION, REASON_EMPTY_CAPTION,
+    REASON_BAD_CAPTION_ENCODING, REASON_CAPTION_TOO_LONG, REASON_TRUNCATED_SHARD, REASON_SHARD_UNREADABLE,
+    REASON_SHARD_ERROR,
 )
 SHARD_REASONS = frozenset({REASON_TRUNCATED_SHARD, REASON_SHARD_UNREADABLE, REASON_SHARD_ERROR})
+
+# A caption longer than this is a bad sample (``caption_too_long``), not a reason to fail its table: a
+# CLIP tokenizer keeps 77 tokens, and this is the field limit of Python's csv module that used to make
+# such a CSV unreadable, so no caption that was read before is refused now. Settable here.
+MAX_CAPTION_CHARS = 131_072
 
 
 class BadSample(Exception):
@@ -222,30 +246,40 @@ def _is_bomb(error: BaseException) -> bool:
             or "decompression bomb" in str(error).lower())
 
 
+def read_image_file(path: str | os.PathLike) -> bytes:
+    """The bytes of an image file, through the one checked read (``ldmclip.core.reading``): raises
+    :class:`BadSample` for a missing path, a FIFO/socket/device/directory (``not_a_file``, without
+    blocking), a file over ``MAX_IMAGE_BYTES`` (``too_large``, without reading it) and a read error."""
+    try:
+        return reading.read_regular_file(path, reading.image_byte_limit())
+    except (reading.NotARegularFile, IsADirectoryError) as e:
+        raise BadSample(REASON_NOT_A_FILE, str(e)) from None
+    except reading.FileTooLarge as e:
+        raise BadSample(REASON_TOO_LARGE, str(e)) from None
+    except (FileNotFoundError, NotADirectoryError) as e:
+        raise BadSample(REASON_MISSING_FILE, str(e)) from None
+    except OSError as e:
+        raise BadSample(REASON_READ_ERROR, str(e)) from None
+
+
 def decode_image(source: bytes | bytearray | memoryview | str | Any, *, target_size: int | None = None,
                  fast: bool = False) -> Image.Image:
     """Fully decode an image (encoded bytes or a path) with PIL, keeping its mode.
 
-    Raises :class:`BadSample` for: a missing/unreadable/zero-byte file, data PIL cannot identify, a
-    truncated or otherwise corrupt image, and a decompression bomb (more pixels than
-    ``PIL.Image.MAX_IMAGE_PIXELS``). ``fast``/``target_size``: JPEG draft decoding, see
-    ``ldmclip.transforms.load_image``.
+    Raises :class:`BadSample` for: a missing/unreadable/zero-byte file, a path that is not a regular
+    file, more bytes than ``MAX_IMAGE_BYTES``, data PIL cannot identify, a truncated or otherwise
+    corrupt image, and a decompression bomb (more pixels than ``PIL.Image.MAX_IMAGE_PIXELS``, or, with
+    ``target_size``, an absurd resize: ``ldmclip.transforms.resize_problem``). ``fast``/``target_size``:
+    JPEG draft decoding, see ``ldmclip.transforms.load_image``.
     """
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        if len(source) == 0:
-            raise BadSample(REASON_EMPTY_FILE)
-    else:
-        try:
-            with open(source, "rb") as f:
-                source = f.read()
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
-            raise BadSample(REASON_MISSING_FILE, str(e)) from None
-        except OSError as e:
-            raise BadSample(REASON_READ_ERROR, str(e)) from None
-        if not source:
-            raise BadSample(REASON_EMPTY_FILE)
+    if not isinstance(source, (bytes, bytearray, memoryview)):
+        source = read_image_file(source)
+    if len(source) == 0:
+        raise BadSample(REASON_EMPTY_FILE)
     try:
         return load_image(source, target_size, fast=fast)
+    except reading.FileTooLarge as e:
+        raise BadSample(REASON_TOO_LARGE, str(e)) from None
     except Image.UnidentifiedImageError as e:
         raise BadSample(REASON_NOT_AN_IMAGE, str(e)) from None
     except Exception as e:  # noqa: BLE001 - PIL raises many types (OSError, SyntaxError, struct.error...)
@@ -268,6 +302,8 @@ def decode_caption(value: bytes | bytearray | str | None) -> str:
             raise BadSample(REASON_BAD_CAPTION_ENCODING, str(e)) from None
     elif not isinstance(value, str):
         raise BadSample(REASON_MISSING_CAPTION, f"caption is a {type(value).__name__}")
+    if len(value) > MAX_CAPTION_CHARS:
+        raise BadSample(REASON_CAPTION_TOO_LONG, f"{len(value)} characters, over MAX_CAPTION_CHARS ({MAX_CAPTION_CHARS})")
     if value.startswith("\ufeff"):
         value = value[1:]
     try:  # lone surrogates: text read with errors="surrogateescape" from a non-UTF-8 file
@@ -285,8 +321,12 @@ def apply_transform(img: Image.Image, transform: Callable[[Image.Image], Any] | 
 
     The ldmclip ``EvalTransform``/``TrainTransform`` get the image in its own mode (they convert to RGB
     after cropping, as OpenCLIP does); any other callable, and ``transform=None`` (which returns the
-    PIL image), get an RGB image. Errors raise :class:`BadSample` (``transform_error``).
+    PIL image), get an RGB image. Errors raise :class:`BadSample` (``transform_error``), and so does an
+    image the transform's resize would blow up (``decompression_bomb``, see ``resize_problem``).
     """
+    problem = resize_problem(img.width, img.height, _target_size(transform))
+    if problem is not None:  # decoded by a caller that did not pass target_size to decode_image
+        raise BadSample(REASON_DECOMPRESSION_BOMB, problem)
     try:
         if not isinstance(transform, (EvalTransform, TrainTransform)) and img.mode != "RGB":
             img = img.convert("RGB")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import os
 import posixpath
+import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -28,6 +29,19 @@ from .samples import BadSample, Sample, SampleStats, decode_caption, load_sample
 __all__ = ["CaptionTable", "ImageList", "read_table", "read_split_file", "table_columns"]
 
 
+def _raise_csv_field_limit() -> None:
+    """Let the csv module read fields as long as memory allows: its default limit (131,072
+    characters) made one long caption fail the whole table. Over-long captions are counted instead
+    (``caption_too_long``, ``samples.MAX_CAPTION_CHARS``). The limit is a C long: clamp for platforms
+    where that is 32 bits."""
+    limit = sys.maxsize
+    while True:
+        try:
+            csv.field_size_limit(limit)
+            return
+        except OverflowError:
+            limit //= 2
+
 
 def _check_file(path: Path, what: str) -> None:
     if not path.exists():
@@ -37,6 +51,7 @@ def _check_file(path: Path, what: str) -> None:
 
 
 def _read_delimited(path: Path, sep: str, columns: Sequence[str]) -> dict[str, list[Any]]:
+    _raise_csv_field_limit()
     with open(path, "r", encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
         reader = csv.reader(f, delimiter=sep)
         try:
@@ -111,6 +126,7 @@ def table_columns(path: str | os.PathLike, sep: str | None = None) -> list[str]:
     sep = sep or TABLE_DELIMITERS.get(suffix)
     if sep is None:
         raise UserError(f"{path}: unknown table format {suffix!r}; use .csv, .tsv or .parquet")
+    _raise_csv_field_limit()
     with open(path, "r", encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
         try:
             header = next(csv.reader(f, delimiter=sep), None)

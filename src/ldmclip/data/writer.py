@@ -41,9 +41,10 @@ from typing import Any, Iterable, Iterator, Sequence
 from PIL import Image
 
 from ..core.files import atomic_write, write_json_atomic
+from ..core.reading import read_regular_file
 from ..core.formats import IMAGE_SUFFIXES, is_image_file
-from .samples import (REASON_EMPTY_FILE, REASON_MISSING_FILE, REASON_MISSING_IMAGE, REASON_READ_ERROR, BadSample,
-                      SampleStats, decode_caption, decode_image)
+from .samples import (REASON_EMPTY_FILE, REASON_MISSING_IMAGE, BadSample, SampleStats, decode_caption, decode_image,
+                      read_image_file)
 
 __all__ = ["write_shards", "iter_image_folder", "iter_table", "REENCODE_MODES"]
 
@@ -91,12 +92,7 @@ def _read_source(image: Any) -> tuple[bytes, str | None]:
     if isinstance(image, (bytes, bytearray, memoryview)):
         return bytes(image), None
     path = Path(image)
-    try:
-        data = path.read_bytes()
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
-        raise BadSample(REASON_MISSING_FILE, str(e)) from None
-    except OSError as e:
-        raise BadSample(REASON_READ_ERROR, str(e)) from None
+    data = read_image_file(path)  # regular files only, size-capped: never blocks on a FIFO
     suffix = path.suffix.lower().lstrip(".")
     return data, (suffix or None)
 
@@ -347,7 +343,8 @@ def iter_image_folder(root: str | os.PathLike) -> tuple[int, Iterator[tuple[None
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
-    paths = sorted(p for p in root.rglob("*") if is_image_file(p) and p.is_file())
+    # not is_file(): a FIFO or dangling link named like an image is read (and counted), not dropped
+    paths = sorted(p for p in root.rglob("*") if is_image_file(p) and not p.is_dir())
     if not paths:
         raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {root}")
 
@@ -355,7 +352,7 @@ def iter_image_folder(root: str | os.PathLike) -> tuple[int, Iterator[tuple[None
         for path in paths:
             sidecar = path.with_suffix(".txt")
             try:
-                caption: bytes | None = sidecar.read_bytes()
+                caption: bytes | None = read_regular_file(sidecar, None)  # a FIFO x.txt: no caption, no hang
             except OSError:
                 caption = None
             yield None, path, caption, {"image": path.relative_to(root).as_posix()}
