@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 import shutil
 import signal
@@ -110,6 +111,7 @@ class StopRequest:
             return None
 
     def __enter__(self) -> "StopRequest":
+        self._pid = os.getpid()
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -118,6 +120,8 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame) -> None:
+        if os.getpid() != self._pid:  # a DataLoader worker forked with this handler (Ctrl-C reaches the
+            return                    # whole process group): the run's own process does the stopping
         if self.signal is not None:  # a second Ctrl-C stops at once
             raise KeyboardInterrupt
         self.signal = signum
