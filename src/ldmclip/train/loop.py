@@ -96,6 +96,7 @@ class StopRequest:
         self.signal: int | None = None
         self._previous = {}
         self._waiting = False
+        self._pid = os.getpid()
 
     def next_or_none(self, items: Iterator[Any]) -> Any:
         """``next(items)``, or ``None`` when a stop was requested before or while waiting for it."""
