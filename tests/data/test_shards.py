@@ -4,8 +4,12 @@ across DataLoader workers and nodes, shuffling per epoch, resampling."""
 from __future__ import annotations
 
 import collections
+import io
 import itertools
+import os
 import tarfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +17,9 @@ import torch
 
 from ldmclip.data import (Batch, SampleStats, ShardDataset, dataset_size, expand_urls, make_dataloader,
                           make_shard_pipeline, write_shards)
+from ldmclip.core.errors import UserError
 from ldmclip.data.samples import drain_pending
+from ldmclip.data.shards import ShardStallError
 from ldmclip.tokenizer import build_tokenizer
 from ldmclip.transforms import PreprocessConfig, image_transform
 
@@ -148,7 +154,9 @@ def test_unreadable_shards_are_counted(shards, tmp_path):
     garbage = tmp_path / "garbage.tar"
     garbage.write_bytes(b"\x00garbage" * 100)
     dataset = ShardDataset([str(garbage)], None, shuffle_buffer=0)
-    assert [s for s in dataset if s is not None] == []
+    # the only shard gives nothing: a stream that cannot be used at all stops, naming it
+    with pytest.raises(ShardStallError, match=f"{garbage}: not a tar file"):
+        list(dataset)
     assert sum(dataset.stats.counts.values()) == 1
 
 
@@ -222,3 +230,116 @@ def test_too_few_shards_warns(shards):
     dataset = ShardDataset(expand_urls(shards["pattern"])[0], None, shuffle_buffer=0, rank=0, world_size=2)
     with pytest.warns(UserWarning, match="some readers get no data"):
         list(dataset)
+
+
+# ---------------------------------------------------------------------------------------------------
+# streams that give nothing stop; duplicate keys
+
+
+@pytest.fixture
+def unreadable(tmp_path):
+    """Four shards, none readable: missing, zero bytes, random bytes, a tar holding no sample."""
+    (tmp_path / "s1.tar").write_bytes(b"")
+    (tmp_path / "s2.tar").write_bytes(os.urandom(3000))
+    (tmp_path / "s3.tar").write_bytes(b"\0" * 1024)  # an empty tar archive
+    return [str(tmp_path / f"s{i}.tar") for i in range(4)]
+
+
+PROBLEMS = {0: "not found", 1: "empty file (0 bytes)", 2: "not a tar file", 3: "no complete image-caption sample"}
+
+
+def _assert_names_every_shard(message, urls):
+    assert "\n" not in message and "Traceback" not in message
+    assert message.startswith("no usable image-caption sample from the webdataset shards")
+    for i, url in enumerate(urls):
+        assert f"{url}: {PROBLEMS[i]}" in message
+
+
+def test_a_stream_from_unreadable_shards_stops_naming_them(unreadable):
+    for resampled in (False, True):
+        # (resampled, the old code drew shards forever; a bound on attempts keeps this test from hanging there)
+        dataset = ShardDataset(unreadable, None, shuffle_buffer=4, resampled=resampled, stall_attempts=1000)
+        with pytest.raises(ShardStallError) as caught:
+            list(dataset)
+        assert isinstance(caught.value, UserError)
+        _assert_names_every_shard(str(caught.value), unreadable)
+        assert "4 of the 4 shards tried" in str(caught.value)
+
+
+def test_a_stall_in_a_dataloader_worker_reaches_the_main_process_as_the_same_one_line(unreadable):
+    dataset = ShardDataset(unreadable, None, shuffle_buffer=4, resampled=True, stall_attempts=1000)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=2, collate_fn=_keys_only)
+    with pytest.raises(ShardStallError) as caught:
+        list(loader)
+    _assert_names_every_shard(str(caught.value), unreadable)
+
+
+def test_the_stall_bounds_attempts_time_and_the_shards_it_names(tmp_path):
+    missing = [str(tmp_path / f"missing-{i}.tar") for i in range(8)]
+    with pytest.raises(ShardStallError, match=r"in 3 shard attempt\(s\) in a row"):
+        list(ShardDataset(missing, None, shuffle_buffer=0, resampled=True, stall_attempts=3))
+    with pytest.raises(ShardStallError, match=r"in 1 shard attempt\(s\) in a row"):
+        list(ShardDataset(missing, None, shuffle_buffer=0, resampled=True, stall_seconds=0))
+    with pytest.raises(ShardStallError) as caught:
+        list(ShardDataset(missing, None, shuffle_buffer=0))
+    message = str(caught.value)
+    assert message.count("not found") == 5 and message.endswith("and 3 more. Check the shard pattern and the files")
+
+
+def test_missing_shards_among_good_ones_are_counted_not_fatal(shards, tmp_path):
+    urls = expand_urls(shards["pattern"])[:1] + [str(tmp_path / f"missing-{i}.tar") for i in range(3)]
+    dataset = ShardDataset(urls, None, shuffle_buffer=0, resampled=True, seed=4)
+    drawn = [s for s in itertools.islice(iter(dataset), 40) if s is not None]
+    assert len(drawn) > 20 and dataset.stats.counts["shard_unreadable"] > 0
+    # without resampling, the stream reads the good shard and ends
+    assert len([s for s in ShardDataset(urls, None, shuffle_buffer=0) if s is not None]) > 0
+
+
+def test_a_fifo_named_like_a_shard_is_not_opened(tmp_path):
+    fifo = tmp_path / "fifo.tar"
+    os.mkfifo(fifo)
+    # (the old code blocked in open(); a writer that gives up after a few seconds keeps a test of it
+    # from hanging: it opens the FIFO only if a reader waits on it, and then closes it at once)
+    def release() -> None:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+                return
+            except OSError:
+                time.sleep(0.05)
+
+    writer = threading.Thread(target=release, daemon=True)
+    writer.start()
+    dataset = ShardDataset([str(fifo)], None, shuffle_buffer=0)
+    with pytest.raises(ShardStallError, match="fifo.tar: not a regular file"):
+        list(dataset)
+    assert dataset.stats.counts == {"shard_unreadable": 1}
+    writer.join()
+
+
+def _tar(path, members):
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_duplicate_keys_are_counted_and_only_the_first_is_used(tmp_path):
+    jpeg = encode(rgb_image(seed=1), "JPEG")
+    shard = tmp_path / "dups.tar"
+    _tar(shard, [("a.jpg", jpeg), ("a.txt", b"first a"), ("b.jpg", jpeg), ("b.txt", b"only b"),
+                 ("a.jpg", jpeg), ("a.txt", b"second a"),       # the key again, later in the shard
+                 ("b.jpg", jpeg), ("b.txt", b"second b"),       # and right after the first b (below)
+                 ("c.jpg", jpeg), ("c.txt", b"only c"), ("c.jpg", jpeg), ("c.txt", b"second c")])
+    dataset = ShardDataset(str(shard), None, shuffle_buffer=0)
+    samples = [s for s in dataset if s is not None]
+    assert [(s.key, s.caption) for s in samples] == [("a", "first a"), ("b", "only b"), ("c", "only c")]
+    assert dataset.stats.counts == {"duplicate_key": 3}
+    assert dataset.stats.seen == 6 and dataset.stats.good == 3
+    # and through a DataLoader's batches, as the trainer counts them
+    loader = make_dataloader(ShardDataset(str(shard), image_transform(PreprocessConfig(image_size=SIZE)),
+                                          shuffle_buffer=0), build_tokenizer(), batch_size=2)
+    keys, captions, stats = _read_all(loader)
+    assert keys == ["a", "b", "c"] and stats.counts == {"duplicate_key": 3}

@@ -77,6 +77,7 @@ import torch
 from ..core.errors import UserError
 from ..core.launch import process_rank
 from ..core.precision import DTYPES
+from ..data.samples import REASON_DUPLICATE_KEY
 from ..data.store import ChunkStore, StoreError, StoreMismatchError, as_json_value, differing_fields
 from .cache_inputs import DEFAULT_SHARD_SIZE, InputChunk, open_inputs
 
@@ -92,7 +93,6 @@ CACHE_DTYPES = {name: DTYPES[name] for name in ("fp16", "bf16", "fp32")}  # the 
 MAX_CAPTION_CHARS = 20_000
 MANIFEST_REFRESH_S = 30.0  # how often rank 0 refreshes the manifest's shard list during a run
 
-REASON_DUPLICATE_KEY = "duplicate_key"
 # Shard-level problems after which the input shard is retried on the next run instead of cached.
 _RETRY_REASONS = ("shard_unreadable", "shard_error")
 

@@ -105,6 +105,7 @@ REASON_MISSING_CAPTION = "missing_caption"          # no caption (null cell, no 
 REASON_EMPTY_CAPTION = "empty_caption"              # caption is empty or only whitespace
 REASON_BAD_CAPTION_ENCODING = "bad_caption_encoding"  # caption bytes are not valid UTF-8
 REASON_CAPTION_TOO_LONG = "caption_too_long"        # more characters than MAX_CAPTION_CHARS
+REASON_DUPLICATE_KEY = "duplicate_key"              # a key seen before in the same shard (the first is kept)
 # Shard-level problems (not tied to one sample, so no ``None`` is yielded for them):
 REASON_TRUNCATED_SHARD = "truncated_shard"          # tar stream ends in the middle of a member/header
 REASON_SHARD_UNREADABLE = "shard_unreadable"        # the shard URL cannot be opened
@@ -114,8 +115,8 @@ REASONS = (
     REASON_MISSING_FILE, REASON_NOT_A_FILE, REASON_TOO_LARGE, REASON_READ_ERROR, REASON_EMPTY_FILE,
     REASON_NOT_AN_IMAGE, REASON_TRUNCATED_IMAGE, REASON_CORRUPT_IMAGE, REASON_DECOMPRESSION_BOMB,
     REASON_TRANSFORM_ERROR, REASON_MISSING_IMAGE, REASON_MISSING_CAPTION, REASON_EMPTY_CAPTION,
-    REASON_BAD_CAPTION_ENCODING, REASON_CAPTION_TOO_LONG, REASON_TRUNCATED_SHARD, REASON_SHARD_UNREADABLE,
-    REASON_SHARD_ERROR,
+    REASON_BAD_CAPTION_ENCODING, REASON_CAPTION_TOO_LONG, REASON_DUPLICATE_KEY, REASON_TRUNCATED_SHARD,
+    REASON_SHARD_UNREADABLE, REASON_SHARD_ERROR,
 )
 SHARD_REASONS = frozenset({REASON_TRUNCATED_SHARD, REASON_SHARD_UNREADABLE, REASON_SHARD_ERROR})
 

@@ -22,18 +22,34 @@ Splitting and shuffling, per epoch ``e`` (``set_epoch``):
 Samples are then mixed in a buffer of ``shuffle_buffer`` encoded samples (RNG seeded with
 ``(seed, e, rank, worker)``); ``shuffle_buffer=0`` keeps file order (evaluation).
 
-Bad data never raises: unreadable shards, truncated tar files (counted once per shard; the complete
-samples before the cut are kept), and bad samples are counted by reason (``samples`` module docs).
+Bad data is skipped and counted: unreadable shards, truncated tar files (counted once per shard; the
+complete samples before the cut are kept), and bad samples are counted by reason (``samples`` module
+docs); a key seen before in the same shard is counted as ``duplicate_key`` and only its first sample is
+used. A stream that cannot be used at all stops instead of spinning: a reader that gets no complete
+image-caption pair from any shard for ``stall_attempts`` shard attempts in a row, for ``stall_seconds``,
+or from every shard of the pattern raises :class:`ShardStallError`, a ``UserError`` naming the shards and
+what went wrong with each (not found, empty file, not a tar file, ...). Without resampling a stream
+ends anyway, so there only a reader that tried every shard of the pattern in vain raises.
+
+Inside a DataLoader worker the stream also ends with its parent: on Linux the kernel kills the worker
+when the process that started it dies (:func:`exit_with_parent`), elsewhere the worker checks its
+parent before each shard.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import multiprocessing
 import multiprocessing.context
 import os
 import random
+import re
+import signal
+import stat
+import sys
 import tarfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -42,13 +58,98 @@ import torch.utils.data
 
 from ..core.errors import UserError
 from ..core.launch import process_rank
-from .samples import (REASON_SHARD_ERROR, REASON_SHARD_UNREADABLE, REASON_TRUNCATED_SHARD, Sample, SampleStats,
-                      clear_pending, has_pending, load_sample, record_bad)
+from .samples import (REASON_DUPLICATE_KEY, REASON_SHARD_ERROR, REASON_SHARD_UNREADABLE, REASON_TRUNCATED_SHARD,
+                      Sample, SampleStats, clear_pending, has_pending, load_sample, record_bad)
 
-__all__ = ["ShardDataset", "make_shard_pipeline", "expand_urls", "dataset_size", "IMAGE_EXTENSIONS"]
+__all__ = ["ShardDataset", "ShardStallError", "make_shard_pipeline", "expand_urls", "dataset_size",
+           "exit_with_parent", "IMAGE_EXTENSIONS", "STALL_ATTEMPTS", "STALL_SECONDS"]
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 _TAR_BUFSIZE = 64 * 1024  # larger buffers make tarfile slower (it slices its buffer per read)
+# A stalled stream: this many shard attempts in a row, or this long, without a usable sample. Even with
+# 90% of the shards missing, 100 failures in a row come once in ~40,000 attempts.
+STALL_ATTEMPTS = 100
+STALL_SECONDS = 300.0
+_STALL_EXAMPLES = 5  # shards named in the message
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")  # pipe:, http:, s3:, ... (2+ letters: not a drive letter)
+
+
+class ShardStallError(UserError):
+    """No usable sample from any shard of a stream (see the module docs).
+
+    Raised inside a DataLoader worker, torch rebuilds it in the main process from the worker's whole
+    traceback text (``type(error)(text)``); the constructor takes the one-line message back out of it,
+    so the command line still shows one line."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(_worker_message(message, type(self)))
+
+
+def _worker_message(text: str, cls: type) -> str:
+    if not (text.startswith("Caught ") and "\nOriginal Traceback" in text):
+        return text
+    prefix = f"{cls.__module__}.{cls.__qualname__}: "
+    for line in reversed(text.splitlines()):
+        if line.startswith(prefix):
+            return line[len(prefix):]
+    return text
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def exit_with_parent(worker_id: int | None = None) -> None:
+    """Make this (DataLoader worker) process die with its parent: a ``worker_init_fn``.
+
+    Linux: ``prctl(PR_SET_PDEATHSIG, SIGKILL)``, so the kernel kills the worker when the parent (the
+    thread that started it) ends, even by SIGKILL, and even while the worker is stuck in a read. Then,
+    as on other systems, a parent already gone ends the worker at once. Harmless where unsupported."""
+    del worker_id
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):  # no libc symbol: fall back on the parent check alone
+            pass
+    _exit_if_orphaned()
+
+
+def _exit_if_orphaned() -> None:
+    parent = multiprocessing.parent_process()
+    if parent is not None and parent.pid is not None and os.getppid() != parent.pid:
+        os._exit(1)  # nobody is left to read what this worker would produce
+
+
+class _StallWatch:
+    """Counts the shard attempts in a row that gave no usable sample, and raises when that is a stall."""
+
+    def __init__(self, urls: Sequence[str], bounded: bool, attempts: int, seconds: float) -> None:
+        self.shards = frozenset(urls)
+        self.attempts_limit = attempts if bounded else None
+        self.seconds_limit = seconds if bounded else None
+        self.ok()
+
+    def ok(self) -> None:
+        self.attempts, self.since, self.failed = 0, 0.0, {}
+
+    def failed_shard(self, url: str, problem: str) -> None:
+        if self.attempts == 0:
+            self.since = time.monotonic()
+        self.attempts += 1
+        self.failed[url] = problem
+        waited = time.monotonic() - self.since
+        if (len(self.failed) >= len(self.shards)
+                or (self.attempts_limit is not None and self.attempts >= self.attempts_limit)
+                or (self.seconds_limit is not None and waited >= self.seconds_limit)):
+            raise ShardStallError(self.message(waited))
+
+    def message(self, waited: float) -> str:
+        examples = "; ".join(f"{url}: {problem}" for url, problem in list(self.failed.items())[:_STALL_EXAMPLES])
+        more = len(self.failed) - _STALL_EXAMPLES
+        if more > 0:
+            examples += f" and {more} more"
+        return (f"no usable image-caption sample from the webdataset shards in {self.attempts} shard "
+                f"attempt(s) in a row ({waited:.0f} s; {len(self.failed)} of the {len(self.shards)} shards "
+                f"tried): {examples}. Check the shard pattern and the files")
 
 
 def expand_urls(urls: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:
@@ -125,6 +226,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         fast_decode: decode big JPEGs at reduced scale (``load_image(fast=True)``); changes pixels.
         shuffle_initial: samples collected before the first one leaves the buffer
             (default ``min(shuffle_buffer, 100)``).
+        stall_attempts, stall_seconds: when a reader of a resampled stream gives up (module docs).
 
     ``stats`` holds the counts of the current process (the main process when ``num_workers=0``); the
     batches of ``ImageTextCollator`` carry them from every worker. When bad-sample reasons are still
@@ -148,6 +250,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
         caption_extension: str = "txt",
         fast_decode: bool = False,
         shuffle_initial: int | None = None,
+        stall_attempts: int = STALL_ATTEMPTS,
+        stall_seconds: float = STALL_SECONDS,
     ) -> None:
         super().__init__()
         self.urls = expand_urls(urls)
@@ -168,6 +272,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.caption_extension = caption_extension.lower().lstrip(".")
         self._wanted = frozenset(self.image_extensions + (self.caption_extension,))
         self.fast_decode = fast_decode
+        self.stall_attempts, self.stall_seconds = max(1, int(stall_attempts)), float(stall_seconds)
+        self.shard_problem: str | None = None  # what went wrong with the last shard read (None: nothing)
         # Shared with DataLoader workers, also persistent ones: set_epoch() in the main process is
         # seen by the workers when they start the next epoch.
         self._epoch: Any = multiprocessing.Value("q", int(epoch), lock=False)
@@ -229,18 +335,27 @@ class ShardDataset(torch.utils.data.IterableDataset):
     def _read_shard(self, url: str) -> Iterator[dict[str, Any]]:
         """Raw samples of one shard: ``{"__key__": key, ext: bytes | None, ...}`` with the bytes of the
         wanted members only (``None`` marks a member that is present but not read). Errors are counted
-        once per shard and end that shard."""
+        once per shard and end that shard; ``self.shard_problem`` then says what went wrong (in words,
+        for messages). A key seen before in the shard is counted (``duplicate_key``) and skipped."""
         from webdataset.gopen import gopen
 
+        self.shard_problem = _local_problem(url)
+        if self.shard_problem is not None:  # a FIFO would block open() forever: only regular files
+            record_bad(REASON_SHARD_UNREADABLE, self.stats, url, self.shard_problem)
+            return
         try:
             stream = gopen(url, "rb")
         except Exception as e:  # noqa: BLE001
             record_bad(REASON_SHARD_UNREADABLE, self.stats, url, e)
+            self.shard_problem = f"cannot open: {_short(e)}"
             return
         current: dict[str, Any] | None = None
+        keys: set[str] = set()
+        members, abandoned = 0, False
         try:
             with tarfile.open(fileobj=stream, mode="r|*", bufsize=_TAR_BUFSIZE) as tar:
                 for info in tar:
+                    members += 1
                     tar.members = []  # streaming: keep no member list
                     if not info.isreg() or _is_meta(info.name):
                         continue
@@ -248,7 +363,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
                     if key is None:
                         continue
                     if current is None or key != current["__key__"] or ext in current:
-                        if current is not None:
+                        if current is not None and self._first_of_key(current, keys):
                             yield current
                         current = {"__key__": key, "__url__": url}
                     if ext in self._wanted:
@@ -256,29 +371,65 @@ class ShardDataset(torch.utils.data.IterableDataset):
                         current[ext] = member.read() if member is not None else None
                     else:
                         current[ext] = None
-            if current is not None:
+            if current is not None and self._first_of_key(current, keys):
                 yield current
             current = None
         except (tarfile.ReadError, EOFError) as e:
             record_bad(REASON_TRUNCATED_SHARD, self.stats, url, e)
+            self.shard_problem = _tar_problem(e, members)
         except Exception as e:  # noqa: BLE001
             record_bad(REASON_SHARD_ERROR, self.stats, url, e)
+            self.shard_problem = _short(e)
+        except BaseException:  # GeneratorExit (the reader stopped early), a stop request, ...
+            abandoned = True
+            raise
         finally:
-            try:
-                stream.close()
-            except Exception as e:  # noqa: BLE001 - e.g. a pipe: command with a non-zero exit status
-                record_bad(REASON_SHARD_ERROR, self.stats, url, e)
+            self._close(stream, url, abandoned)
         # A sample interrupted by the error is kept only if its image and caption were read in full.
-        if current is not None and self._complete(current):
+        if current is not None and self._complete(current) and self._first_of_key(current, keys):
             yield current
+
+    def _close(self, stream: Any, url: str, abandoned: bool) -> None:
+        proc = getattr(stream, "proc", None)  # a pipe: command (webdataset's Pipe)
+        if abandoned and proc is not None:
+            proc.kill()  # closing waits for the command to end: do not wait on one still producing
+        try:
+            stream.close()
+        except Exception as e:  # noqa: BLE001 - e.g. a pipe: command with a non-zero exit status
+            if not abandoned:
+                record_bad(REASON_SHARD_ERROR, self.stats, url, e)
+                self.shard_problem = self.shard_problem or _short(e)
+
+    def _first_of_key(self, raw: dict[str, Any], keys: set[str]) -> bool:
+        key = raw["__key__"]
+        if key in keys:
+            record_bad(REASON_DUPLICATE_KEY, self.stats, f"{raw['__url__']}: {key}")
+            return False
+        keys.add(key)
+        return True
 
     def _complete(self, raw: dict[str, Any]) -> bool:
         return (raw.get(self.caption_extension) is not None
                 and any(raw.get(e) is not None for e in self.image_extensions))
 
+    def _usable(self, raw: dict[str, Any]) -> bool:
+        """Worth a stream: a caption, and an image where images are read."""
+        return self._complete(raw) or (not self.image_extensions and raw.get(self.caption_extension) is not None)
+
     def _raw_samples(self, urls: Iterable[str]) -> Iterator[dict[str, Any]]:
+        watch = _StallWatch(self.urls, self.resampled, self.stall_attempts, self.stall_seconds)
+        in_worker = torch.utils.data.get_worker_info() is not None
         for url in urls:
-            yield from self._read_shard(url)
+            if in_worker:
+                _exit_if_orphaned()
+            usable = False
+            for raw in self._read_shard(url):
+                usable = usable or self._usable(raw)
+                yield raw
+            if usable:
+                watch.ok()
+            else:
+                watch.failed_shard(url, self.shard_problem or "no complete image-caption sample")
 
     def decode(self, raw: dict[str, Any]) -> Sample | None:
         """Raw sample -> ``Sample`` (image transformed, caption decoded) or ``None`` (reason counted)."""
@@ -290,6 +441,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
         clear_pending()  # reasons left over from an earlier, abandoned pass belong to no batch of this one
         epoch = self.epoch
         info = torch.utils.data.get_worker_info()
+        if info is not None:
+            exit_with_parent()  # whatever DataLoader runs this stream: no worker outlives its parent
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         rank = self.node_info()[0] if (self.split_by_node or self.resampled) else 0
         raw: Iterator[dict[str, Any]] = self._raw_samples(self._shard_urls(epoch, rank, worker, num_workers))
@@ -306,6 +459,32 @@ class ShardDataset(torch.utils.data.IterableDataset):
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(shards={len(self.urls)}, shuffle_buffer={self.shuffle_buffer}, "
                 f"resampled={self.resampled}, seed={self.seed}, epoch={self.epoch})")
+
+
+def _local_problem(url: str) -> str | None:
+    """Why a local shard path cannot be read (``None``: a regular file, or not a local path)."""
+    if _SCHEME.match(url):
+        return None
+    try:
+        mode = os.stat(url).st_mode
+    except FileNotFoundError:
+        return "not found"
+    except OSError as e:
+        return f"cannot open: {_short(e)}"
+    return None if stat.S_ISREG(mode) else "not a regular file"
+
+
+def _tar_problem(error: BaseException, members: int) -> str:
+    if str(error) == "empty file":
+        return "empty file (0 bytes)"
+    if members == 0:
+        return f"not a tar file ({_short(error)})"
+    return f"truncated after {members} members ({_short(error)})"
+
+
+def _short(error: BaseException, limit: int = 120) -> str:
+    text = " ".join(f"{type(error).__name__}: {error}".split())  # one line
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def make_shard_pipeline(

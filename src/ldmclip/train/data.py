@@ -124,6 +124,8 @@ class MapStyleData:
         raise UserError("say how long to train: --steps N or --epochs E")
 
     def batches(self, position: DataPosition, device: torch.device) -> Iterator[TrainBatch]:
+        from ..data.shards import exit_with_parent
+
         epoch, done = position.epoch, position.batches
         while True:
             order = EpochPermutation(len(self.dataset), self.seed, epoch, done * self.batch_size)
@@ -134,7 +136,8 @@ class MapStyleData:
                                 # a private generator: worker seeding must not consume the global RNG,
                                 # or a resumed run would drift from an uninterrupted one
                                 generator=torch.Generator().manual_seed(self.seed + epoch + 7919 * self.rank),
-                                prefetch_factor=4 if self.workers else None)
+                                prefetch_factor=4 if self.workers else None,
+                                worker_init_fn=exit_with_parent)  # no worker outlives a killed run
             for batch in loader:
                 done += 1
                 yield _on_device(batch, device, DataPosition(epoch, done))
@@ -163,13 +166,18 @@ class StreamData:
         return cfg.steps
 
     def batches(self, position: DataPosition, device: torch.device) -> Iterator[TrainBatch]:
+        """Endless batches. Shards that give no usable sample end the stream in a ``ShardStallError``
+        naming them (raised by the shard reader, in a worker or here), never in an endless wait."""
+        from ..data.shards import exit_with_parent
+
         epoch, done = position.epoch, position.batches
         while True:
             # A resumed run starts a fresh pass with its own shuffle seed instead of replaying.
             dataset = self.make_dataset(epoch=epoch * 1000 + done)
             loader = DataLoader(dataset, batch_size=self.batch_size, num_workers=self.workers,
                                 collate_fn=self.collate, pin_memory=device.type == "cuda",
-                                generator=torch.Generator().manual_seed(self.seed + epoch + 7919 * self.rank))
+                                generator=torch.Generator().manual_seed(self.seed + epoch + 7919 * self.rank),
+                                worker_init_fn=exit_with_parent)  # no worker outlives a killed run
             produced = 0
             for batch in loader:
                 done += 1

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 import shutil
 import signal
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -78,14 +80,39 @@ class Progress:
                    nonfinite_in_a_row=raw["nonfinite_in_a_row"])
 
 
+class _StopWhileWaiting(BaseException):
+    """Raised by the signal handler inside :meth:`StopRequest.next_or_none` to end a wait for data. A
+    ``BaseException``, like ``KeyboardInterrupt``: the data code's ``except Exception`` (a shard error
+    is counted and the stream goes on) must not swallow it."""
+
+
 class StopRequest:
-    """Turns SIGTERM/SIGINT into a flag the loop checks between steps (it then saves and exits)."""
+    """Turns SIGTERM/SIGINT into a flag the loop checks between steps (it then saves and exits).
+
+    A wait for data (:meth:`next_or_none`) is cut short by the first signal: a stream that is slow or
+    stuck (a hanging read, shards that give nothing) must not keep a run from stopping."""
 
     def __init__(self):
         self.signal: int | None = None
         self._previous = {}
+        self._waiting = False
+        self._pid = os.getpid()
+
+    def next_or_none(self, items: Iterator[Any]) -> Any:
+        """``next(items)``, or ``None`` when a stop was requested before or while waiting for it."""
+        try:
+            try:
+                self._waiting = True
+                if self.signal is not None:
+                    return None
+                return next(items)
+            finally:
+                self._waiting = False
+        except _StopWhileWaiting:  # (caught out here too: the signal may come inside the finally)
+            return None
 
     def __enter__(self) -> "StopRequest":
+        self._pid = os.getpid()
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -94,9 +121,14 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame) -> None:
+        if os.getpid() != self._pid:  # a DataLoader worker forked with this handler (Ctrl-C reaches the
+            return                    # whole process group): the run's own process does the stopping
         if self.signal is not None:  # a second Ctrl-C stops at once
             raise KeyboardInterrupt
         self.signal = signum
+        if self._waiting:
+            self._waiting = False
+            raise _StopWhileWaiting
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
@@ -314,12 +346,13 @@ def _loop(run: Run) -> None:
         run.model.train()
         batches = run.train_data.batches(progress.position, run.device)
         while progress.step < run.total_steps:
-            batch = next(batches)
-            bad_data = _bad_fraction_message(progress, batch, cfg)
+            batch = stop.next_or_none(batches)  # None: a signal came while waiting for data
+            bad_data = None if batch is None else _bad_fraction_message(progress, batch, cfg)
             # Every rank takes the same decisions: stop (a signal reached any rank), fail (any rank's
             # data is bad), and the batch size (the smallest, so gathered features line up).
             stop_now, bad_anywhere, n = distributed.agree(info, stop=stop.signal is not None,
-                                                          bad=bad_data is not None, batch=batch.images.shape[0])
+                                                          bad=bad_data is not None,
+                                                          batch=0 if batch is None else batch.images.shape[0])
             if stop_now:
                 if main:
                     why = f"received signal {stop.signal}" if stop.signal is not None else "another process received a signal"
