@@ -41,7 +41,8 @@ from typing import Any, Iterable, Iterator, Sequence
 from PIL import Image
 
 from ..core.files import atomic_write, write_json_atomic
-from ..core.formats import IMAGE_SUFFIXES, is_image_file
+from ..core.formats import IMAGE_SUFFIXES, name_to_text
+from .folders import list_images
 from .samples import (REASON_EMPTY_FILE, REASON_MISSING_FILE, REASON_MISSING_IMAGE, REASON_READ_ERROR, BadSample,
                       SampleStats, decode_caption, decode_image)
 
@@ -342,25 +343,27 @@ def write_shards(
 # ----------------------------------------------------------------------------------------------------
 
 def iter_image_folder(root: str | os.PathLike) -> tuple[int, Iterator[tuple[None, Path, bytes | None, dict]]]:
-    """Images under ``root`` (recursively, sorted) with their sidecar captions (``a/b.jpg`` +
-    ``a/b.txt``): returns ``(count, items)``; a missing sidecar gives a ``None`` caption."""
+    """Images under ``root`` (``data.folders.list_images``: recursive, hidden files and links to folders
+    left out; sorted) with their sidecar captions (``a/b.jpg`` + ``a/b.txt``): returns ``(count, items)``;
+    a missing sidecar gives a ``None`` caption. The sample JSON's ``"image"`` is the relative path as
+    text (``core.formats.name_to_text``: a name that is not UTF-8 is written with ``\\xNN`` escapes)."""
     root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder not found: {root}")
-    paths = sorted(p for p in root.rglob("*") if is_image_file(p) and p.is_file())
-    if not paths:
+    # Path order (part by part), as this listing always had.
+    relative = sorted(list_images(root).images, key=lambda rel: rel.split("/"))
+    if not relative:
         raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {root}")
 
     def items() -> Iterator[tuple[None, Path, bytes | None, dict]]:
-        for path in paths:
+        for rel in relative:
+            path = root / rel
             sidecar = path.with_suffix(".txt")
             try:
                 caption: bytes | None = sidecar.read_bytes()
             except OSError:
                 caption = None
-            yield None, path, caption, {"image": path.relative_to(root).as_posix()}
+            yield None, path, caption, {"image": name_to_text(rel)}
 
-    return len(paths), items()
+    return len(relative), items()
 
 
 def iter_table(table: Any, stats: SampleStats) -> Iterator[tuple[None, str, str, dict]]:
