@@ -68,6 +68,13 @@ class ZeroShotSource:
         """Use ``transform`` from now on (sources can be opened, and checked, before the model is loaded)."""
         self.dataset.transform = transform
 
+    @property
+    def classes_from_data(self) -> bool:
+        """Whether the classes are the data's own (class folders, label strings), each with files of its own:
+        then a class none of whose images can be read is left out of the classifier, not scored with no
+        image (integer labels name classes that need not have images, e.g. an ImageNet subset)."""
+        return self.keys is not None
+
 
 @dataclass
 class RetrievalSource:
