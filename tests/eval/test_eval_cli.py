@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -146,6 +147,9 @@ def test_a_directory_symlink_loop_counts_each_image_once(tmp_path, model_dir, ca
     folder = make_class_folder(tmp_path / "classes", per_class=2)
     (folder / "red_circle" / "uplink").symlink_to("..")
     (folder / "blue_circle" / "gone.png").symlink_to("nowhere.png")
+    # A class folder and a file whose names are not UTF-8 (Latin-1 'é'): the class is named as text.
+    (folder / "cyan_square").rename(folder / os.fsdecode(b"cyan_squar\xe9"))
+    (folder / "green_square" / "000.png").rename(folder / "green_square" / os.fsdecode(b"\xe9.png"))
     out = tmp_path / "r.json"
     code, stdout, err = run_cli(capsys, "--model", f"local-dir:{model_dir}", "--zeroshot", folder, "--templates",
                                 "simple", "--precision", "fp32", "--workers", 0, "--json", out)
@@ -155,6 +159,7 @@ def test_a_directory_symlink_loop_counts_each_image_once(tmp_path, model_dir, ca
     assert zs["skipped"]["reasons"] == {"missing_file": 1}
     assert np.array(zs["confusion_matrix"]).sum(axis=1).tolist() == [2] * 6
     assert "1 links to folders not followed" in zs["data"]
+    assert "cyan_squar\\xe9" in zs["per_class_accuracy"]
 
 
 def test_a_class_whose_images_are_all_unreadable_is_excluded_and_said(tmp_path, model_dir, capsys):

@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 import torch.utils.data
 
 from ..core.errors import UserError
-from ..core.formats import IMAGE_SUFFIXES, is_shards, is_table
+from ..core.formats import IMAGE_SUFFIXES, is_shards, is_table, name_to_text
 from ..data.folders import FolderListing, list_images
 from ..data.samples import REASON_MISSING_IMAGE, Sample, SampleStats, load_sample
 from ..data.table import table_columns
@@ -223,7 +223,7 @@ def class_folder(root: str | os.PathLike, transform: Callable | None, classnames
         ignored += listing.ignored
         links += listing.folder_links
         if not files:
-            empty.append(name)
+            empty.append(name_to_text(name))
         paths += files
         labels += [label] * len(files)
     if empty:
@@ -231,12 +231,14 @@ def class_folder(root: str | os.PathLike, transform: Callable | None, classnames
         # torchvision's ImageFolder does, rather than guess.
         raise UserError(f"{root}: {len(empty)} class folder(s) have no images ({', '.join(empty[:10])}"
                         f"{', ...' if len(empty) > 10 else ''}); image files end in {', '.join(IMAGE_SUFFIXES)}")
-    names = _names_for_keys(folders, classnames, "class folders")
+    # A folder's name as text: the default class name goes into prompts, the JSON and the printed table.
+    keys = [name_to_text(name) for name in folders]
+    names = _names_for_keys(keys, classnames, "class folders")
     notes = [f"{len(folders)} class folders"]
     notes += [f"{ignored} non-image files ignored"] if ignored else []
     notes += [f"{links} links to folders not followed"] if links else []
     description = f"{root} ({', '.join(notes)})"
-    return ZeroShotSource(LabelledImages(paths, labels, transform), names, description, len(paths), keys=folders)
+    return ZeroShotSource(LabelledImages(paths, labels, transform), names, description, len(paths), keys=keys)
 
 
 def pick_column(path: str | os.PathLike, wanted: str | None, candidates: Sequence[str], what: str) -> str:
