@@ -7,6 +7,7 @@ import collections
 import csv
 import io
 import json
+import os
 import tarfile
 
 import pytest
@@ -14,6 +15,7 @@ from PIL import Image
 
 from ldmclip.cli.pack import add_arguments as add_pack_arguments
 from ldmclip.cli.pack import run as run_pack
+from ldmclip.core.formats import text_to_name
 from ldmclip.data import SampleStats, ShardDataset, dataset_size, write_shards
 
 from .test_samples import bad_images, encode, good_images, rgb_image
@@ -251,3 +253,29 @@ def test_a_killed_pack_leaves_no_half_shard_under_a_final_name(tmp_path):
     write_shards([(i, jpeg, f"caption {i}", None) for i in range(4)], out, max_per_shard=3, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["shard-00000.tar", "shard-00001.tar", "sizes.json"]
     assert json.loads((out / "sizes.json").read_text()) == {"shard-00000.tar": 3, "shard-00001.tar": 1}
+
+
+def test_pack_folder_with_odd_names_links_and_a_loop(tmp_path, capsys):
+    """A Latin-1 name once aborted pack after the shards before it (the sample JSON); now it and a name with a
+    newline are packed as good samples, their JSON ``image`` leads back to the file, a folder link loop
+    adds nothing and a dangling link is counted."""
+    src = tmp_path / "folder"
+    (src / "sub").mkdir(parents=True)
+    names = [os.fsdecode(b"caf\xe9.jpg"), "new\nline.jpg", "sub/plain.jpg"]
+    for seed, name in enumerate(names):
+        (src / name).write_bytes(encode(rgb_image(seed=seed), "JPEG"))
+        (src / name).with_suffix(".txt").write_text(f"caption {seed}")
+    (src / "sub" / "uplink").symlink_to("..")
+    (src / "gone.jpg").symlink_to("nowhere.jpg")
+    (src / "gone.txt").write_text("its image is gone")
+    out = tmp_path / "out"
+    assert _pack(src, out, "--quiet", "--per-shard", 1) == 0
+    printed = capsys.readouterr().out
+    assert "wrote 3 samples in 3 shard(s)" in printed and "missing_file 1" in printed
+    packed = {}
+    for shard in sorted(out.glob("*.tar")):
+        members = _members(shard)
+        meta = json.loads(next(v for k, v in members.items() if k.endswith(".json")))
+        packed[text_to_name(meta["image"])] = next(v for k, v in members.items() if k.endswith(".jpg"))
+    assert packed == {name: (src / name).read_bytes() for name in names}
+    assert json.loads((out / "sizes.json").read_text()) == {f"shard-0000{i}.tar": 1 for i in range(3)}

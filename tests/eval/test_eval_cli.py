@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -137,3 +138,50 @@ def test_bad_input_is_a_clear_error(case, tmp_path, model_dir, capsys):
     code, _, err = run_cli(capsys, *model, *args)
     assert code == 2
     assert message in err and "Traceback" not in err
+
+
+def test_a_directory_symlink_loop_counts_each_image_once(tmp_path, model_dir, capsys):
+    """``red_circle/uplink -> ..`` once made the walk count every image again at each level (5,043
+    images instead of 123, all of one class); links to folders are not followed, a dangling link is a
+    counted missing file."""
+    folder = make_class_folder(tmp_path / "classes", per_class=2)
+    (folder / "red_circle" / "uplink").symlink_to("..")
+    (folder / "blue_circle" / "gone.png").symlink_to("nowhere.png")
+    # A class folder and a file whose names are not UTF-8 (Latin-1 'é'): the class is named as text.
+    (folder / "cyan_square").rename(folder / os.fsdecode(b"cyan_squar\xe9"))
+    (folder / "green_square" / "000.png").rename(folder / "green_square" / os.fsdecode(b"\xe9.png"))
+    out = tmp_path / "r.json"
+    code, stdout, err = run_cli(capsys, "--model", f"local-dir:{model_dir}", "--zeroshot", folder, "--templates",
+                                "simple", "--precision", "fp32", "--workers", 0, "--json", out)
+    assert code == 0, err
+    zs = json.loads(out.read_text())["zeroshot"]
+    assert zs["num_images"] == 12 and zs["num_classes"] == 6
+    assert zs["skipped"]["reasons"] == {"missing_file": 1}
+    assert np.array(zs["confusion_matrix"]).sum(axis=1).tolist() == [2] * 6
+    assert "1 links to folders not followed" in zs["data"]
+    assert "cyan_squar\\xe9" in zs["per_class_accuracy"]
+
+
+def test_a_class_whose_images_are_all_unreadable_is_excluded_and_said(tmp_path, model_dir, capsys):
+    folder = make_class_folder(tmp_path / "classes", per_class=2)
+    for path in (folder / "cyan_square").iterdir():
+        path.write_bytes(b"\x89PNG not really")
+    out = tmp_path / "r.json"
+    code, stdout, err = run_cli(capsys, "--model", f"local-dir:{model_dir}", "--zeroshot", folder, "--templates",
+                                "simple", "--precision", "fp32", "--workers", 0, "--json", out)
+    assert code == 0, err
+    zs = json.loads(out.read_text())["zeroshot"]
+    assert zs["num_classes"] == 5 and zs["num_images"] == 10
+    assert zs["excluded_classes"] == {"count": 1, "reason": "no readable image", "names": ["cyan_square"]}
+    assert "cyan_square" not in zs["per_class_accuracy"] and len(zs["confusion_matrix"]) == 5
+    assert zs["skipped"]["reasons"] == {"not_an_image": 2}
+    assert "excluded 1 class(es), no readable image: cyan_square" in stdout
+
+
+def test_no_readable_image_in_any_class_is_one_line(tmp_path, model_dir, capsys):
+    folder = make_class_folder(tmp_path / "classes", per_class=1)
+    for path in folder.glob("*/*"):
+        path.write_bytes(b"")
+    code, _, err = run_cli(capsys, "--model", f"local-dir:{model_dir}", "--zeroshot", folder, "--workers", 0)
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "no readable image" in err and str(folder) in err and "empty_file 6" in err

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -13,7 +15,7 @@ from ldmclip.eval import (OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES, 
                           load_templates, open_zero_shot, plot_confusion_matrix, read_classnames)
 from ldmclip.transforms import EvalTransform
 
-from .conftest import CLASSES, draw, png_bytes, write_tar
+from .conftest import CLASSES, draw, make_class_folder, png_bytes, write_tar
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -227,3 +229,21 @@ def test_webdataset_shards_with_cls(tmp_path, model_dir):
     result = _evaluate(model_dir, source)
     assert result["num_images"] == 7 and result["num_classes"] == 4
     assert result["skipped"]["reasons"] == {"bad_label": 1, "missing_label": 1}
+
+
+def test_an_excluded_class_changes_nothing_for_the_others(tmp_path, model_dir):
+    """A class with files none of which can be read is left out of the classifier: the numbers are those
+    of the same folder without that class (scored, it would take predictions from the others)."""
+    with_dead = make_class_folder(tmp_path / "with", per_class=3)
+    without = make_class_folder(tmp_path / "without", per_class=3)
+    for path in (with_dead / "blue_circle").iterdir():
+        path.write_bytes(b"not an image")
+    shutil.rmtree(without / "blue_circle")
+    dead, alive = (_evaluate(model_dir, open_zero_shot(folder, EvalTransform(64))) for folder in (with_dead, without))
+    assert dead["excluded_classes"]["names"] == ["blue_circle"] and "excluded_classes" not in alive
+    for key in ("num_images", "num_classes", "top1", "mean_per_class_accuracy", "per_class_accuracy",
+                "confusion_matrix"):
+        assert dead[key] == alive[key], key
+    assert dead["num_classes"] == 5 and "top5" not in dead  # top-5 of 5 classes would be 1 by construction
+    assert torch.equal(dead["_tensors"]["predictions"], alive["_tensors"]["predictions"])
+    assert dead["skipped"]["reasons"] == {"not_an_image": 3}

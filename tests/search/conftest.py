@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,16 @@ def add_unreadable(root: Path) -> None:
     (root / "broken.jpg").write_bytes(b"\xff\xd8 this is not really a jpeg")
     (root / "red" / "empty.png").write_bytes(b"")
     (root / "notes.txt").write_text("not an image, not looked at")
+
+
+ODD_NAMES = (b"red/caf\xe9.png", b"green/new\nline.png")  # not UTF-8 (Latin-1 'é'); a newline
+
+
+def add_odd_names(root: Path) -> list[str]:
+    """Copies of two images under the ``ODD_NAMES``; returns their relative paths as Python names them."""
+    for name, source in zip(ODD_NAMES, ("red/0.png", "green/0.png")):
+        (root / os.fsdecode(name)).write_bytes((root / source).read_bytes())
+    return [os.fsdecode(name) for name in ODD_NAMES]
 
 
 @pytest.fixture

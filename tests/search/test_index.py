@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from ldmclip.cli import main
+from ldmclip.core.formats import name_to_text
 from ldmclip.search import IndexMismatchError, SearchEngine, SearchIndex, SearchIndexError, find_images, model_identity
 
-from .conftest import add_unreadable, build, load, make_images
+from .conftest import add_odd_names, add_unreadable, build, load, make_images
 
 
 def test_index_holds_unit_embeddings_of_every_readable_image(built_index, model_name):
@@ -165,3 +166,36 @@ def test_model_weights_sha256_covers_both_towers():
     with torch.no_grad():
         model.token_embedding.weight[0, 0] += 1.0
     assert len({before, changed_image, model_weights_sha256(model)}) == 3
+
+
+def _folder_bytes(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_names_that_are_not_utf8_or_hold_a_newline_are_indexed_and_a_rerun_changes_nothing(tmp_path, model_name,
+                                                                                            capsys):
+    """A Latin-1 name once aborted every run (the chunk signature encoded it as UTF-8): now both odd names are
+    indexed as good images, stored as text (``\\xNN``) that leads back to the file, and a rerun keeps it all."""
+    images = make_images(tmp_path / "images")
+    odd = add_odd_names(images)
+    command = ["index", str(images), "--model", model_name, "--out", str(tmp_path / "index"), "--workers", "0",
+               "--chunk-size", "4", "--dtype", "fp32"]
+    assert main(command) == 0
+    assert "10 of 10 images indexed" in capsys.readouterr().out
+    first = _folder_bytes(tmp_path / "index")
+    index = SearchIndex.load(tmp_path / "index")
+    assert "red/caf\\xe9.png" in index.paths and "green/new\nline.png" in index.paths
+    for name in odd:
+        i = index.id_of(name_to_text(name))
+        assert index.file(i) == images / name and index.file(i).read_bytes() == (images / name).read_bytes()
+    assert main(command) == 0
+    assert "3 chunk(s), 3 kept from an earlier run" in capsys.readouterr().out
+    assert _folder_bytes(tmp_path / "index") == first
+
+
+def test_links_to_folders_are_not_followed_and_a_dangling_link_is_counted(tmp_path, model_name):
+    images = make_images(tmp_path / "images")
+    (images / "red" / "uplink").symlink_to("..")
+    (images / "gone.png").symlink_to("nowhere.png")
+    result = build(model_name, images, tmp_path / "index")
+    assert result.files == 9 and result.images == 8 and result.skipped == {"missing_file": 1}

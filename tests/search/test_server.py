@@ -10,8 +10,11 @@ from PIL import Image
 
 pytest.importorskip("flask")
 
+from ldmclip.core.formats import name_to_text  # noqa: E402
 from ldmclip.search import SearchEngine  # noqa: E402
 from ldmclip.search.server import create_app  # noqa: E402
+
+from .conftest import add_odd_names, build, make_images  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +137,26 @@ def test_serve_command_listens_on_localhost_and_answers(built_index):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_files_with_a_newline_or_a_non_utf8_name_are_served(tmp_path, model_name):
+    """``/image/ID`` once answered 500 for these (a newline in a header; werkzeug's ETag encodes the name
+    as UTF-8). The JSON shows the names as text (``\\xNN`` for a byte that is not UTF-8)."""
+    images = make_images(tmp_path / "images", per_colour=1)
+    odd = add_odd_names(images)
+    build(model_name, images, tmp_path / "index")
+    engine = SearchEngine.open(tmp_path / "index")
+    app = create_app(engine)
+    app.testing = False
+    client = app.test_client()
+    paths = [r["path"] for r in client.get("/api/search?q=a+disc&k=10").get_json()["results"]]
+    assert sorted(paths) == sorted(engine.index.paths) and "red/caf\\xe9.png" in paths and "green/new\nline.png" in paths
+    for name in odd:
+        image_id = engine.index.id_of(name_to_text(name))
+        response = client.get(f"/image/{image_id}")
+        assert response.status_code == 200 and response.data == (images / name).read_bytes()
+        assert response.mimetype == "image/png" and "\n" not in response.headers["Content-Disposition"]
+        assert client.get(f"/image/{image_id}", headers={"If-None-Match": response.headers["ETag"]}).status_code == 304
+        assert client.get(f"/thumb/{image_id}").status_code == 200
+        similar = client.get("/api/similar", query_string={"path": name_to_text(name), "k": 1}).get_json()
+        assert similar["id"] == image_id and similar["path"] == name_to_text(name)  # the copy ties with its source

@@ -112,6 +112,10 @@ def format_results(results: dict[str, Any]) -> str:
                   f"  {_percent(zs['top1']):>8}{_percent(zs.get('top5')):>10}"
                   f"{_percent(zs['mean_per_class_accuracy']):>17}"]
         lines += [line for line in [_skip_line(zs["skipped"])] if line]
+        if zs.get("excluded_classes"):
+            excluded = zs["excluded_classes"]
+            lines.append(f"  excluded {excluded['count']} class(es), {excluded['reason']}: {', '.join(excluded['names'][:10])}"
+                         f"{', ...' if excluded['count'] > 10 else ''}")
         if zs.get("confusion_matrix_png"):
             lines.append(f"  confusion matrix: {zs['confusion_matrix_png']}")
     rt = results.get("retrieval")

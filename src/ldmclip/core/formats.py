@@ -9,7 +9,7 @@ from pathlib import Path
 
 __all__ = ["IMAGE_SUFFIXES", "TABLE_DELIMITERS", "PARQUET_SUFFIXES", "TABLE_SUFFIXES", "HF_HUB_PREFIX",
            "LOCAL_DIR_PREFIX", "OPENCLIP_CONFIG_NAME", "OPENCLIP_WEIGHT_NAMES", "is_image_file", "is_table", "is_shards",
-           "input_kind", "carries_weights"]
+           "input_kind", "carries_weights", "name_bytes", "name_to_text", "text_to_name"]
 
 # Image files PIL reads, by suffix (lower case).
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
@@ -32,6 +32,37 @@ _TAR = re.compile(r"\.tar(\.gz)?($|[\s}'\"])")
 
 def is_image_file(name: str | os.PathLike) -> bool:
     return os.fspath(name).lower().endswith(IMAGE_SUFFIXES)
+
+
+# File names are bytes. Python hands a name that is not valid UTF-8 over as a str with "surrogate
+# escapes" (byte 0xE9 -> U+DCE9), which no UTF-8 encoder (JSON writers, hashes of .encode()) accepts.
+# Hash ``name_bytes(name)``; write ``name_to_text(name)`` to JSON and read it back with ``text_to_name``.
+_ESCAPED_BYTE = re.compile(r"\\(\\|x[89a-fA-F][0-9a-fA-F])")
+_UNDECODABLE = re.compile("[\udc80-\udcff]")
+# A backslash is doubled only where the reader would otherwise take it for an escape, so a name
+# without undecodable bytes (every valid UTF-8 name but those with such backslashes) is unchanged.
+_AMBIGUOUS_BACKSLASH = re.compile(r"\\(?=\\|x[89a-fA-F][0-9a-fA-F]|[\udc80-\udcff])")
+
+
+def name_bytes(name: str | os.PathLike) -> bytes:
+    """The bytes of a file name, as the file system holds them (what a name's hash is taken of)."""
+    return os.fsencode(name)
+
+
+def name_to_text(name: str | os.PathLike) -> str:
+    """A file name as valid Unicode text, for JSON and for display: each byte that is not valid UTF-8
+    becomes ``\\xNN`` (``caf\\xe9.jpg``), and a backslash that would read as such an escape (before
+    ``\\``, ``xNN`` with NN >= 80, or such a byte) is doubled. Reversible with :func:`text_to_name`; any
+    other valid UTF-8 name is returned unchanged."""
+    text = os.fsdecode(name_bytes(name))
+    text = _AMBIGUOUS_BACKSLASH.sub(r"\\\\", text)
+    return _UNDECODABLE.sub(lambda m: f"\\x{ord(m.group()) - 0xDC00:02x}", text)
+
+
+def text_to_name(text: str) -> str:
+    """The file name (a ``str`` for ``open``, surrogate-escaped where needed) of :func:`name_to_text`'s text."""
+    return _ESCAPED_BYTE.sub(lambda m: "\\" if m.group(1) == "\\" else chr(0xDC00 + int(m.group(1)[1:], 16)),
+                             text)
 
 
 def is_table(path: str | os.PathLike) -> bool:

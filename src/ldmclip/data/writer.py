@@ -41,10 +41,11 @@ from typing import Any, Iterable, Iterator, Sequence
 from PIL import Image
 
 from ..core.files import atomic_write, write_json_atomic
+from ..core.formats import IMAGE_SUFFIXES, name_to_text
 from ..core.reading import read_regular_file
-from ..core.formats import IMAGE_SUFFIXES, is_image_file
-from .samples import (REASON_EMPTY_FILE, REASON_MISSING_IMAGE, BadSample, SampleStats, decode_caption, decode_image,
-                      read_image_file)
+from .folders import list_images
+from .samples import (REASON_EMPTY_FILE, REASON_MISSING_IMAGE, BadSample,
+                      SampleStats, decode_caption, decode_image, read_image_file)
 
 __all__ = ["write_shards", "iter_image_folder", "iter_table", "REENCODE_MODES"]
 
@@ -338,26 +339,27 @@ def write_shards(
 # ----------------------------------------------------------------------------------------------------
 
 def iter_image_folder(root: str | os.PathLike) -> tuple[int, Iterator[tuple[None, Path, bytes | None, dict]]]:
-    """Images under ``root`` (recursively, sorted) with their sidecar captions (``a/b.jpg`` +
-    ``a/b.txt``): returns ``(count, items)``; a missing sidecar gives a ``None`` caption."""
+    """Images under ``root`` (``data.folders.list_images``: recursive, hidden files and links to folders
+    left out; sorted) with their sidecar captions (``a/b.jpg`` + ``a/b.txt``): returns ``(count, items)``;
+    a missing sidecar gives a ``None`` caption. The sample JSON's ``"image"`` is the relative path as
+    text (``core.formats.name_to_text``: a name that is not UTF-8 is written with ``\\xNN`` escapes)."""
     root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder not found: {root}")
-    # not is_file(): a FIFO or dangling link named like an image is read (and counted), not dropped
-    paths = sorted(p for p in root.rglob("*") if is_image_file(p) and not p.is_dir())
-    if not paths:
+    # Path order (part by part), as this listing always had.
+    relative = sorted(list_images(root).images, key=lambda rel: rel.split("/"))
+    if not relative:
         raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {root}")
 
     def items() -> Iterator[tuple[None, Path, bytes | None, dict]]:
-        for path in paths:
+        for rel in relative:
+            path = root / rel
             sidecar = path.with_suffix(".txt")
             try:
                 caption: bytes | None = read_regular_file(sidecar, None)  # a FIFO x.txt: no caption, no hang
             except OSError:
                 caption = None
-            yield None, path, caption, {"image": path.relative_to(root).as_posix()}
+            yield None, path, caption, {"image": name_to_text(rel)}
 
-    return len(paths), items()
+    return len(relative), items()
 
 
 def iter_table(table: Any, stats: SampleStats) -> Iterator[tuple[None, str, str, dict]]:

@@ -18,7 +18,7 @@ from ..data.samples import SampleStats, make_dataloader
 from .retrieval import retrieval_metrics
 from .sources import REASON_BAD_LABEL, RetrievalSource, ZeroShotSource
 from .zeroshot import (CONFUSION_MATRIX_MAX_CLASSES, NoImagesError, build_zero_shot_classifier,
-                       classification_metrics, confusion_matrix, plot_confusion_matrix, zero_shot_predictions)
+                       classification_metrics, confusion_matrix, plot_confusion_matrix, zero_shot_logits)
 
 __all__ = ["evaluate_zero_shot", "evaluate_retrieval", "REASON_NO_TOKENS"]
 
@@ -69,7 +69,12 @@ def evaluate_zero_shot(model, tokenizer, source: ZeroShotSource, templates: Sequ
                        autocast: AutocastFactory = _no_autocast, confusion_png: str | Path | None = None,
                        progress: bool = True) -> dict:
     """Top-1/top-5/mean per-class accuracy of the zero-shot classifier on ``source``; ``predictions`` and
-    ``labels`` (tensors) are included under ``"_tensors"`` for callers that compare them."""
+    ``labels`` (tensors) are included under ``"_tensors"`` for callers that compare them.
+
+    When the classes are the data's own (``source.classes_from_data``), a class none of whose images
+    could be read is left out (its images are counted under ``"skipped"`` by reason) and named under
+    ``"excluded_classes"``; ``num_classes``, the predictions and labels then cover the other classes
+    (``_tensors["classifier"]`` keeps every class). No readable image at all is a ``NoImagesError``."""
     device = torch.device(device)
     started = time.perf_counter()
     classifier = build_zero_shot_classifier(model, tokenizer, source.classnames, templates, batch_size=batch_size,
@@ -96,11 +101,17 @@ def evaluate_zero_shot(model, tokenizer, source: ZeroShotSource, templates: Sequ
                 yield images, torch.tensor(labels)
 
     try:
-        top, labels = zero_shot_predictions(model, classifier, batches(), device=device, k=5, autocast=autocast)
+        logits, labels = zero_shot_logits(model, classifier, batches(), device=device, autocast=autocast)
     except NoImagesError:
-        raise NoImagesError(f"{source.description}: no readable image ({stats.summary()})") from None
+        raise NoImagesError(f"{source.description}: no readable image, so no class can be scored "
+                            f"({stats.summary()})") from None
     finally:
         bar.close()
+    classnames, excluded = list(source.classnames), []
+    if source.classes_from_data:
+        logits, labels, classnames, excluded = _drop_classes_without_images(logits, labels, classnames)
+    num_classes = len(classnames)
+    top = logits.topk(min(5, num_classes), dim=1).indices
     metrics = classification_metrics(top, labels, num_classes)
     matrix = confusion_matrix(top[:, 0], labels, num_classes)
     result = {
@@ -108,17 +119,34 @@ def evaluate_zero_shot(model, tokenizer, source: ZeroShotSource, templates: Sequ
         "num_classes": num_classes,
         "num_templates": len(templates),
         **{k: metrics[k] for k in ("num_images", "top1", "top5", "mean_per_class_accuracy") if k in metrics},
-        "per_class_accuracy": dict(zip(_unique_names(source.classnames), metrics["per_class_accuracy"])),
+        "per_class_accuracy": dict(zip(_unique_names(classnames), metrics["per_class_accuracy"])),
         "skipped": _skips(stats, {"missing_caption": "missing_label", "empty_caption": "missing_label",
                                   "bad_caption_encoding": REASON_BAD_LABEL}),
     }
+    if excluded:
+        result["excluded_classes"] = {"count": len(excluded), "reason": "no readable image", "names": excluded}
     if num_classes <= CONFUSION_MATRIX_MAX_CLASSES:
         result["confusion_matrix"] = matrix.tolist()
         if confusion_png is not None:
-            result["confusion_matrix_png"] = str(plot_confusion_matrix(matrix, source.classnames, confusion_png))
+            result["confusion_matrix_png"] = str(plot_confusion_matrix(matrix, classnames, confusion_png))
     result["seconds"] = round(time.perf_counter() - started, 3)
     result["_tensors"] = {"predictions": top, "labels": labels, "classifier": classifier}
     return result
+
+
+def _drop_classes_without_images(logits: torch.Tensor, labels: torch.Tensor, classnames: list[str]
+                                 ) -> tuple[torch.Tensor, torch.Tensor, list[str], list[str]]:
+    """Leave out the classes no image of which could be read: they have files (an empty class folder is
+    refused when the data is opened), but scoring them would let them take predictions from the others
+    and change every number. Returns the logits, labels and names of the other classes, and the names
+    left out."""
+    has_images = torch.bincount(labels, minlength=len(classnames)) > 0
+    if has_images.all():
+        return logits, labels, classnames, []
+    new_label = torch.cumsum(has_images.long(), 0) - 1  # old class index -> index among the kept ones
+    kept = [name for name, keep in zip(classnames, has_images.tolist()) if keep]
+    excluded = [name for name, keep in zip(classnames, has_images.tolist()) if not keep]
+    return logits[:, has_images], new_label[labels], kept, excluded
 
 
 def _unique_names(names: Sequence[str]) -> list[str]:

@@ -5,7 +5,8 @@ key)`` or ``None`` (a bad sample, counted by reason as everywhere in ldmclip), p
 
 * an image folder with one sub-folder per class, indexed in sorted folder-name order exactly like
   torchvision's ``ImageFolder`` (so a folder of ImageNet WordNet-id folders lines up with the
-  built-in ImageNet names); images are found recursively inside each class folder;
+  built-in ImageNet names); images are found recursively inside each class folder, by
+  ``data.folders.list_images`` (links to folders are not followed, so each image counts once);
 * a CSV / TSV / parquet table of image paths and labels (class names or integer indices);
 * webdataset shards whose samples carry an integer label in a ``cls`` member (the webdataset
   convention) next to the image.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +33,8 @@ from typing import Callable, Sequence
 import torch.utils.data
 
 from ..core.errors import UserError
-from ..core.formats import IMAGE_SUFFIXES, is_image_file, is_shards, is_table
+from ..core.formats import IMAGE_SUFFIXES, is_shards, is_table, name_to_text
+from ..data.folders import FolderListing, list_images
 from ..data.samples import REASON_MISSING_IMAGE, Sample, SampleStats, load_sample
 from ..data.table import table_columns
 from .templates import imagenet_classnames, read_lines
@@ -64,6 +67,13 @@ class ZeroShotSource:
     def set_transform(self, transform: Callable | None) -> None:
         """Use ``transform`` from now on (sources can be opened, and checked, before the model is loaded)."""
         self.dataset.transform = transform
+
+    @property
+    def classes_from_data(self) -> bool:
+        """Whether the classes are the data's own (class folders, label strings), each with files of its own:
+        then a class none of whose images can be read is left out of the classifier, not scored with no
+        image (integer labels name classes that need not have images, e.g. an ImageNet subset)."""
+        return self.keys is not None
 
 
 @dataclass
@@ -190,18 +200,13 @@ def _class_folders(root: Path) -> list[str]:
     return sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
 
 
-def _images_under(folder: Path) -> tuple[list[str], int]:
-    """Image files under ``folder`` (recursive, sorted like torchvision's ImageFolder) and the number of
-    other files ignored."""
-    found, ignored = [], 0
-    for dirpath, dirnames, filenames in sorted(os.walk(folder, followlinks=True)):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for name in sorted(filenames):
-            if is_image_file(name):
-                found.append(os.path.join(dirpath, name))
-            elif not name.startswith("."):
-                ignored += 1
-    return found, ignored
+def _images_under(folder: Path) -> FolderListing:
+    """Image files under ``folder`` (``data.folders``: recursive, links to folders not followed), full
+    paths in torchvision ImageFolder's order (folder by folder, sorted)."""
+    listing = list_images(folder)
+    listing.images = [os.path.join(folder, rel) for rel in
+                      sorted(listing.images, key=lambda rel: (posixpath.dirname(rel), posixpath.basename(rel)))]
+    return listing
 
 
 def class_folder(root: str | os.PathLike, transform: Callable | None, classnames: str | None = None
@@ -211,12 +216,14 @@ def class_folder(root: str | os.PathLike, transform: Callable | None, classnames
     folders = _class_folders(root)
     if not folders:
         raise UserError(f"{root}: no class sub-folders (expected one folder of images per class)")
-    paths, labels, empty, ignored = [], [], [], 0
+    paths, labels, empty, ignored, links = [], [], [], 0, 0
     for label, name in enumerate(folders):
-        files, skipped = _images_under(root / name)
-        ignored += skipped
+        listing = _images_under(root / name)
+        files = listing.images
+        ignored += listing.ignored
+        links += listing.folder_links
         if not files:
-            empty.append(name)
+            empty.append(name_to_text(name))
         paths += files
         labels += [label] * len(files)
     if empty:
@@ -224,10 +231,14 @@ def class_folder(root: str | os.PathLike, transform: Callable | None, classnames
         # torchvision's ImageFolder does, rather than guess.
         raise UserError(f"{root}: {len(empty)} class folder(s) have no images ({', '.join(empty[:10])}"
                         f"{', ...' if len(empty) > 10 else ''}); image files end in {', '.join(IMAGE_SUFFIXES)}")
-    names = _names_for_keys(folders, classnames, "class folders")
-    description = f"{root} ({len(folders)} class folders"
-    description += f", {ignored} non-image files ignored)" if ignored else ")"
-    return ZeroShotSource(LabelledImages(paths, labels, transform), names, description, len(paths), keys=folders)
+    # A folder's name as text: the default class name goes into prompts, the JSON and the printed table.
+    keys = [name_to_text(name) for name in folders]
+    names = _names_for_keys(keys, classnames, "class folders")
+    notes = [f"{len(folders)} class folders"]
+    notes += [f"{ignored} non-image files ignored"] if ignored else []
+    notes += [f"{links} links to folders not followed"] if links else []
+    description = f"{root} ({', '.join(notes)})"
+    return ZeroShotSource(LabelledImages(paths, labels, transform), names, description, len(paths), keys=keys)
 
 
 def pick_column(path: str | os.PathLike, wanted: str | None, candidates: Sequence[str], what: str) -> str:

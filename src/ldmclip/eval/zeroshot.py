@@ -15,14 +15,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-__all__ = ["NoImagesError", "build_zero_shot_classifier", "zero_shot_predictions", "classification_metrics",
+from ..core.errors import UserError
+
+__all__ = ["NoImagesError", "build_zero_shot_classifier", "zero_shot_logits", "zero_shot_predictions", "classification_metrics",
            "confusion_matrix", "plot_confusion_matrix", "zero_shot_accuracy", "CONFUSION_MATRIX_MAX_CLASSES"]
 
 CONFUSION_MATRIX_MAX_CLASSES = 50  # beyond this the labels of a PNG are unreadable
 
 
-class NoImagesError(ValueError):
-    """The batches held no image at all (every sample was unreadable, or the data is empty)."""
+class NoImagesError(UserError):
+    """The batches held no image at all (every sample was unreadable, or the data is empty): no class can
+    be scored, so the evaluation stops (a ``UserError``: one line, naming the data)."""
 
 
 def _check_classnames(tokenizer, classnames: Sequence[str]) -> None:
@@ -64,6 +67,26 @@ def build_zero_shot_classifier(model, tokenizer, classnames: Sequence[str],
             embeddings.append(model.encode_text(tokens, normalize=True).float())
     per_prompt = torch.cat(embeddings).view(len(classnames), len(templates), -1)
     return F.normalize(per_prompt.mean(dim=1), dim=-1).T.contiguous()
+
+
+@torch.inference_mode()
+def zero_shot_logits(model, classifier: torch.Tensor, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                     device: str | torch.device = "cpu",
+                     autocast: Callable[[], contextlib.AbstractContextManager] | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits [N, C] float32 on the CPU, labels [N])`` over ``(images, labels)`` batches: every class's
+    score is kept, so classes can still be left out once the whole pass has shown which have images."""
+    all_logits, all_labels = [], []
+    for images, labels in batches:
+        if len(labels) == 0:
+            continue
+        with autocast() if autocast else contextlib.nullcontext():
+            features = model.encode_image(images.to(device), normalize=True)
+        all_logits.append((features.float() @ classifier.to(device)).cpu())
+        all_labels.append(torch.as_tensor(labels).cpu())
+    if not all_logits:
+        raise NoImagesError("zero-shot evaluation got no images")
+    return torch.cat(all_logits), torch.cat(all_labels).long()
 
 
 @torch.inference_mode()

@@ -6,12 +6,14 @@ Layout of an index folder::
                                build finished, the chunk list and totals
     chunks/00000.safetensors   ``embeddings`` [n, D] (unit length) of up to ``chunk_size`` images, with
                                their relative paths and skipped files in the safetensors metadata
+                               (file names as ``core.formats.name_to_text``: a byte that is not UTF-8
+                               is written ``\\xNN``)
 
 The images are listed once (recursively, sorted by relative path) and cut into chunks of
 ``chunk_size`` files. The folder is a ``ldmclip.data.store.ChunkStore`` (the text cache's store too):
 a chunk file is written under a temporary name and renamed into place, so a chunk file that exists is
 finished. Each chunk records a signature of the files it was planned from
-(relative path, size, modification time) and the stored dtype: a rerun skips the chunks whose
+(the bytes of the relative path, size, modification time) and the stored dtype: a rerun skips the chunks whose
 signature still matches and recomputes the others (new, changed or removed files), so rerunning the
 same command after a crash or Ctrl-C continues where it stopped, and rerunning it after the folder
 changed brings the index up to date.
@@ -35,8 +37,9 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.utils.data
 
-from ..core.formats import IMAGE_SUFFIXES, is_image_file
+from ..core.formats import IMAGE_SUFFIXES, name_bytes, name_to_text, text_to_name
 from ..core.files import tensors_sha256
+from ..data.folders import list_images
 from ..data.samples import BadSample, apply_transform, decode_image
 from ..data.store import ChunkStore, StoreError, StoreMismatchError, differing_fields
 
@@ -72,31 +75,23 @@ def index_store(path: str | os.PathLike) -> ChunkStore:
 
 @dataclass(frozen=True)
 class ImageFile:
-    path: str          # relative to the image root, with '/' separators
+    path: str          # relative to the image root, with '/' separators (the file system's name)
     size: int
     mtime_ns: int
 
 
 def find_images(root: str | os.PathLike) -> list[ImageFile]:
-    """Every image file under ``root`` (recursive, by suffix, hidden files and folders left out),
-    sorted by relative path so the chunks come out the same on every run."""
+    """Every image file under ``root`` (``data.folders.list_images``: recursive, by suffix, hidden files
+    and folders left out, links to folders not followed), sorted by relative path so the chunks come
+    out the same on every run."""
     root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder not found: {root}")
     found: list[ImageFile] = []
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        for name in files:
-            if name.startswith(".") or not is_image_file(name):
-                continue
-            full = os.path.join(folder, name)
-            try:
-                st = os.stat(full)
-            except OSError:  # a dangling link: kept, so it is counted as unreadable like other bad files
-                st = None
-            rel = Path(full).relative_to(root).as_posix()
-            found.append(ImageFile(rel, st.st_size if st else -1, st.st_mtime_ns if st else -1))
-    found.sort(key=lambda f: f.path)
+    for rel in list_images(root).images:
+        try:
+            st = os.stat(root / rel)
+        except OSError:  # a dangling link: kept, so it is counted as unreadable like other bad files
+            st = None
+        found.append(ImageFile(rel, st.st_size if st else -1, st.st_mtime_ns if st else -1))
     return found
 
 
@@ -140,7 +135,8 @@ def check_same_model(stored: dict[str, Any], current: dict[str, Any], where: str
 def _chunk_signature(files: Sequence[ImageFile], dtype: str) -> str:
     digest = hashlib.sha256(dtype.encode())
     for f in files:
-        digest.update(f"\0{f.path}\0{f.size}\0{f.mtime_ns}".encode())
+        # The name's bytes: a name that is not UTF-8 hashes too (and a UTF-8 one as it always did).
+        digest.update(b"\0" + name_bytes(f.path) + f"\0{f.size}\0{f.mtime_ns}".encode())
     return digest.hexdigest()
 
 
@@ -235,7 +231,7 @@ def build_index(model: Any, transform: Callable, root: str | os.PathLike, out: s
     if not files:
         raise ValueError(f"no image files under {root} (looked for {', '.join(IMAGE_SUFFIXES)}, recursively)")
     embed_dim = model.config.embed_dim
-    header = {"format": FORMAT, "version": FORMAT_VERSION, "model": identity, "image_root": str(root),
+    header = {"format": FORMAT, "version": FORMAT_VERSION, "model": identity, "image_root": name_to_text(root),
               "dtype": dtype, "embed_dim": embed_dim, "chunk_size": chunk_size, "ldmclip_version": __version__}
     store = index_store(out)
     _prepare(store, header)
@@ -286,14 +282,14 @@ def _embed_chunk(model, transform, root: Path, files: Sequence[ImageFile], store
     kept: list[str] = []
     bad: list[tuple[str, str]] = []
     for positions, images, failures in loader:
-        bad += [(files[i].path, reason) for i, reason in failures]
+        bad += [(name_to_text(files[i].path), reason) for i, reason in failures]
         if images is not None:
             with autocast():
                 features = model.encode_image(images.to(device, non_blocking=True))
             # Normalise in fp32: a bf16 autocast norm would leave vectors visibly off unit length.
             features = torch.nn.functional.normalize(features.float(), dim=-1)
             rows.append(features.to("cpu", DTYPES[dtype]))
-            kept += [files[i].path for i in positions]
+            kept += [name_to_text(files[i].path) for i in positions]
         bar.update(len(positions) + len(failures))
     embeddings = torch.cat(rows) if rows else torch.zeros(0, embed_dim, dtype=DTYPES[dtype])
     meta = {"signature": signature, "paths": kept, "skipped_files": bad,
@@ -307,7 +303,9 @@ def _embed_chunk(model, transform, root: Path, files: Sequence[ImageFile], store
 
 class SearchIndex:
     """A finished index, read into memory: ``embeddings`` [N, D] float32 (unit rows), ``paths`` (relative
-    to ``root``), ``manifest`` (as written) and ``identity`` (the model that made it)."""
+    to ``root``, as text: ``core.formats.name_to_text``, so a name that is not UTF-8 shows and travels in
+    JSON; ``file(i)`` is the file itself), ``manifest`` (as written) and ``identity`` (the model that made
+    it)."""
 
     def __init__(self, path: Path, manifest: dict[str, Any], embeddings: torch.Tensor, paths: list[str],
                  root: Path) -> None:
@@ -350,7 +348,7 @@ class SearchIndex:
             paths += meta["paths"]
         embed_dim = int(manifest.get("embed_dim", 0))
         embeddings = torch.cat(rows) if rows else torch.zeros(0, embed_dim)
-        root = Path(images) if images is not None else Path(manifest["image_root"])
+        root = Path(images) if images is not None else Path(text_to_name(manifest["image_root"]))
         return cls(path, manifest, embeddings, paths, root)
 
     def id_of(self, relative_path: str) -> int | None:
@@ -361,4 +359,4 @@ class SearchIndex:
         """The image file of entry ``i`` (an id from this index, never a user-supplied path)."""
         if not 0 <= i < len(self.paths):
             raise KeyError(i)
-        return self.root / self.paths[i]
+        return self.root / text_to_name(self.paths[i])

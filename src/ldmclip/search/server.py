@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import time
+import zlib
 from typing import Any
 
+from ..core.formats import name_bytes, name_to_text
 from .engine import QueryError, SearchEngine
 
 __all__ = ["create_app", "serve", "MAX_K", "THUMBNAIL_PX"]
@@ -129,7 +132,17 @@ def create_app(engine: SearchEngine):
 
     @app.get("/image/<int:image_id>")
     def image(image_id: int):
-        return send_file(indexed_file(image_id), max_age=3600)
+        path = indexed_file(image_id)
+        # Any name on disk can be served: the one in the Content-Disposition header is text without control
+        # characters (a header refuses a newline), and the ETag is made here from the name's bytes
+        # (werkzeug's own encodes the name as UTF-8, which fails for one that is not).
+        shown = re.sub(r"[\x00-\x1f\x7f]", "_", name_to_text(path.name))
+        try:
+            st = path.stat()
+        except OSError:  # removed since indexed_file looked
+            abort(404, description=f"image {image_id} ({engine.index.paths[image_id]}) is no longer on disk")
+        etag = f"{st.st_mtime_ns}-{st.st_size}-{zlib.adler32(name_bytes(path)):08x}"
+        return send_file(path, download_name=shown, etag=etag, max_age=3600)
 
     @app.get("/thumb/<int:image_id>")
     def thumbnail(image_id: int):
