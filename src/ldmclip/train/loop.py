@@ -282,10 +282,10 @@ def _millions(count: int) -> str:
 def _resume(run: Run) -> None:
     """Load the checkpoint ``--resume`` names (a .pt file, or a sharded folder written by an FSDP2
     run on any number of processes), if there is one."""
-    path = run.checkpointer.find(run.cfg.resume)
-    if path is None:
+    found = run.checkpointer.resume(run.cfg.resume)  # 'latest': the newest that can be read
+    if found is None:
         return
-    saved = run.checkpointer.load(path)
+    path, saved = found
     run.scheduler.load_state_dict(saved["scheduler"])
     run.scaler.load_state_dict(saved["scaler"])
     run.progress = Progress.from_dict(saved["progress"])
