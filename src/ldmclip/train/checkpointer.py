@@ -31,7 +31,7 @@ from torch import nn
 from ..checkpoints.errors import CheckpointError
 from ..checkpoints.state_dict import read_pickle
 from ..core.errors import UserError
-from ..core.files import atomic_write
+from ..core.files import save_torch
 from . import distributed
 from .parallelize import is_fsdp, unwrap
 
@@ -99,7 +99,7 @@ class Checkpointer:
             if self.info.is_main:
                 payload = {"model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
                            **trainer_state}
-                atomic_write(path, lambda tmp: torch.save(payload, tmp))
+                save_torch(path, payload)
                 self._prune()
         distributed.barrier(self.info)
         return path
@@ -119,7 +119,7 @@ class Checkpointer:
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp))
         if self.info.is_main:
-            torch.save(trainer_state, tmp / TRAINER_STATE)
+            save_torch(tmp / TRAINER_STATE, trainer_state)
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
             self._prune()
