@@ -159,6 +159,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     The process group is set up here (and torn down at the end) unless one is already initialised.
     A collective that fails because another process died or hangs becomes a :class:`PeerFailure`
     naming the likely cause, so no process waits forever."""
+    cfg.validate()  # a bad number is one line, before any process group or run folder exists
     info = distributed.init_distributed(cfg.device, cfg.dist_timeout)
     try:
         result = _train(cfg, info)
