@@ -78,3 +78,21 @@ def test_resume_from_an_unreadable_checkpoint_is_one_line(tmp_path, capsys, kind
     assert main(["train", "--model", TINY, "--resume", str(path), "--out", str(tmp_path / "run"),
                  "--steps", "1", "--quiet", "--val-size", "8"]) == 2
     _one_line_error(capsys, "train", path, phrase)
+
+
+@pytest.mark.slow
+def test_resume_latest_past_a_truncated_newest_checkpoint(tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["train", "--model", TINY, "--out", str(run), "--batch-size", "4", "--val-size", "4", "--workers", "0",
+            "--save-every", "1", "--keep-checkpoints", "0", "--eval-every", "0", "--quiet"]
+    assert main([*argv, "--steps", "2"]) == 0
+    newest = run / "checkpoints" / "step_00000002.pt"
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 2])
+    capsys.readouterr()
+    assert main([*argv, "--steps", "3", "--resume", "latest"]) == 0
+    captured = capsys.readouterr()
+    skipped = [line for line in captured.err.splitlines() if "--resume latest" in line]
+    assert len(skipped) == 1 and str(newest.name) in skipped[0] and "truncated" in skipped[0]
+    assert f"resumed from {run / 'checkpoints' / 'step_00000001.pt'} at step 1" in captured.out
+    assert (run / "checkpoints" / "step_00000003.pt").is_file()
