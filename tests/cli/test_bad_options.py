@@ -48,3 +48,20 @@ def test_the_defaults_and_switched_off_values_are_valid():
     TrainConfig().validate()
     TrainConfig(steps=3, grad_clip=0.0, tile_size=None, save_every=0, eval_every=0, warmup=0, workers=0,
                 keep_checkpoints=0, max_bad_fraction=1.0, lr=0.0).validate()
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["eval", "--model", "ViT-T-8-64", "--zeroshot", "{tmp}", "--batch-size", "0"], "--batch-size must be at least 1"),
+    (["eval", "--model", "ViT-T-8-64", "--zeroshot", "{tmp}", "--workers", "-1"], "--workers must be 0 or more"),
+    (["index", "{tmp}", "--model", "ViT-T-8-64", "--out", "{tmp}/i", "--chunk-size", "0"], "--chunk-size must be"),
+    (["index", "{tmp}", "--model", "ViT-T-8-64", "--out", "{tmp}/i", "--batch-size", "-3"], "--batch-size and"),
+    (["cache-text", "{tmp}/c.txt", "--out", "{tmp}/c", "--preset", "sd2", "--model", "ViT-T-8-64", "--random-init",
+      "--batch-size", "0"], "--batch-size and --shard-size must be at least 1"),
+    (["cache-text", "{tmp}/c.txt", "--out", "{tmp}/c", "--preset", "sd2", "--model", "ViT-T-8-64", "--random-init",
+      "--shard-size", "-1"], "--batch-size and --shard-size must be at least 1"),
+])
+def test_other_commands_refuse_zero_or_negative_numbers_in_one_line(tmp_path, capsys, argv, expected):
+    (tmp_path / "c.txt").write_text("a cat\n")
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert "Traceback" not in "\n".join(err) and expected in err[-1] and err[-1].startswith(f"ldmclip {argv[0]}: error:")
