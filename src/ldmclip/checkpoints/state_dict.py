@@ -83,12 +83,12 @@ def _read_safetensors_keys(path: Path, keys: KeyFilter) -> dict[str, torch.Tenso
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             names = openclip_key_names(list(f.keys()))
-            return normalize_state_dict({raw: f.get_tensor(raw) for raw, name in names.items()
-                                         if name is not None and keys(name)})
-    except (OSError, CheckpointError):
+            raw = {key: f.get_tensor(key) for key, name in names.items() if name is not None and keys(name)}
+    except OSError:
         raise
     except Exception as error:  # noqa: BLE001 - SafetensorError
         raise _safetensors_error(path, error) from None
+    return normalize_state_dict(raw)
 
 
 def read_pickle(path: str | Path) -> Any:
