@@ -342,3 +342,18 @@ def test_save_pretrained_is_atomic_and_leaves_no_temp_files(tmp_path):
     model.save_pretrained(tmp_path / "out")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["open_clip_config.json",
                                                                     "open_clip_model.safetensors"]
+
+
+@pytest.mark.parametrize("with_keys", [False, True])  # read whole, or only the text tower (load_text_tower)
+@pytest.mark.parametrize("cut", [0, 7, 100, "half"])
+def test_a_truncated_safetensors_file_is_a_checkpoint_error_naming_it(tiny_reference, tmp_path, with_keys, cut):
+    from ldmclip.core.files import write_safetensors
+    from ldmclip.models.text import is_text_key
+
+    path = tmp_path / "cut.safetensors"
+    write_safetensors(path, tiny_reference.state_dict())
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2 if cut == "half" else cut])
+    with pytest.raises(CheckpointError, match=f"cannot read {path}: ") as error:
+        read_state_dict(path, keys=is_text_key if with_keys else None)
+    assert ("empty (0 bytes)" if cut == 0 else "truncated") in str(error.value)

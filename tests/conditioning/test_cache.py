@@ -224,6 +224,33 @@ def test_an_unreadable_shard_is_left_for_a_rerun(tmp_path, sdxl):
     assert sorted(TextEmbeddingCache(tmp_path / "cache").keys()) == ["a", "b"]
 
 
+@pytest.mark.parametrize("bad", ["zero-bytes", "random-bytes", "cut-in-first-member"])
+def test_a_shard_that_fails_as_a_whole_is_retried_and_ends_in_the_same_cache(tmp_path, sd2, bad):
+    def shard(folder: Path, name: str, n: int) -> Path:
+        folder.mkdir(exist_ok=True)
+        return _tar(folder / f"{name}.tar", [(f"{name}-{i}.txt", f"caption {name} {i}".encode()) for i in range(n)])
+
+    good, broken = tmp_path / "good", tmp_path / "broken"
+    for name in ("00000", "00001"):
+        shard(good, name, 3)
+    shard(broken, "00000", 3)
+    damaged = {"zero-bytes": b"", "random-bytes": random.Random(0).randbytes(3000),
+               "cut-in-first-member": (good / "00001.tar").read_bytes()[:300]}[bad]
+    (broken / "00001.tar").write_bytes(damaged)
+    out = tmp_path / "cache"
+    report = _build(sd2, str(broken / "{00000..00001}.tar"), out)
+    assert report.written == ["00000"] and list(report.failed) == ["00001"]
+    assert not (out / "shards" / "00001.safetensors").exists()  # nothing recorded as done: a rerun retries it
+    assert "rerun" in report.summary()
+    again = _build(sd2, str(broken / "{00000..00001}.tar"), out)  # still broken: still not cached
+    assert again.written == [] and list(again.failed) == ["00001"]
+    (broken / "00001.tar").write_bytes((good / "00001.tar").read_bytes())  # the shard is fixed
+    fixed = _build(sd2, str(broken / "{00000..00001}.tar"), out)
+    assert fixed.written == ["00001"] and fixed.already_done == ["00000"] and not fixed.failed
+    _build(sd2, str(good / "{00000..00001}.tar"), tmp_path / "uninterrupted")
+    assert _tree(out) == _tree(tmp_path / "uninterrupted")
+
+
 # ----------------------------------------------------------------------------------------------------
 # resuming, crash safety, refusing to mix
 # ----------------------------------------------------------------------------------------------------

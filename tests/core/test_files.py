@@ -69,3 +69,39 @@ def test_an_unsupported_dtype_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(TypeError, match="complex"):
         write_safetensors(tmp_path / "t.safetensors", {"z": torch.zeros(2, dtype=torch.complex64)})
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- a full disk: one DiskFullError naming the file, no temporary left, the old file intact
+
+
+@pytest.mark.parametrize("writer", ["safetensors", "json", "torch"])
+@pytest.mark.parametrize("after", [0, 100])  # nothing fits / the disk fills in the middle of the file
+def test_a_full_disk_is_one_error_naming_the_file_and_leaves_no_temporary(tmp_path, monkeypatch, writer, after):
+    from ldmclip.core.files import DiskFullError, save_torch, write_json_atomic
+    from tests.core.disk_full import fill_disk
+
+    path = tmp_path / "out" / f"result.{writer}"
+    write = {"safetensors": lambda: write_safetensors(path, _tensors()),
+             "json": lambda: write_json_atomic(path, {"text": "x" * 1000}),
+             "torch": lambda: save_torch(path, _tensors())}[writer]
+    write()
+    before = path.read_bytes()
+    fill_disk(monkeypatch, after=after)
+    with pytest.raises(DiskFullError) as error:
+        write()
+    message = str(error.value)
+    assert message.startswith(f"disk full writing {path} (") and message.endswith(" MB free)")
+    assert "\n" not in message
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no .result.*.tmp
+    assert path.read_bytes() == before  # the finished file is untouched
+
+
+def test_other_write_errors_are_not_called_a_full_disk(tmp_path, monkeypatch):
+    import ldmclip.core.files
+
+    def broken_open(*args, **kwargs):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(ldmclip.core.files, "open", broken_open, raising=False)
+    with pytest.raises(OSError, match="Input/output error"):
+        write_safetensors(tmp_path / "x.safetensors", _tensors())

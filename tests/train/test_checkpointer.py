@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from ldmclip.checkpoints import CheckpointError
 from ldmclip.core.errors import UserError
 from ldmclip.train.checkpointer import TRAINER_STATE, Checkpointer, list_checkpoints
 from ldmclip.train.distributed import DistInfo
@@ -118,3 +119,59 @@ def test_a_pt_file_cannot_resume_a_sharded_run(tmp_path):
     loader.sharded = True  # what an FSDP2-sharded model makes it
     with pytest.raises(UserError, match="without --fsdp"):
         loader.load(path)
+
+
+# ---- checkpoints that cannot be read
+
+
+def _truncate(path, keep: int | None = None) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2 if keep is None else keep])
+
+
+def test_resume_latest_falls_back_past_unreadable_checkpoints_and_says_so(tmp_path, capsys):
+    saver = _checkpointer(tmp_path, seed=0, keep=0)
+    good = saver.save(10, {"progress": {"step": 10}})
+    _truncate(saver.save(20, {"progress": {"step": 20}}))  # cut short (a disk error, a copy that stopped)
+    _truncate(saver.save(30, {"progress": {"step": 30}}), keep=0)  # zero bytes
+    loader = _checkpointer(tmp_path, seed=1)
+    path, rest = loader.resume("latest")
+    assert path == good and rest == {"progress": {"step": 10}}
+    _assert_same_state(saver, loader)  # saver's state is the one of step 10 (the optimizer did not step since)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1  # one line
+    assert "skipped 2 newer checkpoint(s)" in err and "step_00000020.pt" in err and "step_00000030.pt" in err
+    assert "empty (0 bytes)" in err and f"resuming from {good}" in err
+
+
+def test_resume_latest_with_no_readable_checkpoint_names_them(tmp_path):
+    saver = _checkpointer(tmp_path, keep=0)
+    _truncate(saver.save(5, {}))
+    with pytest.raises(CheckpointError, match=r"no checkpoint in .* can be read: step_00000005\.pt \(cannot read"):
+        _checkpointer(tmp_path).resume("latest")
+
+
+def test_resume_latest_with_nothing_saved_is_a_fresh_start(tmp_path):
+    assert _checkpointer(tmp_path).resume("latest") is None
+    assert _checkpointer(tmp_path).resume(None) is None
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "pickle", "weights"])
+def test_an_unreadable_checkpoint_named_explicitly_is_an_error_naming_it(tmp_path, damage):
+    saver = _checkpointer(tmp_path, keep=0)
+    path = saver.save(5, {})
+    if damage == "truncated":
+        _truncate(path)
+    elif damage == "empty":
+        _truncate(path, keep=0)
+    elif damage == "pickle":  # a pickle of something that is not tensors: never unpickled
+        import pickle
+
+        path.write_bytes(pickle.dumps({"model": warnings.WarningMessage("x", UserWarning, "f", 1)}))
+    else:  # a weights file, not a training checkpoint
+        torch.save(saver.model.state_dict(), path)
+    loader = _checkpointer(tmp_path)
+    before = {k: v.clone() for k, v in loader.model.state_dict().items()}
+    with pytest.raises(CheckpointError, match=str(path)):
+        loader.resume(str(path))
+    assert all(torch.equal(before[k], v) for k, v in loader.model.state_dict().items())  # nothing half-loaded

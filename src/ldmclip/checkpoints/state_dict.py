@@ -27,8 +27,9 @@ from ..models.text import is_text_key
 from .errors import CheckpointError
 from .hf import hf_to_openclip_key, hf_to_openclip_state_dict
 
-__all__ = ["STATE_DICT_SUFFIXES", "CheckpointError", "read_state_dict", "unwrap_checkpoint", "normalize_state_dict",
-           "openclip_key_names", "resize_image_positional_embedding", "infer_config", "load_into_model", "save_state_dict"]
+__all__ = ["STATE_DICT_SUFFIXES", "CheckpointError", "read_state_dict", "read_pickle", "unwrap_checkpoint",
+           "normalize_state_dict", "openclip_key_names", "resize_image_positional_embedding",
+           "infer_config", "load_into_model", "save_state_dict"]
 
 STATE_DICT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
@@ -48,31 +49,80 @@ def read_state_dict(path: str | Path, keys: KeyFilter | None = None) -> dict[str
     if path.suffix == ".safetensors" and keys is not None:
         state = _read_safetensors_keys(path, keys)
     elif path.suffix == ".safetensors":
-        state = normalize_state_dict(unwrap_checkpoint(load_file(str(path), device="cpu"), path))
+        state = normalize_state_dict(unwrap_checkpoint(_read_safetensors(path), path))
     else:
-        state = normalize_state_dict(unwrap_checkpoint(_read_pickle(path), path))
+        state = normalize_state_dict(unwrap_checkpoint(read_pickle(path), path))
     return state if keys is None else {k: v for k, v in state.items() if keys(k)}
+
+
+def _first_line(error: BaseException) -> str:
+    """The gist of a reader's error, short enough for the one-line message (torch's run to paragraphs)."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    text = text.split(". This is an internal miniz error")[0]  # the rest is advice about torch.save
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _safetensors_error(path: Path, error: BaseException) -> CheckpointError:
+    if path.stat().st_size == 0:
+        return CheckpointError(f"cannot read {path}: the file is empty (0 bytes)")
+    return CheckpointError(f"cannot read {path}: not a complete .safetensors file (truncated, or damaged: "
+                           f"{_first_line(error)})")
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path), device="cpu")
+    except OSError:
+        raise  # the disk or a permission, not the file's contents
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own SafetensorError
+        raise _safetensors_error(path, error) from None
 
 
 def _read_safetensors_keys(path: Path, keys: KeyFilter) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file whose OpenCLIP names pass ``keys``; the others stay on disk."""
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        names = openclip_key_names(list(f.keys()))
-        return normalize_state_dict({raw: f.get_tensor(raw) for raw, name in names.items()
-                                     if name is not None and keys(name)})
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            names = openclip_key_names(list(f.keys()))
+            raw = {key: f.get_tensor(key) for key, name in names.items() if name is not None and keys(name)}
+    except OSError:
+        raise
+    except Exception as error:  # noqa: BLE001 - SafetensorError
+        raise _safetensors_error(path, error) from None
+    return normalize_state_dict(raw)
 
 
-def _read_pickle(path: Path) -> Any:
+def read_pickle(path: str | Path) -> Any:
+    """``torch.load(path, weights_only=True)`` with every way a file can fail to be a checkpoint (a pickle
+    that would run code, zero bytes, cut short, a text file) as one :class:`CheckpointError` naming it.
+    Errors of the disk itself (``OSError``) are raised as they are."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        start = f.read(2)
+    if not start:
+        raise CheckpointError(f"cannot read {path}: the file is empty (0 bytes)")
+    if not start.startswith((b"PK", b"\x80")):  # torch.save writes a zip, older torch a pickle (protocol >= 2)
+        raise CheckpointError(f"cannot read {path}: not a checkpoint (neither a .safetensors file nor what "
+                              f"torch.save writes)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        if "weights only load failed" not in str(error).lower():  # not a refusal: a damaged pickle
+            raise _not_a_checkpoint(path, error) from None
         raise CheckpointError(
             f"refusing to load {path}: it is a pickle that would run code or build objects other than "
             f"tensors when loaded ({str(error).splitlines()[0]}). Only load pickles you trust; convert "
             f"trusted ones to .safetensors with safetensors.torch.save_file."
         ) from None
-    except RuntimeError as error:
-        raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint: {error}") from None
+    except OSError:
+        raise
+    except Exception as error:  # noqa: BLE001 - EOFError, RuntimeError (zip), KeyError (a text file), ...
+        raise _not_a_checkpoint(path, error) from None
+
+
+def _not_a_checkpoint(path: Path, error: BaseException) -> CheckpointError:
+    return CheckpointError(f"cannot read {path} as a PyTorch checkpoint: it is truncated, damaged or not a "
+                           f"checkpoint ({_first_line(error)})")
+
 
 
 def unwrap_checkpoint(raw: Any, source: Any = "checkpoint") -> dict[str, torch.Tensor]:
@@ -149,6 +199,10 @@ def resize_image_positional_embedding(pos: torch.Tensor, grid_size: int) -> torc
     return torch.cat([cls_pos, grid], dim=0)
 
 
+def _is_square_grid(positions: int) -> bool:
+    return positions > 0 and math.isqrt(positions) ** 2 == positions
+
+
 def infer_config(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
     """The architecture a state dict describes (best effort, for error messages)."""
     def count(prefix: str) -> int:
@@ -203,26 +257,29 @@ def load_into_model(model: torch.nn.Module, state_dict: dict[str, torch.Tensor],
     expected = model.state_dict()
     pos_key = "visual.positional_embedding"
     if pos_key in state_dict and pos_key in expected and state_dict[pos_key].shape != expected[pos_key].shape \
-            and state_dict[pos_key].shape[1:] == expected[pos_key].shape[1:]:
+            and state_dict[pos_key].shape[1:] == expected[pos_key].shape[1:] \
+            and _is_square_grid(state_dict[pos_key].shape[0] - 1):
         state_dict[pos_key] = resize_image_positional_embedding(state_dict[pos_key], model.visual.grid_size)
+    # (a grid that is not square is not another image size but another model: reported below as mis-shaped)
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     misshaped = sorted(f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
                        for k in set(expected) & set(state_dict) if state_dict[k].shape != expected[k].shape)
     if missing or unexpected or misshaped:
-        lines = [f"{source} does not fit this model config."]
+        # One line (the command line shows a CheckpointError as one), the problems separated by "; ".
+        parts = []
         for title, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped keys", misshaped)):
             if keys:
                 grouped = _group_block_keys(keys)
                 shown = ", ".join(grouped[:12]) + (f", … ({len(grouped) - 12} more)" if len(grouped) > 12 else "")
-                lines.append(f"  {title} ({len(keys)}): {shown}")
+                parts.append(f"{title} ({len(keys)}): {shown}")
         found = infer_config(state_dict)
         suggestions = suggest(found) if suggest is not None else []
         if suggestions:
-            lines.append(f"  The checkpoint looks like: {', '.join(suggestions)}")
+            parts.append(f"the checkpoint looks like: {', '.join(suggestions)}")
         elif found:
-            lines.append(f"  The checkpoint describes: {json.dumps(found)}")
-        raise CheckpointError("\n".join(lines))
+            parts.append(f"the checkpoint describes: {json.dumps(found)}")
+        raise CheckpointError(f"{source} does not fit this model config: {'; '.join(parts)}")
     model.load_state_dict(state_dict, strict=True, assign=assign)
 
 

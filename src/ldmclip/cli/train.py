@@ -87,7 +87,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         value = getattr(args, f.name, None)
         if value is not None:
             values[f.name] = value
-    return TrainConfig(**values)
+    return TrainConfig(**values).validate()
 
 
 def run(args: argparse.Namespace) -> int:

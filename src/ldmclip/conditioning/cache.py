@@ -51,9 +51,10 @@ Captions (the defined outcome for each kind of input)
   encoded and stored once; several keys then point to the same row. Deduplication does not cross
   shards, so shards stay independent (parallel ranks, resuming).
 
-Input shards that cannot be opened or fail while being read (other than a truncated tar file, whose
-complete samples are kept and which is counted as ``truncated_shard``) produce no output shard: they
-are reported, and a rerun retries them.
+Input shards that cannot be opened or fail while being read, and those that give not one sample (a
+zero-byte or non-tar file, a tar cut inside its first member), produce no output shard: they are
+reported, and a rerun retries them. A tar file cut later keeps its complete samples and is counted as
+``truncated_shard``.
 
 Several processes (``torchrun``): rank ``r`` of ``w`` (``RANK``/``WORLD_SIZE``) takes the input chunks
 ``i`` with ``i % w == r``. Rank 0 prepares the folder (manifest, empty prompt) before the others start
@@ -70,14 +71,14 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
 from ..core.errors import UserError
 from ..core.launch import process_rank
 from ..core.precision import DTYPES
-from ..data.samples import REASON_DUPLICATE_KEY
+from ..data.samples import REASON_DUPLICATE_KEY, REASON_SHARD_ERROR, REASON_SHARD_UNREADABLE, REASON_TRUNCATED_SHARD
 from ..data.store import ChunkStore, StoreError, StoreMismatchError, as_json_value, differing_fields
 from .cache_inputs import DEFAULT_SHARD_SIZE, InputChunk, open_inputs
 
@@ -94,7 +95,20 @@ MAX_CAPTION_CHARS = 20_000
 MANIFEST_REFRESH_S = 30.0  # how often rank 0 refreshes the manifest's shard list during a run
 
 # Shard-level problems after which the input shard is retried on the next run instead of cached.
-_RETRY_REASONS = ("shard_unreadable", "shard_error")
+_RETRY_REASONS = (REASON_SHARD_UNREADABLE, REASON_SHARD_ERROR)
+
+
+def _failed_as_a_whole(problems: Mapping[str, int], records: int) -> str | None:
+    """Why an input shard gives no cache shard (None: it is cached). It failed as a whole when it could
+    not be opened, failed while being read, or gave not one record before a tar error: a zero-byte file,
+    random bytes, a copy cut inside its first member. Caching that as an empty shard would mark it done
+    and no rerun would look at it again; a tar cut later keeps the complete samples before the cut."""
+    retry = [r for r in _RETRY_REASONS if problems.get(r)]
+    if retry:
+        return ", ".join(retry)
+    if records == 0 and problems.get(REASON_TRUNCATED_SHARD):
+        return "empty, not a tar file, or cut before its first sample"
+    return None
 
 
 class CacheError(StoreError):
@@ -436,9 +450,9 @@ def build_text_cache(
         for chunk in todo:
             problems: collections.Counter = collections.Counter()
             plan = _plan_chunk(chunk.read(problems))
-            retry = [r for r in _RETRY_REASONS if problems.get(r)]
+            retry = _failed_as_a_whole(problems, plan.counts["records"])
             if retry:  # not cached: a rerun tries this input shard again
-                report.failed[chunk.name] = ", ".join(retry)
+                report.failed[chunk.name] = retry
                 if bar is not None:
                     bar.update(plan.counts["records"])
                 continue

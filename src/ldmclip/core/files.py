@@ -3,15 +3,22 @@ by a hash of their bytes. One implementation, used by every writer in the packag
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
 
-__all__ = ["temp_name", "atomic_write", "write_json_atomic", "fsync_dir", "write_safetensors", "tensors_sha256"]
+from .errors import DiskFullError
+
+__all__ = ["temp_name", "atomic_write", "write_json_atomic", "save_torch", "fsync_dir", "write_safetensors",
+           "tensors_sha256", "is_disk_full", "DiskFullError"]
+
+_DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 def temp_name(path: Path) -> Path:
@@ -33,26 +40,68 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def is_disk_full(error: BaseException) -> bool:
+    """Whether ``error`` or an error it was raised from (``__cause__``/``__context__``: torch wraps the
+    ``OSError`` of a full disk in a ``RuntimeError: ... unexpected pos``) is ENOSPC or EDQUOT."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [error]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in _DISK_FULL_ERRNOS:
+            return True
+        stack += [current.__cause__, current.__context__]
+    return False
+
+
+def _free_bytes(folder: Path) -> int | None:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
     """``write(temp)``, fsync, rename onto ``path``, fsync the folder: a reader (or a resumed run) sees
-    the old file or the new one, never half of one, even after a power cut."""
+    the old file or the new one, never half of one, even after a power cut. A full disk (at any of
+    these steps) removes the temporary and raises :class:`DiskFullError` naming ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     temp = temp_name(path)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         write(temp)
         with open(temp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(temp, path)
-    except BaseException:
+    except BaseException as error:
         temp.unlink(missing_ok=True)
+        if isinstance(error, Exception) and is_disk_full(error):
+            raise DiskFullError(path, _free_bytes(path.parent)) from error
         raise
     fsync_dir(path.parent)
 
 
 def write_json_atomic(path: str | os.PathLike, data: Mapping[str, Any], *, sort_keys: bool = False) -> None:
     text = json.dumps(data, indent=1, ensure_ascii=False, sort_keys=sort_keys) + "\n"
-    atomic_write(path, lambda temp: temp.write_text(text, encoding="utf-8"))
+
+    def write(temp: Path) -> None:
+        with open(temp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    atomic_write(path, write)
+
+
+def save_torch(path: str | os.PathLike, obj: Any) -> None:
+    """``torch.save(obj)`` to ``path`` atomically. Through a Python file object, not a path: then a full
+    disk's ``OSError`` stays attached to torch's ``RuntimeError`` (a path is written by C++ code, which
+    keeps no errno) and becomes a :class:`DiskFullError`."""
+    def write(temp: Path) -> None:
+        with open(temp, "wb") as f:
+            torch.save(obj, f)
+
+    atomic_write(path, write)
 
 
 # dtype names of the safetensors format (https://github.com/huggingface/safetensors, "Format" section).

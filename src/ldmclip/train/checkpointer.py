@@ -20,6 +20,7 @@ from __future__ import annotations
 import random
 import re
 import shutil
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..checkpoints.errors import CheckpointError
+from ..checkpoints.state_dict import read_pickle
 from ..core.errors import UserError
-from ..core.files import atomic_write
+from ..core.files import save_torch
 from . import distributed
 from .parallelize import is_fsdp, unwrap
 
@@ -96,7 +99,7 @@ class Checkpointer:
             if self.info.is_main:
                 payload = {"model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
                            **trainer_state}
-                atomic_write(path, lambda tmp: torch.save(payload, tmp))
+                save_torch(path, payload)
                 self._prune()
         distributed.barrier(self.info)
         return path
@@ -116,7 +119,7 @@ class Checkpointer:
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp))
         if self.info.is_main:
-            torch.save(trainer_state, tmp / TRAINER_STATE)
+            save_torch(tmp / TRAINER_STATE, trainer_state)
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
             self._prune()
@@ -144,20 +147,62 @@ class Checkpointer:
             raise UserError(f"--resume {resume}: no such checkpoint file or sharded checkpoint folder")
         return path
 
+    def resume(self, resume: str | None) -> tuple[Path, dict[str, Any]] | None:
+        """``(path, rest of the trainer state)`` of the checkpoint ``--resume`` names, loaded (see
+        :meth:`load`); None when there is none to resume from.
+
+        ``latest`` takes the newest checkpoint that can be read: newer ones that cannot (truncated,
+        damaged) are skipped, and one line on stderr names each and why. A checkpoint named explicitly
+        that cannot be read is a :class:`CheckpointError` naming it."""
+        if resume != LATEST:
+            path = self.find(resume)
+            return None if path is None else (path, self.load(path))
+        found = list_checkpoints(self.directory)
+        skipped: list[str] = []
+        for path in reversed(found):
+            try:
+                saved = self._read(path)
+            except CheckpointError as error:
+                skipped.append(f"{path.name} ({error})")
+                continue
+            if skipped and self.info.is_main:
+                print(f"--resume latest: skipped {len(skipped)} newer checkpoint(s) that cannot be read: "
+                      f"{'; '.join(skipped)}; resuming from {path}", file=sys.stderr, flush=True)
+            return path, self._apply(path, saved)
+        if skipped:
+            raise CheckpointError(f"--resume latest: no checkpoint in {self.directory} can be read: "
+                                  f"{'; '.join(skipped)}")
+        return None
+
     def load(self, path: Path) -> dict[str, Any]:
         """Load model and optimizer state from ``path`` into the trainer's; returns the rest of the
-        trainer state (scheduler, scaler, rng, progress...). Collective for a sharded folder."""
+        trainer state (scheduler, scaler, rng, progress...). Collective for a sharded folder. A file that
+        cannot be read is a :class:`CheckpointError` naming it."""
+        return self._apply(path, self._read(path))
+
+    def _read(self, path: Path) -> dict[str, Any]:
+        """What can be read of ``path`` before anything of the trainer is changed: a ``.pt`` file whole,
+        a sharded folder's trainer state (its shards are read by DCP when applied)."""
         if is_sharded_checkpoint(path):
-            return self._load_sharded(path)
+            return read_pickle(path / TRAINER_STATE)
         if self.sharded:
             raise UserError(f"--resume {path} is a single-file checkpoint of a single-process or DDP run; "
                             f"resume it without --fsdp (sharded checkpoints are folders)")
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        saved = read_pickle(path)
+        if not (isinstance(saved, dict) and isinstance(saved.get("model"), dict) and "optimizer" in saved):
+            raise CheckpointError(f"{path} is not a checkpoint of ldmclip train (no model and optimizer state); "
+                                  f"to start from its weights, use --pretrained")
+        return saved
+
+    def _apply(self, path: Path, saved: dict[str, Any]) -> dict[str, Any]:
+        if is_sharded_checkpoint(path):
+            self._load_sharded(path)
+            return saved
         unwrap(self.model).load_state_dict(saved.pop("model"))
         self.optimizer.load_state_dict(saved.pop("optimizer"))
         return saved
 
-    def _load_sharded(self, path: Path) -> dict[str, Any]:
+    def _load_sharded(self, path: Path) -> None:
         """DCP reshards into the model and optimizer as they are sharded now (FSDP2 on any number of
         processes, DDP or a single process)."""
         import torch.distributed as dist
@@ -172,4 +217,3 @@ class Checkpointer:
             warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
             dcp.load(state, checkpoint_id=str(path), no_dist=single)
         set_state_dict(model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-        return torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)

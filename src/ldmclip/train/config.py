@@ -91,6 +91,20 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def validate(self) -> "TrainConfig":
+        """Check every number against its range before anything starts (the command line and
+        :func:`ldmclip.train.train` both call this): a bad one is a one-line :class:`UserError` naming its
+        flag, instead of a ``ZeroDivisionError`` or ``length must be >= 0, got -320`` from deep inside."""
+        for name, spec in _RANGES.items():
+            value = getattr(self, name)
+            if value is None and name in _OPTIONAL:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise UserError(f"{_flag(name)} must be a number, got {value!r}")
+            if not _in_range(value, spec):
+                raise UserError(f"{_flag(name)} must be {_range_text(spec)}, got {value:g}{_HINTS.get(name, '')}")
+        return self
+
     @classmethod
     def from_file(cls, path: str | Path) -> dict[str, Any]:
         """Field values from a YAML or JSON file (unknown keys are an error)."""
@@ -112,3 +126,35 @@ class TrainConfig:
         if unknown:
             raise UserError(f"unknown option(s) in {path}: {', '.join(unknown)}; known: {', '.join(sorted(names))}")
         return values
+
+
+# name -> (low, high) bounds as text: "[1," is at least 1, "(0," more than 0, "[0, 1)" from 0 up to but not
+# including 1. Zero is allowed where it means "off" (--save-every 0, --grad-clip 0, --warmup 0, --workers 0).
+_RANGES: dict[str, str] = {
+    "batch_size": "[1,", "accum": "[1,", "steps": "[1,", "epochs": "(0,", "val_size": "[1,", "workers": "[0,",
+    "shuffle_buffer": "[0,", "lr": "[0,", "wd": "[0,", "beta1": "[0, 1)", "beta2": "[0, 1)", "eps": "[0,",
+    "warmup": "[0,", "grad_clip": "[0,", "tile_size": "[1,", "patch_dropout": "[0, 1)", "dist_timeout": "(0,",
+    "save_every": "[0,", "keep_checkpoints": "[0,", "eval_every": "[0,", "log_every": "[1,",
+    "max_bad_fraction": "[0, 1]", "max_nonfinite_steps": "[1,",
+}
+_OPTIONAL = frozenset({"steps", "epochs", "grad_clip", "tile_size"})  # None: the default / off
+_HINTS = {"steps": " (leave it out for the default)", "epochs": " (leave it out to give --steps instead)"}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _in_range(value: float, spec: str) -> bool:
+    low, high = (part.strip() for part in spec.split(","))
+    low_ok = value >= float(low[1:]) if low[0] == "[" else value > float(low[1:])
+    if not high:
+        return low_ok
+    return low_ok and (value <= float(high[:-1]) if high[-1] == "]" else value < float(high[:-1]))
+
+
+def _range_text(spec: str) -> str:
+    low, high = (part.strip() for part in spec.split(","))
+    if not high:
+        return f"at least {low[1:]}" if low[0] == "[" else f"more than {low[1:]}"
+    return f"from {low[1:]} to {high[:-1]}" + ("" if high[-1] == "]" else f" (less than {high[:-1]})")

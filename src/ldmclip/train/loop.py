@@ -191,6 +191,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     The process group is set up here (and torn down at the end) unless one is already initialised.
     A collective that fails because another process died or hangs becomes a :class:`PeerFailure`
     naming the likely cause, so no process waits forever."""
+    cfg.validate()  # a bad number is one line, before any process group or run folder exists
     info = distributed.init_distributed(cfg.device, cfg.dist_timeout)
     try:
         result = _train(cfg, info)
@@ -314,10 +315,10 @@ def _millions(count: int) -> str:
 def _resume(run: Run) -> None:
     """Load the checkpoint ``--resume`` names (a .pt file, or a sharded folder written by an FSDP2
     run on any number of processes), if there is one."""
-    path = run.checkpointer.find(run.cfg.resume)
-    if path is None:
+    found = run.checkpointer.resume(run.cfg.resume)  # 'latest': the newest that can be read
+    if found is None:
         return
-    saved = run.checkpointer.load(path)
+    path, saved = found
     run.scheduler.load_state_dict(saved["scheduler"])
     run.scaler.load_state_dict(saved["scaler"])
     run.progress = Progress.from_dict(saved["progress"])
