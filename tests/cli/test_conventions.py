@@ -117,3 +117,12 @@ def test_a_train_config_file_may_spell_the_run_folder_like_the_flag(tmp_path):
     assert cfg.output == "runs/from-file" and cfg.steps == 7
     flag_wins = config_from_args(_parse("train", "--config", tmp_path / "run.yaml", "--out", "runs/flag"))
     assert flag_wins.output == "runs/flag"
+
+
+@pytest.mark.parametrize("command, required", [
+    ("train", []), ("eval", ["--model", "m", "--zeroshot", "d"]), ("pack", ["t.csv", "--out", "o"]),
+    ("index", ["d", "--out", "o", "--model", "m"]), ("cache-text", ["c.txt", "--out", "o", "--preset", "sd2"]),
+])
+def test_every_command_with_a_progress_bar_takes_quiet(command, required):
+    args = build_parser().parse_args([command, *required, "--quiet"])
+    assert getattr(args, "quiet", None) is True or getattr(args, "progress", None) is False

@@ -13,7 +13,7 @@ from ..core.formats import carries_weights
 from ..data.samples import default_workers
 from .common import (STDOUT, add_column_options, add_device_option, add_hidden_alias, add_image_root_option,
                      add_json_option, add_model_options, add_precision_option, add_split_option,
-                     add_workers_option, write_json_output)
+                     add_quiet_option, add_workers_option, write_json_output)
 
 __all__ = ["HELP", "DESCRIPTION", "EPILOG", "add_arguments", "run", "format_results"]
 
@@ -69,6 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_precision_option(data)
     add_device_option(data)
     add_workers_option(data, default_workers())
+    add_quiet_option(data)
     add_json_option(data, "write the results as JSON to this file ('-': standard output, the table then goes "
                           "to standard error)")
     add_hidden_alias(data, "--out", "json")  # the old spelling of --json FILE
@@ -176,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     run = dict(batch_size=args.batch_size, device=device, workers=args.workers,
-               autocast=lambda: autocast(precision, device))
+               autocast=lambda: autocast(precision, device), progress=not args.quiet)
     if zero_source is not None:
         result = evaluate_zero_shot(model, tokenizer, zero_source, templates, confusion_png=_confusion_path(args),
                                     **run)

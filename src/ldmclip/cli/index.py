@@ -10,7 +10,7 @@ from ..core.formats import HF_HUB_PREFIX, LOCAL_DIR_PREFIX, carries_weights
 from ..core.precision import DTYPES, dtype_name
 from ..data.samples import default_workers
 from .common import (add_device_option, add_dtype_option, add_model_options, add_out_option, add_precision_option,
-                     add_workers_option)
+                     add_quiet_option, add_workers_option)
 
 __all__ = ["HELP", "DESCRIPTION", "EPILOG", "add_arguments", "run", "absolute_spec"]
 
@@ -61,6 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_precision_option(parser)
     add_device_option(parser)
     add_workers_option(parser, default_workers())
+    add_quiet_option(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -88,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
     result = build_index(model, transform, args.images, args.out, identity=model_identity(model, name, pretrained),
                          batch_size=args.batch_size, chunk_size=args.chunk_size, dtype=_index_dtype(args.dtype),
                          device=device,
-                         workers=args.workers, autocast=lambda: autocast(precision, device))
+                         workers=args.workers, autocast=lambda: autocast(precision, device),
+                         progress=not args.quiet)
     print(f"ldmclip index: {result.images:,} of {result.files:,} images indexed into {result.out} "
           f"({result.embed_dim}-d {args.dtype}, {result.chunks} chunk(s), {result.chunks_reused} kept from an "
           f"earlier run, {result.seconds:.1f} s)")
