@@ -160,3 +160,14 @@ def test_files_with_a_newline_or_a_non_utf8_name_are_served(tmp_path, model_name
         assert client.get(f"/thumb/{image_id}").status_code == 200
         similar = client.get("/api/similar", query_string={"path": name_to_text(name), "k": 1}).get_json()
         assert similar["id"] == image_id and similar["path"] == name_to_text(name)  # the copy ties with its source
+
+
+def test_an_image_root_whose_name_is_not_utf8_is_shown_as_text(tmp_path, model_name):
+    import os
+
+    images = make_images(tmp_path / os.fsdecode(b"photos-\xe9t\xe9"), per_colour=1)
+    build(model_name, images, tmp_path / "index")
+    client = create_app(SearchEngine.open(tmp_path / "index")).test_client()
+    info = client.get("/api/info")
+    assert info.status_code == 200
+    assert info.get_json()["image_root"].endswith("photos-\\xe9t\\xe9")

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import UserError
+from ..core.formats import name_to_text
 from ..search.neighbors import DEFAULT_ANN_THRESHOLD
 from .common import add_device_option, add_image_root_option, add_json_option, write_json_output
 
@@ -68,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         write_json_output(args.json, {
             "query": args.query, "kind": kind, "search": engine.searcher.kind, "note": engine.searcher.note,
-            "recall": getattr(engine.searcher, "recall", None), "image_root": str(engine.index.root),
+            "recall": getattr(engine.searcher, "recall", None), "image_root": name_to_text(engine.index.root),
             "results": [h.as_dict() for h in hits]})
         return 0
     print(f"{len(hits)} nearest of {len(engine.index):,} images to the {kind} {args.query!r} "

@@ -13,6 +13,7 @@ import torch
 from ..data.samples import BadSample, apply_transform, decode_image
 from ..core.devices import resolve_device
 from ..core.errors import UserError
+from ..core.formats import name_to_text
 from .index import SearchIndex, check_same_model, model_identity
 from .neighbors import DEFAULT_ANN_THRESHOLD, Searcher, make_searcher
 
@@ -129,7 +130,7 @@ class SearchEngine:
     def info(self) -> dict[str, Any]:
         """What is loaded, for people (``ldmclip serve`` shows it; ``/api/info`` returns it)."""
         identity = self.index.identity
-        return {"index": str(self.index.path), "images": len(self.index), "image_root": str(self.index.root),
+        return {"index": str(self.index.path), "images": len(self.index), "image_root": name_to_text(self.index.root),
                 "model": identity.get("name"), "pretrained": identity.get("pretrained"),
                 "skipped": self.index.manifest.get("skipped", {}), "search": self.searcher.kind,
                 "search_note": self.searcher.note, "recall": getattr(self.searcher, "recall", None)}
