@@ -422,3 +422,11 @@ def test_image_byte_limit_from_the_environment(monkeypatch):
     monkeypatch.setenv("LDMCLIP_MAX_IMAGE_MB", "64MB")
     with pytest.raises(ValueError, match="LDMCLIP_MAX_IMAGE_MB must be a number"):
         reading._limit_from_env()
+
+
+def test_every_dataloader_worker_dies_with_its_command():
+    # eval, index and the other map-style loaders: a killed command leaves no worker behind (as train's).
+    from ldmclip.data.samples import exit_with_parent, make_dataloader
+
+    loader = make_dataloader([1, 2, 3], None, 2, num_workers=1)
+    assert loader.worker_init_fn is exit_with_parent

@@ -52,9 +52,13 @@ One sample never costs the job, its memory or its time. The limits, each settabl
 from __future__ import annotations
 
 import collections
+import ctypes
 import logging
 import math
+import multiprocessing
 import os
+import signal
+import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
@@ -66,6 +70,8 @@ from ..core import reading
 from ..transforms import EvalTransform, TrainTransform, load_image, resize_problem
 
 __all__ = [
+    "exit_if_orphaned",
+    "exit_with_parent",
     "Sample",
     "SampleStats",
     "Batch",
@@ -482,6 +488,30 @@ def default_workers() -> int:
     return max(0, min(8, (os.cpu_count() or 1) - 1))
 
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def exit_with_parent(worker_id: int | None = None) -> None:
+    """Make this (DataLoader worker) process die with its parent: a ``worker_init_fn``.
+
+    Linux: ``prctl(PR_SET_PDEATHSIG, SIGKILL)``, so the kernel kills the worker when the parent (the
+    thread that started it) ends, even by SIGKILL, and even while the worker is stuck in a read. Then,
+    as on other systems, a parent already gone ends the worker at once. Harmless where unsupported."""
+    del worker_id
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):  # no libc symbol: fall back on the parent check alone
+            pass
+    exit_if_orphaned()
+
+
+def exit_if_orphaned() -> None:
+    parent = multiprocessing.parent_process()
+    if parent is not None and parent.pid is not None and os.getppid() != parent.pid:
+        os._exit(1)  # nobody is left to read what this worker would produce
+
+
 def make_dataloader(
     dataset: torch.utils.data.Dataset,
     tokenizer: Callable[[list[str]], torch.Tensor] | None,
@@ -521,5 +551,6 @@ def make_dataloader(
         pin_memory=pin_memory,
         drop_last=drop_last,
         generator=generator,
+        worker_init_fn=exit_with_parent,  # no worker outlives a killed command
         **kwargs,
     )

@@ -38,16 +38,13 @@ parent before each shard.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import multiprocessing
 import multiprocessing.context
 import os
 import random
 import re
-import signal
 import stat
-import sys
 import tarfile
 import time
 import warnings
@@ -59,7 +56,8 @@ import torch.utils.data
 from ..core.errors import UserError
 from ..core.launch import process_rank
 from .samples import (REASON_DUPLICATE_KEY, REASON_SHARD_ERROR, REASON_SHARD_UNREADABLE, REASON_TRUNCATED_SHARD,
-                      Sample, SampleStats, clear_pending, has_pending, load_sample, record_bad)
+                      Sample, SampleStats, clear_pending, exit_if_orphaned, exit_with_parent, has_pending, load_sample,
+                      record_bad)
 
 __all__ = ["ShardDataset", "ShardStallError", "make_shard_pipeline", "expand_urls", "dataset_size",
            "exit_with_parent", "IMAGE_EXTENSIONS", "STALL_ATTEMPTS", "STALL_SECONDS"]
@@ -93,30 +91,6 @@ def _worker_message(text: str, cls: type) -> str:
         if line.startswith(prefix):
             return line[len(prefix):]
     return text
-
-
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-def exit_with_parent(worker_id: int | None = None) -> None:
-    """Make this (DataLoader worker) process die with its parent: a ``worker_init_fn``.
-
-    Linux: ``prctl(PR_SET_PDEATHSIG, SIGKILL)``, so the kernel kills the worker when the parent (the
-    thread that started it) ends, even by SIGKILL, and even while the worker is stuck in a read. Then,
-    as on other systems, a parent already gone ends the worker at once. Harmless where unsupported."""
-    del worker_id
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-        except (OSError, AttributeError):  # no libc symbol: fall back on the parent check alone
-            pass
-    _exit_if_orphaned()
-
-
-def _exit_if_orphaned() -> None:
-    parent = multiprocessing.parent_process()
-    if parent is not None and parent.pid is not None and os.getppid() != parent.pid:
-        os._exit(1)  # nobody is left to read what this worker would produce
 
 
 class _StallWatch:
@@ -421,7 +395,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         in_worker = torch.utils.data.get_worker_info() is not None
         for url in urls:
             if in_worker:
-                _exit_if_orphaned()
+                exit_if_orphaned()
             usable = False
             for raw in self._read_shard(url):
                 usable = usable or self._usable(raw)

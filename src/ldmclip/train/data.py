@@ -124,7 +124,7 @@ class MapStyleData:
         raise UserError("say how long to train: --steps N or --epochs E")
 
     def batches(self, position: DataPosition, device: torch.device) -> Iterator[TrainBatch]:
-        from ..data.shards import exit_with_parent
+        from ..data.samples import exit_with_parent
 
         epoch, done = position.epoch, position.batches
         while True:
@@ -168,7 +168,7 @@ class StreamData:
     def batches(self, position: DataPosition, device: torch.device) -> Iterator[TrainBatch]:
         """Endless batches. Shards that give no usable sample end the stream in a ``ShardStallError``
         naming them (raised by the shard reader, in a worker or here), never in an endless wait."""
-        from ..data.shards import exit_with_parent
+        from ..data.samples import exit_with_parent
 
         epoch, done = position.epoch, position.batches
         while True:
