@@ -171,6 +171,8 @@ def test_eval_zeroshot_and_retrieval_count_by_reason_and_use_every_good_image(co
     assert rt["num_images"] == rt["num_captions"] == len(corpus.table_good)
     image_reasons = {r: n for r, n in corpus.table_reasons.items() if "caption" not in r}
     assert rt["skipped"]["reasons"] == image_reasons
+    # rows whose caption is unusable are left out before any image is read, counted by their reason
+    assert rt["captions_skipped"] == {r: n for r, n in corpus.table_reasons.items() if "caption" in r}
 
 
 def test_eval_retrieval_on_shards(corpus, saved_model, tmp_path):
