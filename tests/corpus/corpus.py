@@ -111,14 +111,19 @@ def _reasons(names: list[str]) -> dict[str, int]:
     return counts
 
 
-def _tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
+def _tar_bytes(members: list[tuple[str, bytes | tuple[bytes, str]]]) -> bytes:
+    """A tar of (name, data) members; data ``(type, link)`` makes a directory, symlink or hard link."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for name, data in members:
             info = tarfile.TarInfo(name)
-            info.size = len(data)
             info.mtime = 0
-            tar.addfile(info, io.BytesIO(data))
+            if isinstance(data, tuple):
+                info.type, info.linkname = data
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
     return buf.getvalue()
 
 
@@ -229,12 +234,20 @@ def _build_shards(c: Corpus) -> None:
     members += [("gifonly.gif", good["anim.gif"]), ("gifonly.txt", b"a GIF: not a shard image type")]
     members += [("emptycap.jpg", good["rgb.jpg"]), ("emptycap.txt", b"  ")]
     members += [("good00.jpg", good["cmyk.jpg"]), ("good00.txt", b"a second copy of good00")]
+    # members that are not regular files: the image of such a key is missing (nothing is followed)
+    members += [("adir", (tarfile.DIRTYPE, "")), ("evil.jpg", (tarfile.SYMTYPE, "/etc/passwd")),
+                ("evil.txt", b"a symlink member"), ("hard.jpg", (tarfile.LNKTYPE, "good01.jpg")),
+                ("hard.txt", b"a hard-link member")]
+    # a member named ../ is only a key here (shards are streamed, never extracted): a good sample
+    members += [("../up.png", good["palette.png"]), ("../up.txt", b"a dot-dot member")]
+    c.shard_good["../up"] = "a dot-dot member"
     (c.shards / "00000.tar").write_bytes(_tar_bytes(members))
-    c.shard_reasons = {"empty_file": 1, "not_an_image": 1, "missing_caption": 1, "missing_image": 1,
+    c.shard_reasons = {"empty_file": 1, "not_an_image": 1, "missing_caption": 1, "missing_image": 3,
                        "empty_caption": 1, "duplicate_key": 1}
     # The text cache reads captions only: a bad image member does not matter to it.
     c.shard_captions = {**c.shard_good, "badzero": "zero bytes", "badrandom": "random bytes",
-                        "gifonly": "a GIF: not a shard image type"}
+                        "gifonly": "a GIF: not a shard image type", "evil": "a symlink member",
+                        "hard": "a hard-link member"}
     (c.shards / "00001.tar").write_bytes(b"")
     (c.shards / "00002.tar").write_bytes(bytes(range(256)) * 40)
     whole = _tar_bytes([("cut.jpg", good["rgb.jpg"] * 4), ("cut.txt", b"never read")])
