@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -56,6 +57,13 @@ def index(corpus, saved_model, tmp_path_factory) -> Path:
     _ok(proc)
     reasons = dict(r.split(" ") for r in proc.stdout.split("unreadable file(s): ")[1].splitlines()[0].split(", "))
     assert {r: int(n) for r, n in reasons.items()} == corpus.image_reasons
+    # a rerun (which once failed on every try on a non-UTF-8 name) keeps what the first run made
+    again = ldmclip("index", corpus.images, "--out", out, "--model", saved_model, "--workers", "0",
+                    "--batch-size", "4", "--quiet")
+    _ok(again)
+    good = len(corpus.good_image_names)
+    assert f"{good} of {good + sum(corpus.image_reasons.values())} images indexed" in again.stdout
+    assert re.search(r"(\d+) chunk\(s\), \1 kept from an earlier run", again.stdout), again.stdout  # all chunks
     return out
 
 
@@ -114,14 +122,14 @@ def test_serve_answers_search_and_images_with_odd_names(corpus, index):
 
 
 def _shard_samples(folder: Path) -> dict[str, str]:
-    """caption -> image member name, over every shard pack wrote."""
-    out = {}
+    """caption -> the source image named in the sample's JSON, over every shard pack wrote."""
+    members: dict[str, dict[str, bytes]] = collections.defaultdict(dict)
     for shard in sorted(folder.glob("*.tar")):
         with tarfile.open(shard) as tar:
             for member in tar.getmembers():
-                if member.name.endswith(".txt"):
-                    out[tar.extractfile(member).read().decode()] = member.name
-    return out
+                key, ext = member.name.rsplit(".", 1)
+                members[key][ext] = tar.extractfile(member).read()
+    return {parts["txt"].decode(): json.loads(parts["json"])["image"] for parts in members.values()}
 
 
 def test_pack_table_writes_exactly_the_good_rows(corpus, tmp_path):
@@ -142,8 +150,12 @@ def test_pack_table_writes_exactly_the_good_rows(corpus, tmp_path):
 def test_pack_folder_writes_every_good_image_with_its_sidecar(corpus, tmp_path):
     proc = ldmclip("pack", corpus.images, "--out", tmp_path / "out", "--workers", "0", "--quiet")
     _ok(proc)
+    from ldmclip.core.formats import name_to_text
+
     captions = _shard_samples(tmp_path / "out")
-    assert set(captions) == {caption_of(n) for n in [*corpus.good_image_names, "bomb_1x20000.png"]}
+    used = [*corpus.good_image_names, "bomb_1x20000.png"]
+    # each sample is its own image with its own caption; odd names are written as text (name_to_text)
+    assert captions == {caption_of(n): name_to_text(n) for n in used}
     expected = collections.Counter(corpus.image_reasons)
     expected["decompression_bomb"] -= 1
     line = next(line for line in proc.stdout.splitlines() if line.startswith("skipped "))
