@@ -20,6 +20,7 @@ SIZE = 24  # tiny images: the corpus is about bad input, not pixels
 # A file name that is not UTF-8 (b'caf\xe9'), as the str os.listdir gives for it (surrogate escapes).
 NON_UTF8_NAME = os.fsdecode(b"caf\xe9.png")
 NEWLINE_NAME = "new\nline.png"
+NON_UTF8_CLASS = os.fsdecode(b"m\xfcll")  # a class folder whose name is not UTF-8
 
 
 def _encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -166,10 +167,11 @@ def build_corpus(root: Path) -> Corpus:
 
 
 def _build_classes(c: Corpus) -> None:
-    """cat/ and dog/ hold good and bad images (dog/ a link loop up to classes/), broken/ only bad ones."""
+    """cat/, dog/ and a non-UTF-8 class hold good images, cat/ also bad ones, dog/ a FIFO and a link loop
+    up to classes/; broken/ holds only bad ones (so it is left out of the classifier)."""
     good, bad = good_images(), bad_images()
     names = list(good)
-    for cls, picks in (("cat", names[:5]), ("dog", names[5:])):
+    for cls, picks in (("cat", names[:4]), ("dog", names[4:8]), (NON_UTF8_CLASS, names[8:])):
         folder = c.classes / cls
         folder.mkdir(parents=True)
         for name in picks:

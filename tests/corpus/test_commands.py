@@ -176,9 +176,13 @@ def test_eval_zeroshot_and_retrieval_count_by_reason_and_use_every_good_image(co
     # dog/uplink -> .. is not followed: each image is counted once, under its own class
     assert zs["num_images"] == sum(len(v) for v in corpus.class_images.values())
     assert zs["num_classes"] == len(corpus.class_images)
+    from ldmclip.core.formats import name_to_text
+
+    assert set(zs["per_class_accuracy"]) == {name_to_text(c) for c in corpus.class_images}
     assert zs["excluded_classes"]["names"] == ["broken"]
     assert zs["skipped"]["reasons"] == corpus.class_reasons
-    assert [sum(row) for row in zs["confusion_matrix"]] == [len(corpus.class_images[c]) for c in sorted(corpus.class_images)]
+    rows = [sum(row) for row in zs["confusion_matrix"]]
+    assert rows == [len(corpus.class_images[c]) for c in sorted(corpus.class_images)]
     rt = result["retrieval"]
     assert rt["num_images"] == rt["num_captions"] == len(corpus.table_good)
     image_reasons = {r: n for r, n in corpus.table_reasons.items() if "caption" not in r}
