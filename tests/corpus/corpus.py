@@ -79,8 +79,9 @@ def bad_images() -> dict[str, tuple[bytes, str]]:
     }
 
 
-# Not regular files: a dangling link and a FIFO named like images (the loop link is not a sample).
-SPECIAL_REASONS = {"dangling.jpg": "missing_file", "x.jpg": "not_a_file"}
+# Made in place: a dangling link and a FIFO named like images (the loop link is not a sample), and a
+# sparse file over the 64 MiB image limit (no disk used; refused before it is read).
+SPECIAL_REASONS = {"dangling.jpg": "missing_file", "x.jpg": "not_a_file", "sparse.jpg": "too_large"}
 
 
 def sidecar(name: str) -> str:
@@ -102,6 +103,8 @@ def _write_image_dir(folder: Path) -> None:
         (folder / sidecar(name)).write_text(caption_of(name), encoding="utf-8", errors="surrogateescape")
     os.symlink(folder / "no-such-target.jpg", folder / "dangling.jpg")
     os.mkfifo(folder / "x.jpg")
+    with open(folder / "sparse.jpg", "wb") as f:
+        f.truncate(100 * 2**20)
     os.symlink("..", folder / "uplink")  # a directory symlink loop: must not be followed
 
 
