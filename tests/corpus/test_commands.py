@@ -89,12 +89,12 @@ def _get(url: str) -> bytes:
         return response.read()
 
 
-def test_serve_answers_search_and_images_with_odd_names(corpus, index):
+def test_serve_answers_search_and_images_with_odd_names(corpus, index, tmp_path):
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "ldmclip", "serve", str(index), "--port", str(port), "--device", "cpu"]
-    server = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              stdin=subprocess.DEVNULL)
+    log = open(tmp_path / "serve.log", "w+")  # a file, not a pipe: request logs can never fill it and block
+    server = subprocess.Popen(cmd, env=_env(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -103,9 +103,10 @@ def test_serve_answers_search_and_images_with_odd_names(corpus, index):
                 break
             except OSError:
                 if server.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"serve did not come up: {server.stderr.read().decode() if server.poll() else 'hang'}")
+                    pytest.fail(f"serve did not come up within 60 s:\n{(tmp_path / 'serve.log').read_text()}")
                 time.sleep(0.3)
-        assert info
+        assert info["images"] == len(corpus.good_image_names)
+        assert info["skipped"] == corpus.image_reasons
         hits = json.loads(_get(f"{base}/api/search?" + urllib.parse.urlencode({"q": "a photo", "k": 50})))["results"]
         assert len(hits) == len(corpus.good_image_names)
         by_path = {hit["path"]: hit for hit in hits}
@@ -117,6 +118,7 @@ def test_serve_answers_search_and_images_with_odd_names(corpus, index):
     finally:
         server.terminate()
         server.wait(timeout=10)
+        log.close()
 
 
 # ----------------------------------------------------------------------------------------------- pack
