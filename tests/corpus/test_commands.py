@@ -207,9 +207,9 @@ def test_eval_retrieval_on_shards(corpus, saved_model, tmp_path):
 # ---------------------------------------------------------------------------------------------- train
 
 
-def _train(tmp_path: Path, *args: str | os.PathLike) -> tuple[subprocess.CompletedProcess, dict]:
+def _train(tmp_path: Path, *args: str | os.PathLike, workers: int = 0) -> tuple[subprocess.CompletedProcess, dict]:
     out = tmp_path / "run"
-    proc = ldmclip("train", "--model", MODEL, "--workers", "0", "--eval-every", "0", "--save-every", "0",
+    proc = ldmclip("train", "--model", MODEL, "--workers", str(workers), "--eval-every", "0", "--save-every", "0",
                    "--quiet", "--out", out, *args)
     summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
     return proc, summary
@@ -217,9 +217,10 @@ def _train(tmp_path: Path, *args: str | os.PathLike) -> tuple[subprocess.Complet
 
 def test_train_on_the_table_uses_every_good_row(corpus, tmp_path):
     rows = sum(corpus.table_reasons.values()) + len(corpus.table_good)
-    # one batch of every row: each bad row is counted once, each good one trained on
+    # one batch of every row: each bad row is counted once, each good one trained on. One worker
+    # process (the default): the FIFO is met there, and the counts travel back from it.
     proc, summary = _train(tmp_path, "--data", corpus.table, "--images", corpus.images, "--steps", "1",
-                           "--batch-size", str(rows))
+                           "--batch-size", str(rows), workers=1)
     _ok(proc)
     assert summary["steps"] == 1
     assert summary["samples"] == len(corpus.table_good)
