@@ -188,7 +188,7 @@ def evaluate_retrieval(model, tokenizer, source: RetrievalSource, *, batch_size:
     device = torch.device(device)
     started = time.perf_counter()
     stats = SampleStats()        # per image (tables) or per image–caption pair (shards)
-    caption_skips: Counter = Counter()  # tables: captions left out although their image was read
+    caption_skips: Counter = Counter(source.caption_skips)  # tables: rows left out, and captions of read images
     if source.pairs is not None:
         image_features, text_features, text_to_image = _encode_pairs(
             model, tokenizer, source, batch_size, device, workers, autocast, progress, stats)

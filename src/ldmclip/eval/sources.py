@@ -26,9 +26,10 @@ import json
 import os
 import posixpath
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch.utils.data
 
@@ -88,6 +89,7 @@ class RetrievalSource:
     pairs: torch.utils.data.Dataset | None = None
     size: int | None = None
     shards: int = 0
+    caption_skips: dict[str, int] = field(default_factory=dict)  # table rows left out before reading, by reason
 
     def set_transform(self, transform: Callable | None) -> None:
         """Use ``transform`` from now on (see ``ZeroShotSource.set_transform``)."""
@@ -349,7 +351,15 @@ def caption_table(path: str | os.PathLike, transform: Callable | None, image_roo
     bad_captions = len(table) - sum(len(c) for c in captions)
     description = f"{path} ({len(groups)} images, {sum(map(len, captions))} captions"
     description += f", {bad_captions} rows without a usable caption or image)" if bad_captions else ")"
-    return RetrievalSource(description, images=table.image_dataset(), captions=captions, size=len(groups))
+    return RetrievalSource(description, images=table.image_dataset(), captions=captions, size=len(groups),
+                           caption_skips=_rows_left_out(table))
+
+
+def _rows_left_out(table: Any) -> dict[str, int]:
+    """The rows ``grouped()`` leaves out, by reason: an unusable caption, or no image named."""
+    reasons = Counter(table.caption_error(i) or REASON_MISSING_IMAGE for i in range(len(table))
+                      if table.caption_error(i) or not table.images[i])
+    return dict(reasons)
 
 
 def caption_shards(pattern: str, transform: Callable | None) -> RetrievalSource:
