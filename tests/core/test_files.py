@@ -105,3 +105,10 @@ def test_other_write_errors_are_not_called_a_full_disk(tmp_path, monkeypatch):
     monkeypatch.setattr(ldmclip.core.files, "open", broken_open, raising=False)
     with pytest.raises(OSError, match="Input/output error"):
         write_safetensors(tmp_path / "x.safetensors", _tensors())
+
+
+def test_human_bytes_in_powers_of_1000():
+    from ldmclip.core.files import human_bytes
+
+    assert [human_bytes(n) for n in (0, 999, 1000, 3_400_000, 2.5e9, 1.2e12, 5e15)] == [
+        "0 B", "999 B", "1.0 KB", "3.4 MB", "2.5 GB", "1.2 TB", "5000.0 TB"]

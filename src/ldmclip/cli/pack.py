@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from ..core.errors import UserError
+from ..core.files import human_bytes
 from ..data.samples import SampleStats
 from ..data.writer import REENCODE_MODES, iter_image_folder, iter_table, write_shards
 from .common import (add_column_options, add_image_root_option, add_out_option, add_quiet_option,
@@ -51,14 +52,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_quiet_option(shards)
 
 
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
 def _output(args: argparse.Namespace) -> str:
     if args.out and args.legacy_out and args.out != args.legacy_out:
         raise UserError(f"two output folders given ({args.legacy_out} and --out {args.out}); pass only --out")
@@ -94,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     size = sum(p.stat().st_size for p in shards)
     if shards:
         names = shards[0].name if len(shards) == 1 else f"{shards[0].name} .. {shards[-1].name}"
-        print(f"wrote {stats.good} samples in {len(shards)} shard(s) to {output} ({names}, {_human_bytes(size)})")
+        print(f"wrote {stats.good} samples in {len(shards)} shard(s) to {output} ({names}, {human_bytes(size)})")
     else:
         print(f"wrote nothing to {output}")
     if stats.skipped:

@@ -76,6 +76,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import torch
 
 from ..core.errors import UserError
+from ..core.files import human_bytes
 from ..core.launch import process_rank
 from ..core.precision import DTYPES
 from ..data.samples import REASON_DUPLICATE_KEY, REASON_SHARD_ERROR, REASON_SHARD_UNREADABLE, REASON_TRUNCATED_SHARD
@@ -167,7 +168,7 @@ class CacheReport:
                  + f" in {self.seconds:.1f} s ({rate:,.0f} captions/s)",
                  f"  captions {records:,} read, {keys:,} cached, {unique:,} unique (encoded), "
                  f"{c.get('truncated', 0):,} truncated, {c.get('special_token_text', 0):,} with special-token text",
-                 f"  {_human_bytes(self.bytes_written)} written"]
+                 f"  {human_bytes(self.bytes_written)} written"]
         skipped = c.get("skipped", {})
         if skipped:
             reasons = ", ".join(f"{r} {n:,}" for r, n in sorted(skipped.items(), key=lambda kv: -kv[1]))
@@ -182,16 +183,8 @@ class CacheReport:
         cc = self.cache_counts
         if self.cache_known:
                 lines.append(f"cache: {self.cache_shards} shard(s), {cc.get('keys', 0):,} keys, "
-                         f"{cc.get('unique', 0):,} embeddings, {_human_bytes(self.cache_bytes)}")
+                         f"{cc.get('unique', 0):,} embeddings, {human_bytes(self.cache_bytes)}")
         return "\n".join(lines)
-
-
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"  # pragma: no cover
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import torch
 from .errors import DiskFullError
 
 __all__ = ["temp_name", "atomic_write", "write_json_atomic", "save_torch", "fsync_dir", "write_safetensors",
-           "tensors_sha256", "is_disk_full", "DiskFullError"]
+           "tensors_sha256", "is_disk_full", "DiskFullError", "human_bytes"]
 
 _DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
@@ -157,3 +157,12 @@ def tensors_sha256(state: Mapping[str, torch.Tensor]) -> str:
         digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
+
+
+def human_bytes(n: float) -> str:
+    """A byte count as a person reads it, in powers of 1000: ``"812 B"``, ``"3.4 MB"``, ``"1.2 TB"``."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
