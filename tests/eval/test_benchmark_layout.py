@@ -141,11 +141,13 @@ def test_zero_shot_uses_the_datasets_classnames_and_c_templates(tmp_path, model_
         assert zs[key] == reference[key], key
     assert len({row.index(max(row)) for row in zs["confusion_matrix"]}) > 1  # not one class everywhere
 
-    # --templates still wins over the dataset's own
+    # --templates and --classnames still win over the dataset's own
+    (tmp_path / "other.txt").write_text("".join(f"class {i}\n" for i in range(len(names))))
     code, _, err = run_cli(capsys, "--model", f"local-dir:{model_dir}", "--zeroshot", root, "--templates", "simple",
-                           "--workers", 0, "--json", out)
+                           "--classnames", tmp_path / "other.txt", "--workers", 0, "--json", out)
     assert code == 0, err
-    assert json.loads(out.read_text())["zeroshot"]["num_templates"] == 7
+    zs = json.loads(out.read_text())["zeroshot"]
+    assert zs["num_templates"] == 7 and list(zs["per_class_accuracy"]) == [f"class {i}" for i in range(len(names))]
 
 
 def test_layout_detection(tmp_path, retrieval_root):
