@@ -370,7 +370,7 @@ def benchmark_zero_shot(layout: BenchmarkShards, transform: Callable | None, cla
         names = _benchmark_lines(layout.classnames_file, "class names file")
         if "" in names:
             raise UserError(f"class names file {layout.classnames_file}: line {names.index('') + 1} is blank "
-                            "(line i names label i-1)")
+                            "(line N names the class of label N-1, so no line may be left out)")
         source = label_shards(layout.shards, transform, None, names)
     else:
         source = label_shards(layout.shards, transform, classnames)
