@@ -154,10 +154,15 @@ def create_model(
     return model.to(device=device, dtype=dtype)
 
 
-def create_model_and_transforms(name: str, pretrained: str | Path | None = None, **kwargs: Any):
+def create_model_and_transforms(name: str, pretrained: str | Path | None = None, cache_dir: str | None = None,
+                                **kwargs: Any):
     """``(model, train_transform, eval_transform)``; the transforms use the checkpoint's mean/std."""
     from .transforms import PreprocessConfig, image_transform
 
+    # i14-cbench (minimum for CLIP_benchmark, which passes cache_dir=None): OpenCLIP's keyword is
+    # accepted; a cache folder itself is the drop-in branch's to honour, so it is refused until then.
+    if cache_dir is not None:
+        raise UserError("create_model_and_transforms(cache_dir=...): a download cache folder is not supported yet")
     model = create_model(name, pretrained=pretrained, **kwargs)
     pp = PreprocessConfig.from_dict(model.preprocess_cfg)
     return model, image_transform(pp, is_train=True), image_transform(pp, is_train=False)

@@ -31,6 +31,9 @@ EPILOG = """examples:
 zero-shot data: a folder with one sub-folder of images per class (torchvision ImageFolder layout),
 a CSV/TSV/parquet table of image paths and labels, or webdataset shards with a 'cls' label.
 retrieval data: a caption table (one row per caption, Flickr/COCO style) or webdataset shards (jpg + txt).
+CLIP_benchmark's webdatasets (clip_benchmark_export_wds) are read from the dataset folder, a split
+folder or its shards: zero-shot with its classnames.txt and templates, retrieval with one caption per
+line of each sample's txt.
 """
 
 
@@ -48,9 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="class names: 'imagenet' (built in), a JSON list/object, or a text file with one name "
                            "per line (in class order) or 'KEY name' per line (e.g. WordNet id -> name). "
                            "Default: the folder names / label strings")
-    zero.add_argument("--templates", default="openai", metavar="openai|simple|FILE",
+    zero.add_argument("--templates", default=None, metavar="openai|simple|FILE",
                       help="prompt templates: 'openai' (the 80 ImageNet prompts of the CLIP paper), 'simple' "
-                           "(their 7-prompt subset), or a file with one template per line containing '{}'")
+                           "(their 7-prompt subset), or a file with one template per line containing '{}'. "
+                           "Default: a CLIP_benchmark dataset's own templates, else 'openai'")
     add_column_options(zero, label=(None, "label column of a zero-shot table (default: the first of label, "
                                           "class, cls, target)"))
     zero.add_argument("--confusion-matrix", metavar="PNG", default=None,
@@ -130,6 +134,10 @@ def format_results(results: dict[str, Any]) -> str:
         lines += [line for line in [_skip_line(rt["skipped"])] if line]
         for reason, n in rt.get("captions_skipped", {}).items():
             lines.append(f"  captions left out: {n} ({reason})")
+        if rt.get("multiline_captions"):
+            lines.append(f"  warning: {rt['multiline_captions']} caption(s) span several lines and were each read "
+                         "as ONE caption; for CLIP_benchmark retrieval shards (one caption per line) pass the "
+                         "dataset folder that holds dataset_type.txt")
     if results.get("json"):
         lines += ["", f"results written to {results['json']}"]
     return "\n".join(lines)
@@ -159,9 +167,12 @@ def run(args: argparse.Namespace) -> int:
     precision = resolve_precision(args.precision, device)
     # Inputs first, the (possibly slow) model load last: a typo in a path fails at once. The data gets
     # the model's image transform once the model (and the preprocessing its checkpoint carries) is known.
-    templates = load_templates(args.templates) if args.zeroshot else None
     zero_source = (open_zero_shot(args.zeroshot, None, args.classnames, args.images, args.image_column,
                                   args.label_column) if args.zeroshot else None)
+    # --templates wins; else the dataset's own (CLIP_benchmark), else OpenAI's 80.
+    templates_name = args.templates or ("dataset" if zero_source is not None and zero_source.templates else "openai")
+    templates = (None if zero_source is None else zero_source.templates if templates_name == "dataset"
+                 else load_templates(templates_name))
     retrieval_source = (open_retrieval(args.retrieval, None, args.images, args.split, args.image_column,
                                        args.caption_column) if args.retrieval else None)
     model, _, preprocess = create_model_and_transforms(args.model, pretrained=args.pretrained, device=device)
@@ -181,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
     if zero_source is not None:
         result = evaluate_zero_shot(model, tokenizer, zero_source, templates, confusion_png=_confusion_path(args),
                                     **run)
-        result["templates"] = args.templates
+        result["templates"] = templates_name
         result["classnames"] = args.classnames or "folder names / labels"
         results["zeroshot"] = _public(result)
     if retrieval_source is not None:

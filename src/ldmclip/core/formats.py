@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
+
+from .errors import UserError
 
 __all__ = ["IMAGE_SUFFIXES", "TABLE_DELIMITERS", "PARQUET_SUFFIXES", "TABLE_SUFFIXES", "HF_HUB_PREFIX",
            "LOCAL_DIR_PREFIX", "OPENCLIP_CONFIG_NAME", "OPENCLIP_WEIGHT_NAMES", "is_image_file", "is_table", "is_shards",
-           "input_kind", "carries_weights", "name_bytes", "name_to_text", "text_to_name"]
+           "input_kind", "carries_weights", "name_bytes", "name_to_text", "text_to_name",
+           "BenchmarkShards", "benchmark_shards", "BENCHMARK_NSHARDS", "BENCHMARK_TYPE", "BENCHMARK_CLASSNAMES",
+           "BENCHMARK_TEMPLATES"]
 
 # Image files PIL reads, by suffix (lower case).
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
@@ -92,3 +97,94 @@ def input_kind(spec: str | os.PathLike) -> str:
 def carries_weights(name: str) -> bool:
     """Whether a ``--model`` name is a checkpoint itself, so no ``--pretrained`` is needed."""
     return name.startswith((HF_HUB_PREFIX, LOCAL_DIR_PREFIX))
+
+
+# CLIP_benchmark's webdataset layout (clip_benchmark 1.6.2: webdataset_builder.py writes it,
+# datasets/builder.py's build_wds_dataset reads it):
+#   ROOT/SPLIT/{0..N-1}.tar  ROOT/SPLIT/nshards.txt (N; mandatory)
+#   ROOT/dataset_type.txt    ("retrieval", "multilabel"; absent: classification)
+#   ROOT/classnames.txt, ROOT/zeroshot_classification_templates.txt (classification, one per line)
+# Classification samples hold an image and an integer ``cls``; retrieval samples an image and one
+# ``txt`` with all the image's captions, one per line.
+BENCHMARK_NSHARDS = "nshards.txt"
+BENCHMARK_TYPE = "dataset_type.txt"
+BENCHMARK_CLASSNAMES = "classnames.txt"
+BENCHMARK_TEMPLATES = "zeroshot_classification_templates.txt"
+BENCHMARK_KINDS = ("classification", "retrieval", "multilabel")
+BENCHMARK_DEFAULT_SPLIT = "test"  # CLIP_benchmark's default --split
+
+
+@dataclass(frozen=True)
+class BenchmarkShards:
+    """A split of a CLIP_benchmark webdataset: ``shards`` (a brace pattern or the path given) and the
+    dataset ``root`` its class names, templates and type sit in."""
+
+    root: Path
+    split: str
+    shards: str
+    kind: str  # one of BENCHMARK_KINDS
+
+    @property
+    def classnames_file(self) -> Path:
+        return self.root / BENCHMARK_CLASSNAMES
+
+    @property
+    def templates_file(self) -> Path:
+        return self.root / BENCHMARK_TEMPLATES
+
+
+def _split_folders(root: Path) -> list[str]:
+    return sorted(entry.name for entry in os.scandir(root)
+                  if entry.is_dir() and (Path(entry.path) / BENCHMARK_NSHARDS).is_file())
+
+
+def _nshards(split_dir: Path) -> int:
+    path = split_dir / BENCHMARK_NSHARDS
+    text = path.read_text(encoding="utf-8", errors="replace").strip()
+    if not text.isdigit() or int(text) < 1:
+        raise UserError(f"{path}: expected the number of shards (a positive integer), found {text[:40]!r}")
+    return int(text)
+
+
+def _benchmark_kind(root: Path) -> str:
+    path = root / BENCHMARK_TYPE
+    if not path.is_file():
+        return "classification"  # as build_wds_dataset assumes
+    kind = path.read_text(encoding="utf-8", errors="replace").strip().lower()
+    if kind not in BENCHMARK_KINDS:
+        raise UserError(f"{path}: unknown dataset type {kind[:40]!r} (CLIP_benchmark writes "
+                        f"{', '.join(BENCHMARK_KINDS[1:])}, or no such file for classification)")
+    return kind
+
+
+def _whole_split(root: Path, split: str) -> BenchmarkShards:
+    split_dir = root / split
+    count = _nshards(split_dir)
+    missing = [f"{i}.tar" for i in range(count) if not (split_dir / f"{i}.tar").is_file()]
+    if missing:
+        raise UserError(f"{split_dir}: {BENCHMARK_NSHARDS} says {count} shard(s) but {len(missing)} are missing "
+                        f"(e.g. {missing[0]})")
+    return BenchmarkShards(root, split, os.path.join(split_dir, f"{{0..{count - 1}}}.tar"), _benchmark_kind(root))
+
+
+def benchmark_shards(spec: str | os.PathLike) -> BenchmarkShards | None:
+    """The CLIP_benchmark webdataset ``spec`` names, or ``None`` when it is not one: the dataset folder
+    (its ``test`` split, or its only split), a split folder (holding ``nshards.txt``), or shards inside a
+    split folder (those shards only)."""
+    text = os.fspath(spec)
+    if "://" in text or text.startswith("pipe:") or "::" in text:
+        return None
+    path = Path(text)
+    if path.is_dir():
+        if (path / BENCHMARK_NSHARDS).is_file():
+            return _whole_split(path.parent, path.name)
+        splits = _split_folders(path)
+        if not splits:
+            return None
+        if BENCHMARK_DEFAULT_SPLIT in splits or len(splits) == 1:
+            return _whole_split(path, BENCHMARK_DEFAULT_SPLIT if BENCHMARK_DEFAULT_SPLIT in splits else splits[0])
+        raise UserError(f"{path}: a CLIP_benchmark dataset with splits {', '.join(splits)} and no "
+                        f"'{BENCHMARK_DEFAULT_SPLIT}': name the split folder (e.g. {path / splits[0]})")
+    if is_shards(text) and "{" not in os.path.dirname(text) and (path.parent / BENCHMARK_NSHARDS).is_file():
+        return BenchmarkShards(path.parent.parent, path.parent.name, text, _benchmark_kind(path.parent.parent))
+    return None

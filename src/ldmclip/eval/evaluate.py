@@ -189,9 +189,13 @@ def evaluate_retrieval(model, tokenizer, source: RetrievalSource, *, batch_size:
     started = time.perf_counter()
     stats = SampleStats()        # per image (tables) or per image–caption pair (shards)
     caption_skips: Counter = Counter(source.caption_skips)  # tables: rows left out, and captions of read images
-    if source.pairs is not None:
+    multiline = Counter()  # one-caption shards whose caption holds a line break (see _encode_pairs)
+    if source.pairs is not None and source.lines_are_captions:
+        image_features, text_features, text_to_image = _encode_caption_lines(
+            model, tokenizer, source, batch_size, device, workers, autocast, progress, stats, caption_skips)
+    elif source.pairs is not None:
         image_features, text_features, text_to_image = _encode_pairs(
-            model, tokenizer, source, batch_size, device, workers, autocast, progress, stats)
+            model, tokenizer, source, batch_size, device, workers, autocast, progress, stats, multiline)
     else:
         image_features, text_features, text_to_image = _encode_table(
             model, tokenizer, source, batch_size, device, workers, autocast, progress, stats, caption_skips)
@@ -206,6 +210,7 @@ def evaluate_retrieval(model, tokenizer, source: RetrievalSource, *, batch_size:
         **metrics,
         "skipped": _skips(stats),
         **({"captions_skipped": dict(sorted(caption_skips.items()))} if caption_skips else {}),
+        **({"multiline_captions": multiline["captions"]} if multiline else {}),
         "seconds": round(time.perf_counter() - started, 3),
         "_tensors": {"image_features": image_features, "text_features": text_features,
                      "text_to_image": text_to_image},
@@ -230,17 +235,24 @@ def _encode_table(model, tokenizer, source: RetrievalSource, batch_size, device,
     bar.close()
     if not features:
         raise ValueError(f"{source.description}: no readable image ({stats.summary()})")
-    image_features = torch.cat(features)
+    return _encode_captions_of(model, tokenizer, torch.cat(features), [source.captions[i] for i in good],
+                               batch_size, device, autocast, progress, stats, caption_skips)
+
+
+def _encode_captions_of(model, tokenizer, image_features: torch.Tensor, captions_of: list[list[str]], batch_size,
+                        device, autocast, progress, stats: SampleStats, caption_skips: Counter):
+    """The captions of the images read (``captions_of[i]``: those of image ``i``), encoded; an image none
+    of whose captions has tokens is dropped. Returns image features, text features, text_to_image."""
     captions, owner = [], []
-    for row, image in enumerate(good):
-        captions += source.captions[image]
-        owner += [row] * len(source.captions[image])
+    for row, image_captions in enumerate(captions_of):
+        captions += image_captions
+        owner += [row] * len(image_captions)
     text_features, kept = _encode_texts(model, tokenizer, captions, batch_size, device, autocast, progress)
     if not kept.all():
         caption_skips[REASON_NO_TOKENS] += int((~kept).sum())
     text_to_image = torch.tensor(owner, dtype=torch.long)[kept]
     # An image whose every caption tokenized to nothing cannot be retrieved by text: drop it.
-    has_caption = torch.bincount(text_to_image, minlength=len(good)) > 0
+    has_caption = torch.bincount(text_to_image, minlength=len(captions_of)) > 0
     if not has_caption.all():
         # already counted as seen (and good): a count here turns them into skipped ones
         stats.counts[REASON_NO_USABLE_CAPTION] += int((~has_caption).sum())
@@ -249,9 +261,32 @@ def _encode_table(model, tokenizer, source: RetrievalSource, batch_size, device,
     return image_features, text_features, text_to_image.to(image_features.device)
 
 
+def _encode_caption_lines(model, tokenizer, source: RetrievalSource, batch_size, device, workers, autocast,
+                          progress, stats: SampleStats, caption_skips: Counter):
+    """One image per sample and each line of its text one caption of it (CLIP_benchmark's retrieval
+    shards, split as its reader does: ``str.splitlines``)."""
+    loader = _loader(source.pairs, None, batch_size, workers, source.shards, device)
+    features, captions_of = [], []
+    bar = _progress(source.size, "images", progress)
+    for batch in loader:
+        stats.update(batch)
+        bar.update(len(batch) + sum(batch.skipped.values()))
+        if len(batch):
+            with autocast():
+                features.append(model.encode_image(batch.images.to(device), normalize=True).float())
+            captions_of += [text.splitlines() for text in batch.captions]
+    bar.close()
+    if not features:
+        raise ValueError(f"{source.description}: no readable image ({stats.summary()})")
+    return _encode_captions_of(model, tokenizer, torch.cat(features), captions_of, batch_size, device, autocast,
+                               progress, stats, caption_skips)
+
+
 def _encode_pairs(model, tokenizer, source: RetrievalSource, batch_size, device, workers, autocast, progress,
-                  stats: SampleStats):
-    """One image and one caption per sample (webdataset shards)."""
+                  stats: SampleStats, multiline: Counter):
+    """One image and one caption per sample (webdataset shards). Captions holding a line break are
+    counted in ``multiline``: CLIP_benchmark's retrieval shards (several captions per image, one per
+    line) read this way give one long caption per image and inflated recall."""
     loader = _loader(source.pairs, tokenizer, batch_size, workers, source.shards, device)
     image_features, text_features = [], []
     bar = _progress(source.size, "pairs", progress)
@@ -260,6 +295,7 @@ def _encode_pairs(model, tokenizer, source: RetrievalSource, batch_size, device,
         bar.update(len(batch) + sum(batch.skipped.values()))
         if not len(batch):
             continue
+        multiline["captions"] += sum("\n" in text or "\r" in text for text in batch.captions)
         keep = ~_empty_token_rows(batch.tokens, tokenizer)
         if not keep.all():
             stats.counts[REASON_NO_TOKENS] += int((~keep).sum())

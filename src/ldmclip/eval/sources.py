@@ -9,7 +9,10 @@ key)`` or ``None`` (a bad sample, counted by reason as everywhere in ldmclip), p
   ``data.folders.list_images`` (links to folders are not followed, so each image counts once);
 * a CSV / TSV / parquet table of image paths and labels (class names or integer indices);
 * webdataset shards whose samples carry an integer label in a ``cls`` member (the webdataset
-  convention) next to the image.
+  convention) next to the image;
+* a CLIP_benchmark webdataset (``core.formats.benchmark_shards``: the dataset folder, a split folder or
+  its shards): ``cls`` shards with the dataset's ``classnames.txt`` and
+  ``zeroshot_classification_templates.txt`` (``{c}`` templates, as CLIP_benchmark fills them).
 
 Class names (``--classnames``) are the folder names / label strings by default, or:
 ``imagenet`` (the built-in 1,000 names); a JSON list or ``{key: name}`` object; a text file with one
@@ -17,7 +20,9 @@ name per line (matched to the classes in order) or one ``KEY<TAB|,|space>name`` 
 by key, e.g. WordNet id -> name; extra keys are ignored).
 
 Retrieval sources (``open_retrieval``): a caption table (one row per caption, the image repeated;
-Flickr/COCO style) or webdataset shards (one caption per sample, in ``txt``).
+Flickr/COCO style), webdataset shards (one caption per sample, in ``txt``), or a CLIP_benchmark
+retrieval webdataset (``dataset_type.txt`` says ``retrieval``): one ``txt`` per image holding all its
+captions, one per line, each line a caption of that image.
 """
 
 from __future__ import annotations
@@ -28,13 +33,14 @@ import posixpath
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch.utils.data
 
 from ..core.errors import UserError
-from ..core.formats import IMAGE_SUFFIXES, is_shards, is_table, name_to_text
+from ..core.formats import IMAGE_SUFFIXES, BenchmarkShards, benchmark_shards, is_shards, is_table, name_to_text
 from ..data.folders import FolderListing, list_images
 from ..data.samples import REASON_MISSING_IMAGE, Sample, SampleStats, load_sample
 from ..data.table import table_columns
@@ -64,6 +70,7 @@ class ZeroShotSource:
     keys: list[str] | None = None          # folder names / label strings behind the classes
     stats: SampleStats = field(default_factory=SampleStats)  # skips found before loading (e.g. blank labels)
     shards: int = 0                        # webdataset shards (DataLoader workers are capped by it)
+    templates: list[Callable[[str], str]] | None = None  # the dataset's own prompts (CLIP_benchmark), if any
 
     def set_transform(self, transform: Callable | None) -> None:
         """Use ``transform`` from now on (sources can be opened, and checked, before the model is loaded)."""
@@ -81,7 +88,7 @@ class ZeroShotSource:
 class RetrievalSource:
     """Captioned images. A table gives ``images`` (unique images, ``Sample(image, "", path)``) with
     ``captions[i]`` the captions of image ``i``; shards give ``pairs`` (``Sample(image, caption, key)``,
-    one caption per image)."""
+    one caption per image, or with ``lines_are_captions`` one caption per line of the text)."""
 
     description: str
     images: torch.utils.data.Dataset | None = None
@@ -90,6 +97,7 @@ class RetrievalSource:
     size: int | None = None
     shards: int = 0
     caption_skips: dict[str, int] = field(default_factory=dict)  # table rows left out before reading, by reason
+    lines_are_captions: bool = False       # CLIP_benchmark retrieval shards: each line of a txt is a caption
 
     def set_transform(self, transform: Callable | None) -> None:
         """Use ``transform`` from now on (see ``ZeroShotSource.set_transform``)."""
@@ -301,11 +309,13 @@ def label_table(path: str | os.PathLike, transform: Callable | None, classnames:
     return ZeroShotSource(dataset, names, f"{path} ({len(rows)} images)", len(rows), keys=keys, stats=stats)
 
 
-def label_shards(pattern: str, transform: Callable | None, classnames: str | None) -> ZeroShotSource:
-    """webdataset shards with an image and an integer ``cls`` member per sample."""
+def label_shards(pattern: str, transform: Callable | None, classnames: str | None,
+                 names: list[str] | None = None) -> ZeroShotSource:
+    """webdataset shards with an image and an integer ``cls`` member per sample; the class names from
+    the ``classnames`` spec, or ``names`` as they are."""
     from ..data.shards import ShardDataset, dataset_size
 
-    names = _names_for_indices(classnames, f"shards {pattern}")
+    names = names if names is not None else _names_for_indices(classnames, f"shards {pattern}")
     # The label travels in the caption slot: the same decoding, collation and bad-sample counting as
     # image–text shards. Evaluation reads every shard once, in order, on this node only.
     dataset = ShardDataset(pattern, transform, shuffle_buffer=0, caption_extension="cls", split_by_node=False)
@@ -313,11 +323,72 @@ def label_shards(pattern: str, transform: Callable | None, classnames: str | Non
                           shards=len(dataset.urls))
 
 
+def _fill_c(template: str, classname: str) -> str:
+    return template.format(c=classname)
+
+
+def _benchmark_lines(path: Path, what: str) -> list[str]:
+    """The lines of a CLIP_benchmark metadata file, stripped, as its reader takes them (trailing blank
+    lines dropped: they are no entries)."""
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} {path}: not UTF-8 text ({e})") from None
+    while lines and not lines[-1]:
+        lines.pop()
+    if not lines:
+        raise UserError(f"{what} {path} is empty")
+    return lines
+
+
+def benchmark_templates(path: Path) -> list[Callable[[str], str]]:
+    """A CLIP_benchmark templates file: one ``str.format`` template per line with ``{c}`` for the class."""
+    templates = [line for line in _benchmark_lines(path, "templates file") if line]
+    for number, template in enumerate(templates, 1):
+        try:
+            filled = template.format(c="\0")
+        except (IndexError, KeyError, ValueError):
+            filled = ""
+        if filled.count("\0") != 1:
+            raise UserError(f"templates file {path}: template {number} ({template!r}) must contain '{{c}}' once, "
+                            "where CLIP_benchmark puts the class name, and no other braces")
+    return [partial(_fill_c, template) for template in templates]
+
+
+def benchmark_zero_shot(layout: BenchmarkShards, transform: Callable | None, classnames: str | None
+                        ) -> ZeroShotSource:
+    """A CLIP_benchmark classification webdataset: ``cls`` shards, its class names (``classnames``
+    overrides them, as CLIP_benchmark's custom class-name file does) and its templates."""
+    if layout.kind != "classification":
+        raise UserError(f"{layout.root}: a CLIP_benchmark {layout.kind} dataset (its dataset_type.txt); "
+                        + ("pass it to --retrieval" if layout.kind == "retrieval"
+                           else "multi-label classification is not supported by ldmclip eval"))
+    if classnames is None:
+        if not layout.classnames_file.is_file():
+            raise UserError(f"{layout.root}: no {layout.classnames_file.name} beside the shards; pass "
+                            "--classnames (one name per line, in label order)")
+        names = _benchmark_lines(layout.classnames_file, "class names file")
+        if "" in names:
+            raise UserError(f"class names file {layout.classnames_file}: line {names.index('') + 1} is blank "
+                            "(line N names the class of label N-1, so no line may be left out)")
+        source = label_shards(layout.shards, transform, None, names)
+    else:
+        source = label_shards(layout.shards, transform, classnames)
+    if layout.templates_file.is_file():
+        source.templates = benchmark_templates(layout.templates_file)
+    source.description = f"{layout.shards} (CLIP_benchmark {layout.split} split, {source.shards} shards)"
+    return source
+
+
 def open_zero_shot(spec: str | os.PathLike, transform: Callable | None, classnames: str | None = None,
                    image_root: str | os.PathLike | None = None, image_column: str | None = None,
                    label_column: str | None = None) -> ZeroShotSource:
-    """A zero-shot source from a folder, a table (by suffix) or a webdataset shard pattern."""
+    """A zero-shot source from a CLIP_benchmark webdataset, a folder, a table (by suffix) or a webdataset
+    shard pattern."""
     text = os.fspath(spec)
+    layout = benchmark_shards(text)
+    if layout is not None:
+        return benchmark_zero_shot(layout, transform, classnames)
     if Path(text).is_dir():
         return class_folder(text, transform, classnames)
     if is_table(text):
@@ -362,23 +433,34 @@ def _rows_left_out(table: Any) -> dict[str, int]:
     return dict(reasons)
 
 
-def caption_shards(pattern: str, transform: Callable | None) -> RetrievalSource:
+def caption_shards(pattern: str, transform: Callable | None, lines_are_captions: bool = False,
+                   description: str | None = None) -> RetrievalSource:
     from ..data.shards import ShardDataset, dataset_size
 
     dataset = ShardDataset(pattern, transform, shuffle_buffer=0, split_by_node=False)
-    return RetrievalSource(f"{pattern} ({len(dataset.urls)} shards)", pairs=dataset, size=dataset_size(pattern),
-                           shards=len(dataset.urls))
+    return RetrievalSource(description or f"{pattern} ({len(dataset.urls)} shards)", pairs=dataset,
+                           size=dataset_size(pattern), shards=len(dataset.urls),
+                           lines_are_captions=lines_are_captions)
 
 
 def open_retrieval(spec: str | os.PathLike, transform: Callable | None, image_root: str | os.PathLike | None = None,
                    split_file: str | os.PathLike | None = None, image_column: str | None = None,
                    caption_column: str | None = None) -> RetrievalSource:
-    """A retrieval source from a caption table (by suffix) or a webdataset shard pattern."""
+    """A retrieval source from a caption table (by suffix), a CLIP_benchmark retrieval webdataset or a
+    webdataset shard pattern."""
     text = os.fspath(spec)
     if is_table(text):
         return caption_table(text, transform, image_root, split_file, image_column, caption_column)
     if split_file is not None:
         raise UserError("--split applies to caption tables, not to webdataset shards")
+    layout = benchmark_shards(text)
+    if layout is not None:
+        if layout.kind != "retrieval":
+            raise UserError(f"{layout.root}: a CLIP_benchmark {layout.kind} dataset (no dataset_type.txt saying "
+                            "'retrieval'); pass it to --zeroshot")
+        return caption_shards(layout.shards, transform, lines_are_captions=True,
+                              description=f"{layout.shards} (CLIP_benchmark {layout.split} split, one caption "
+                                          "per line)")
     if Path(text).is_dir():
         raise UserError(f"retrieval data {text} is a folder: pass a caption table (.csv/.tsv/.parquet with "
                         "image and caption columns) or webdataset shards")
