@@ -260,3 +260,43 @@ def test_openai_tag_for_vit_b_16_builds_quickgelu_with_openais_mean_std(hub, cap
     tower = ldmclip.conditioning.load_text_tower("ViT-B-16", pretrained="openai").eval()
     with torch.no_grad():
         assert relative_error(tower.encode_text(tokens), model.encode_text(tokens)) <= 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# the command line's --pretrained goes through the same resolution
+
+
+@pytest.mark.parametrize("pretrained, phrase", [
+    ("laion2b_s99b", "unknown pretrained tag 'laion2b_s99b' for ViT-B-32"),
+    ("openai", "huggingface-cli download timm/vit_base_patch32_clip_224.openai open_clip_model.safetensors"),
+])
+def test_cli_pretrained_tag_errors_are_one_line(pretrained, phrase, tmp_path, offline_hub, capsys):
+    from ldmclip.cli import main
+
+    out = tmp_path / "te"
+    assert main(["export", "--format", "transformers", "--model", "ViT-B-32", "--pretrained", pretrained,
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("ldmclip export: error: ") and phrase in err, err
+    assert not out.exists()
+
+
+def test_resnet_tag_through_the_cache_equals_openclip(offline_hub):
+    """RN50 + yfcc15m (QuickGELU, OpenAI mean/std) from timm/resnet50_clip.yfcc15m, as OpenCLIP loads it."""
+    if "RN50" not in ldmclip.list_models():
+        pytest.skip("RN50's config is not packaged yet (the ResNet towers of issue 14 item 1)")
+    from safetensors.torch import save_file
+
+    from tests.openclip_reference import openclip_model
+
+    reference = openclip_model("RN50-quickgelu")  # real BatchNorm statistics, not random ones
+    snapshot = _snapshot(offline_hub, "timm/resnet50_clip.yfcc15m")
+    save_file(reference.state_dict(), str(snapshot / "open_clip_model.safetensors"))
+    model = ldmclip.create_model("RN50", pretrained="yfcc15m").eval()
+    assert model.config.quick_gelu
+    assert (tuple(model.preprocess_cfg["mean"]), tuple(model.preprocess_cfg["std"])) == OPENAI
+    theirs = open_clip.create_model("RN50-quickgelu", pretrained="yfcc15m", cache_dir=str(offline_hub)).eval()
+    images, tokens = sample_inputs(224, batch=1)
+    with torch.no_grad():
+        assert relative_error(model.encode_image(images), theirs.encode_image(images)) <= 1e-5
+        assert relative_error(model.encode_text(tokens), theirs.encode_text(tokens)) <= 1e-5
