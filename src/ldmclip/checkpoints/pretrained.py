@@ -33,28 +33,14 @@ class PretrainedTag:
 
     model: str
     tag: str
-    hf_hub: str               # OpenCLIP's spelling: "org/repo/" (default file names) or "org/repo/file"
+    hf_hub: str               # OpenCLIP's spelling, "org/repo/": the repository, with its default file names
     preprocess: dict[str, Any]
     quick_gelu: bool
-    default_files: tuple[str, ...]
+    weights_files: tuple[str, ...]  # asked for in order: as OpenCLIP, the safetensors file, then the pickle
 
     @property
     def repo_id(self) -> str:
-        return self.hf_hub.rstrip("/").rsplit("/", 1)[0] if self._named_file else self.hf_hub.rstrip("/")
-
-    @property
-    def _named_file(self) -> bool:
-        return not self.hf_hub.endswith("/")
-
-    @property
-    def weights_files(self) -> tuple[str, ...]:
-        """The files asked for, in order. As OpenCLIP does: the safetensors file first, then the pickle."""
-        if not self._named_file:
-            return self.default_files
-        name = self.hf_hub.rsplit("/", 1)[1]
-        if name.endswith((".bin", ".pth")):
-            return (name[:-4] + ".safetensors", name)
-        return (name,)
+        return self.hf_hub.rstrip("/")
 
 
 @lru_cache(maxsize=1)
@@ -95,7 +81,7 @@ def find_tag(model: str, tag: str) -> PretrainedTag | None:
                   for key in _PREPROCESS_KEYS if key in cfg}
     return PretrainedTag(model=model, tag=clean_tag(tag), hf_hub=cfg["hf_hub"], preprocess=preprocess,
                          quick_gelu=bool(cfg.get("quick_gelu", False)),
-                         default_files=tuple(_raw()["weights_files"]))
+                         weights_files=tuple(_raw()["weights_files"]))
 
 
 def models_with_tag(tag: str, among: Iterable[str] | None = None) -> list[str]:
