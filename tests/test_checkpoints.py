@@ -11,6 +11,7 @@ import torch
 
 import ldmclip
 from ldmclip.checkpoints import CheckpointError, read_state_dict
+from ldmclip.core.errors import UserError
 from tests.conftest import fake_hub_cache, relative_error
 from tests.openclip_reference import open_clip, openclip_model, sample_inputs, save_openclip_hub
 
@@ -326,8 +327,10 @@ def test_unexpected_keys_are_reported(tiny_reference, tmp_path):
 
 
 def test_missing_files_and_non_checkpoints(tmp_path):
-    with pytest.raises(FileNotFoundError, match="laion2b"):
-        ldmclip.create_model(TINY, pretrained="laion2b_s32b_b82k")
+    with pytest.raises(FileNotFoundError, match="pretrained weights not found"):
+        ldmclip.create_model(TINY, pretrained=tmp_path / "missing.safetensors")
+    with pytest.raises(UserError, match="'laion2b_s32b_b82k' is a pretrained tag of ViT-L-14, not of ViT-Tiny-64"):
+        ldmclip.create_model(TINY, pretrained="laion2b_s32b_b82k")  # tests/models/test_pretrained_tags.py: tags
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(CheckpointError, match="not a checkpoint folder"):
         ldmclip.create_model(f"local-dir:{tmp_path}")

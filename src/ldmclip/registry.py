@@ -7,12 +7,17 @@ A model is named the way OpenCLIP names it, so an OpenCLIP user changes only the
 - a path to a JSON config file;
 - ``hf-hub:org/repo`` or ``hf-hub:org/repo/folder`` (config and weights from the Hugging Face cache);
 - ``local-dir:/path`` (config and weights from a checkpoint folder).
+
+``pretrained=`` also takes OpenCLIP's pretrained tags for the packaged models (``ViT-L-14`` +
+``laion2b_s32b_b82k``; see :func:`list_pretrained`): each names its Hugging Face repository and the
+mean/std and activation its weights were trained with (``checkpoints.pretrained``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
@@ -22,7 +27,7 @@ import torch
 from . import checkpoints
 from .checkpoints import checkpoint_folder
 from .core.errors import UserError
-from .core.formats import HF_HUB_PREFIX
+from .core.formats import HF_HUB_PREFIX, LOCAL_DIR_PREFIX
 from .core.precision import precision_dtype
 from .models.clip import CLIP
 from .models.config import CLIPConfig, TextConfig
@@ -77,9 +82,89 @@ def get_model_config(name: str) -> CLIPConfig:
     return resolve_model(name)[0]
 
 
-def resolve_pretrained(pretrained: str | Path) -> tuple[Path, dict[str, Any]]:
+# ----------------------------------------------------------------------------------------------------
+# OpenCLIP's pretrained tags (the data and its lookups live in checkpoints.pretrained)
+
+# What a tag looks like (laion2b_s32b_b82k, openai): a value of this form that is no file or folder is
+# read as a tag, so a mistyped one is told the model's tags rather than "file not found".
+_TAG_FORM = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def list_pretrained(as_str: bool = False) -> list[tuple[str, str]] | list[str]:
+    """OpenCLIP's ``list_pretrained`` for the packaged models: ``(model, tag)`` pairs, or ``"model:tag"``
+    strings with ``as_str=True``, in OpenCLIP's order."""
+    packaged = set(list_models())
+    pairs = [(name, tag) for name, tags in checkpoints.pretrained_registry().items() if name in packaged
+             for tag in tags]
+    return [f"{name}:{tag}" for name, tag in pairs] if as_str else pairs
+
+
+def list_pretrained_tags_by_model(model: str) -> list[str]:
+    """The pretrained tags of a packaged model (``[]`` for none, as OpenCLIP)."""
+    return [tag for name, tag in list_pretrained() if name == model]
+
+
+def list_pretrained_models_by_tag(tag: str) -> list[str]:
+    """The packaged models that have pretrained tag ``tag``."""
+    return checkpoints.models_with_tag(tag, among=list_models())
+
+
+def get_pretrained_cfg(model: str, tag: str) -> dict[str, Any]:
+    """OpenCLIP's ``get_pretrained_cfg``: ``hf_hub``, ``mean``/``std``, ``interpolation``, ``resize_mode``
+    and ``quick_gelu`` of a packaged model's tag; ``{}`` when it has no such tag. (No ``url``: ldmclip
+    takes the weights from the Hugging Face hub only.)"""
+    if model not in _packaged_configs():
+        return {}
+    found = checkpoints.find_tag(model, tag)
+    if found is None:
+        return {}
+    return {"hf_hub": found.hf_hub, **{k: tuple(v) if isinstance(v, list) else v for k, v in found.preprocess.items()},
+            "quick_gelu": found.quick_gelu}
+
+
+def pretrained_tag(name: str | None, pretrained: str | Path | None) -> checkpoints.PretrainedTag | None:
+    """The pretrained tag ``pretrained`` names for model ``name``; ``None`` when it is a file, a folder or
+    ``hf-hub:``. A value of a tag's form that is neither a tag of ``name`` nor a path is a
+    :class:`UserError` saying which tags ``name`` has and which models have that tag."""
+    if name is None or pretrained is None or isinstance(pretrained, Path):
+        return None
+    value = str(pretrained)
+    if not _TAG_FORM.fullmatch(value):
+        return None
+    packaged = name in _packaged_configs()
+    found = checkpoints.find_tag(name, value) if packaged else None
+    if found is not None:  # a tag before a file of the same name, as OpenCLIP
+        return found
+    if Path(value).expanduser().exists():
+        return None
+    if packaged:
+        raise checkpoints.unknown_tag_error(name, value, list_models())
+    theirs = list_pretrained_models_by_tag(value)
+    if theirs:
+        kind = ("an 'hf-hub:'/'local-dir:' checkpoint" if name.startswith((HF_HUB_PREFIX, LOCAL_DIR_PREFIX))
+                else "a JSON config")
+        raise UserError(
+            f"pretrained={value!r} is an OpenCLIP pretrained tag, which goes with a packaged model name "
+            f"({', '.join(theirs)}), but the model {name!r} is {kind}: pass that model name instead, or the "
+            f"weights themselves (a file, a checkpoint folder or 'hf-hub:org/repo')")
+    return None
+
+
+def _apply_tag(cfg: CLIPConfig, tag: checkpoints.PretrainedTag | None) -> None:
+    """A tag's weights were trained with its activation (OpenAI's ViT-B-16 with QuickGELU): build that."""
+    if tag is not None and tag.quick_gelu and not cfg.quick_gelu:
+        logger.info("%s pretrained=%r was trained with QuickGELU: building %s with QuickGELU (as %s-quickgelu)",
+                    tag.model, tag.tag, tag.model, tag.model)
+        cfg.quick_gelu = True
+
+
+def resolve_pretrained(pretrained: str | Path, model: str | None = None) -> tuple[Path, dict[str, Any]]:
     """``(weights file, preprocess config it carries)`` of any ``pretrained=`` form: a weights file, a
-    checkpoint folder or ``hf-hub:org/repo``."""
+    checkpoint folder, ``hf-hub:org/repo`` or, with the packaged ``model`` name, an OpenCLIP tag (its
+    repository's weights file from the Hugging Face cache, and its mean/std/interpolation)."""
+    tag = pretrained_tag(model, pretrained)
+    if tag is not None:
+        return checkpoints.download_tag_weights(tag), dict(tag.preprocess)
     pretrained = str(pretrained)
     if pretrained.startswith(HF_HUB_PREFIX):
         source = checkpoints.resolve_hf_hub(pretrained[len(HF_HUB_PREFIX):])
@@ -92,17 +177,9 @@ def resolve_pretrained(pretrained: str | Path) -> tuple[Path, dict[str, Any]]:
         return source, {}
     raise FileNotFoundError(
         f"pretrained weights not found: {pretrained}. Pass a file (.safetensors/.bin/.pt), a checkpoint "
-        f"folder, or 'hf-hub:org/repo'. (ldmclip has no OpenCLIP-style pretrained tags like 'laion2b_s32b_b82k'; "
-        f"use 'hf-hub:laion/CLIP-ViT-L-14-laion2B-s32B-b82K' instead.)"
+        f"folder, 'hf-hub:org/repo' or, with a packaged model name, an OpenCLIP pretrained tag "
+        f"(ldmclip.list_pretrained())."
     )
-
-
-def _load_pretrained(model: CLIP, pretrained: str | Path) -> dict[str, Any]:
-    """Load weights into ``model``; returns the preprocess config the checkpoint carries, if any."""
-    weights, preprocess = resolve_pretrained(pretrained)
-    checkpoints.load_into_model(model, checkpoints.read_state_dict(weights), source=str(weights),
-                                suggest=suggest_configs)
-    return preprocess
 
 
 def suggest_configs(found: dict[str, Any]) -> list[str]:
@@ -131,11 +208,13 @@ def create_model(
 ) -> CLIP:
     """Build a CLIP model and optionally load weights.
 
-    ``pretrained`` is ``None`` (random init), a weights file, a checkpoint folder, or
-    ``hf-hub:org/repo``. With ``hf-hub:``/``local-dir:`` model names the weights come from the same
-    place unless ``pretrained`` says otherwise. ``precision`` is ``fp32``, ``bf16``/``fp16`` (weights
-    cast) or ``amp``/``amp_bf16``/``amp_fp16`` (fp32 weights, for autocast). ``overrides`` set
-    vision-tower options such as ``patch_dropout=0.5`` or ``image_size=336``.
+    ``pretrained`` is ``None`` (random init), a weights file, a checkpoint folder, ``hf-hub:org/repo``
+    or an OpenCLIP tag of a packaged ``name`` (``list_pretrained_tags_by_model(name)``), whose mean/std
+    go into ``model.preprocess_cfg`` and whose activation is built. With ``hf-hub:``/``local-dir:``
+    model names the weights come from the same place unless ``pretrained`` says otherwise.
+    ``precision`` is ``fp32``, ``bf16``/``fp16`` (weights cast) or ``amp``/``amp_bf16``/``amp_fp16``
+    (fp32 weights, for autocast). ``overrides`` set vision-tower options such as ``patch_dropout=0.5``
+    or ``image_size=336``.
     """
     dtype = precision_dtype(precision)
     cfg, preprocess, folder = resolve_model(name)
@@ -144,11 +223,17 @@ def create_model(
             setattr(cfg.vision_cfg, key, value)
         else:
             raise TypeError(f"create_model() got an unknown option {key!r}")
-    model = CLIP(cfg)
     if pretrained is None and folder is not None:
         pretrained = folder
-    if pretrained is not None:
-        preprocess = {**preprocess, **_load_pretrained(model, pretrained)}
+    _apply_tag(cfg, pretrained_tag(name, pretrained))
+    weights = None
+    if pretrained is not None:  # found (or downloaded) before the model is built: a missing one fails fast
+        weights, carried = resolve_pretrained(pretrained, name)
+        preprocess = {**preprocess, **carried}
+    model = CLIP(cfg)
+    if weights is not None:
+        checkpoints.load_into_model(model, checkpoints.read_state_dict(weights), source=str(weights),
+                                    suggest=suggest_configs)
     preprocess["size"] = cfg.vision_cfg.image_size
     model.preprocess_cfg = preprocess
     return model.to(device=device, dtype=dtype)
@@ -217,7 +302,8 @@ def load_text_tower(name: str, pretrained: str | Path | None = None, device: str
         # CLIP builds (and initialises) its text tower first, so the same seed gives the same weights
         tower = TextTransformer(cfg.text_cfg, cfg.embed_dim, cfg.activation)
         return tower.to(device=device, dtype=dtype)
-    weights = resolve_pretrained(pretrained)[0]
+    _apply_tag(cfg, pretrained_tag(name, pretrained))
+    weights = resolve_pretrained(pretrained, name)[0]
     state = checkpoints.read_state_dict(weights, keys=is_text_key)
     for key, value in state.items():  # create_model copies a checkpoint into fp32 parameters, then casts
         state[key] = value.float()    # one tensor at a time: a half-precision one is never held twice

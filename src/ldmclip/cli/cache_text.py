@@ -12,7 +12,7 @@ from ..conditioning.cache_inputs import DEFAULT_SHARD_SIZE, INPUT_FORMATS, open_
 from ..core.errors import UserError
 from ..core.formats import carries_weights
 from ..core.launch import process_rank
-from .common import (add_column_options, add_device_option, add_dtype_option, add_input_format_option,
+from .common import (TAG_HELP, add_column_options, add_device_option, add_dtype_option, add_input_format_option,
                      add_model_options, add_out_option, add_precision_option, add_quiet_option, parse_sep)
 
 __all__ = ["HELP", "DESCRIPTION", "EPILOG", "add_arguments", "run"]
@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_options(model,
                       model_help="model name or config of the (first) text encoder (default: the preset's: "
                                  + ", ".join(f"{k} {v[0]}" for k, v in defaults.items()) + ")",
-                      pretrained_help="its weights: a file, a checkpoint folder or hf-hub:org/repo",
+                      pretrained_help=f"its weights: a file, a checkpoint folder, hf-hub:org/repo {TAG_HELP}",
                       second=f"sdxl only: the second text encoder (default: {defaults['sdxl'][1]})")
     model.add_argument("--random-init", action="store_true",
                        help="allow encoders without weights (random initialisation with seed 0): "

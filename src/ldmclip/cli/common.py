@@ -97,8 +97,10 @@ def add_hidden_alias(parser: argparse.ArgumentParser | argparse._ArgumentGroup, 
 
 
 MODEL_HELP = "model: a packaged config (ldmclip info), a JSON config, 'hf-hub:org/repo' or 'local-dir:PATH'"
-PRETRAINED_HELP = ("weights: a file (.safetensors/.bin/.pt), a checkpoint folder or 'hf-hub:org/repo' "
+PRETRAINED_HELP = ("weights: a file (.safetensors/.bin/.pt), a checkpoint folder, 'hf-hub:org/repo' or an OpenCLIP "
+                   "pretrained tag of a packaged --model (ViT-L-14 + laion2b_s32b_b82k; all: ldmclip.list_pretrained()) "
                    "(not needed when --model is hf-hub: or local-dir:, which carry their weights)")
+TAG_HELP = "or an OpenCLIP pretrained tag of a packaged --model (e.g. laion2b_s32b_b82k; all: ldmclip.list_pretrained())"
 
 
 def add_model_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *, required: bool = False,

@@ -11,7 +11,7 @@ from typing import Any
 from ..core.errors import UserError
 from ..core.formats import carries_weights
 from ..data.samples import default_workers
-from .common import (STDOUT, add_column_options, add_device_option, add_hidden_alias, add_image_root_option,
+from .common import (TAG_HELP, STDOUT, add_column_options, add_device_option, add_hidden_alias, add_image_root_option,
                      add_json_option, add_model_options, add_precision_option, add_split_option,
                      add_quiet_option, add_workers_option, write_json_output)
 
@@ -40,8 +40,8 @@ line of each sample's txt.
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model")
     add_model_options(model, required=True,
-                      pretrained_help="weights: a file (.safetensors/.bin/.pt), a checkpoint folder or "
-                                      "'hf-hub:org/repo' (default: random weights, or the weights of a "
+                      pretrained_help="weights: a file (.safetensors/.bin/.pt), a checkpoint folder, "
+                                      f"'hf-hub:org/repo' {TAG_HELP} (default: random weights, or the weights of a "
                                       "local-dir:/hf-hub: model)")
     zero = parser.add_argument_group("zero-shot classification")
     zero.add_argument("--zeroshot", metavar="DIR|TABLE|SHARDS",

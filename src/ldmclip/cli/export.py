@@ -9,7 +9,7 @@ from ..conditioning.conditioner import PRESETS, get_preset
 from ..core.errors import UserError
 from ..core.formats import carries_weights
 from ..core.precision import DTYPES
-from .common import add_dtype_option, add_model_options, add_out_option
+from .common import TAG_HELP, add_dtype_option, add_model_options, add_out_option
 
 __all__ = ["HELP", "DESCRIPTION", "EPILOG", "add_arguments", "check_arguments", "run"]
 
@@ -45,8 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_options(parser,
                       model_help="model name: a packaged config (ldmclip info), a JSON config, 'hf-hub:org/repo' "
                                  "or 'local-dir:/path' (default: the preset's model)",
-                      pretrained_help="weights file or folder for --model (not needed when --model is 'hf-hub:' "
-                                      "or 'local-dir:', which carry their weights)",
+                      pretrained_help=f"weights file or folder for --model, {TAG_HELP} (not needed when --model is "
+                                      "'hf-hub:' or 'local-dir:', which carry their weights)",
                       second="sdxl only: the second text encoder's model (default: ViT-bigG-14)")
     parser.add_argument("--with-projection", action="store_true",
                         help="write CLIPTextModelWithProjection (text tower + text_projection) instead of "

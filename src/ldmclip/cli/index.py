@@ -9,7 +9,7 @@ from ..core.errors import UserError
 from ..core.formats import HF_HUB_PREFIX, LOCAL_DIR_PREFIX, carries_weights
 from ..core.precision import DTYPES, dtype_name
 from ..data.samples import default_workers
-from .common import (add_device_option, add_dtype_option, add_model_options, add_out_option, add_precision_option,
+from .common import (TAG_HELP, add_device_option, add_dtype_option, add_model_options, add_out_option, add_precision_option,
                      add_quiet_option, add_workers_option)
 
 __all__ = ["HELP", "DESCRIPTION", "EPILOG", "add_arguments", "run", "absolute_spec"]
@@ -50,8 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", metavar="DIR", help="folder of images, searched recursively")
     add_out_option(parser, "index folder to create (or to continue)", metavar="INDEX")
     add_model_options(parser, required=True,
-                      pretrained_help="weights: a file (.safetensors/.bin/.pt), a checkpoint folder or "
-                                      "'hf-hub:org/repo' (needed unless the model name carries weights: "
+                      pretrained_help="weights: a file (.safetensors/.bin/.pt), a checkpoint folder, "
+                                      f"'hf-hub:org/repo' {TAG_HELP} (needed unless the model name carries weights: "
                                       "local-dir: or hf-hub:)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per batch")
     parser.add_argument("--chunk-size", type=int, default=4096,

@@ -26,7 +26,8 @@ class TrainConfig:
     # The defaults are tuned for the built-in synthetic demo (`ldmclip train` with no options, a few
     # minutes on a 2-core CPU); real data needs its own --model, --batch-size and --lr.
     model: str = _opt("ViT-T-8-64", "model config name, JSON path, hf-hub:org/repo or local-dir:PATH")
-    pretrained: str | None = _opt(None, "initial weights (file, folder or hf-hub:org/repo); default: random init")
+    pretrained: str | None = _opt(None, "initial weights (file, folder, hf-hub:org/repo or an OpenCLIP pretrained tag); "
+                                        "default: random init")
     # data
     data: str = _opt("synthetic", "'synthetic', a CSV/TSV/parquet file (with --images), or webdataset shards "
                                   "like 'data/{00000..00099}.tar'")
