@@ -51,6 +51,7 @@ class CLIP(TextTransformer):
     def preprocess_cfg(self, value: dict) -> None:
         self._preprocess_cfg = dict(value)
         full = PreprocessConfig.from_dict({"size": self.image_size, **self._preprocess_cfg}).to_dict()
+        full["size"] = (full["size"], full["size"])  # (height, width), as OpenCLIP's visual.preprocess_cfg
         self.visual.preprocess_cfg = full
         self.visual.image_mean, self.visual.image_std = tuple(full["mean"]), tuple(full["std"])
 
