@@ -192,6 +192,13 @@ def test_image_mean_std_into_preprocess_cfg_like_openclip(hub_dir):
     assert ours_train.mean == (0.1, 0.2, 0.3)
 
 
+def test_force_patch_dropout_and_force_preprocess_cfg_like_openclip(hub_dir):
+    ours, theirs = _pair(hub_dir, force_patch_dropout=0.25, force_preprocess_cfg={"resize_mode": "longest"})
+    assert ours.visual.patch_dropout.prob == theirs.visual.patch_dropout.prob == 0.25
+    assert _plain(ours.visual.preprocess_cfg) == _plain(theirs.visual.preprocess_cfg)
+    assert ours.visual.preprocess_cfg["resize_mode"] == "longest"
+
+
 def test_force_quick_gelu_same_outputs_as_openclip(hub_dir):
     ours, theirs = _pair(hub_dir, force_quick_gelu=True)
     assert ours.config.quick_gelu
@@ -270,7 +277,7 @@ def test_cache_dir_is_the_hugging_face_cache_of_hf_hub_names(hub_dir, tmp_path, 
     _assert_same_features(ours, theirs, *_inputs())
     tokenizer = ldmclip.get_tokenizer("hf-hub:someone/tiny-clip", cache_dir=str(cache))
     assert tokenizer.context_length == 32
-    model, _, _ = ldmclip.create_model_and_transforms(f"local-dir:{hub_dir}", pretrained=f"hf-hub:someone/tiny-clip",
+    model, _, _ = ldmclip.create_model_and_transforms(f"local-dir:{hub_dir}", pretrained="hf-hub:someone/tiny-clip",
                                                       cache_dir=str(cache))
     assert torch.equal(model.visual.proj, ours.visual.proj)
 

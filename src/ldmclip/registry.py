@@ -199,8 +199,10 @@ def create_model(
         raise UserError(f"{name}: no pretrained weights to load (pass pretrained=, or a model name that carries "
                         "its weights: hf-hub:org/repo or local-dir:/path)")
     preprocess["size"] = cfg.vision_cfg.image_size
-    forced = {**(force_preprocess_cfg or {}), "mean": image_mean, "std": image_std,
-              "interpolation": image_interpolation, "resize_mode": image_resize_mode}
+    # OpenCLIP's order: force_preprocess_cfg over the checkpoint's, the image_* keywords over both
+    forced = {**(force_preprocess_cfg or {}), **{key: value for key, value in (
+        ("mean", image_mean), ("std", image_std), ("interpolation", image_interpolation),
+        ("resize_mode", image_resize_mode)) if value is not None}}
     preprocess.update({key: value for key, value in forced.items() if value is not None})
     model.preprocess_cfg = preprocess
     if output_dict:
