@@ -243,6 +243,13 @@ def test_load_weights_false_reads_no_weights(hub_dir, monkeypatch):
     assert ours.visual.proj.shape == theirs.visual.proj.shape
 
 
+def test_a_tag_beside_a_local_dir_name_is_ignored_as_openclip_ignores_it(hub_dir):
+    with pytest.warns(UserWarning, match="'laion400m_e32' is ignored"):  # CLIP_benchmark's default --pretrained
+        ours = ldmclip.create_model(f"local-dir:{hub_dir}", pretrained="laion400m_e32").eval()
+    theirs = open_clip.create_model(f"local-dir:{hub_dir}", pretrained="laion400m_e32").eval()
+    _assert_same_features(ours, theirs, *_inputs())
+
+
 def test_jit_is_refused_and_weights_only_false_warns(hub_dir):
     with pytest.raises(UserError, match="jit=True is not supported"):
         ldmclip.create_model(NAME, jit=True)

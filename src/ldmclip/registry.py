@@ -188,6 +188,12 @@ def create_model(
         else:
             raise TypeError(f"create_model() got an unknown option {key!r}")
     model = CLIP(cfg)
+    if folder is not None and pretrained is not None and _is_tag(pretrained):
+        # OpenCLIP ignores pretrained= beside an hf-hub:/local-dir: name; clients such as CLIP_benchmark
+        # always pass one (its default "laion400m_e32"). A file, folder or hf-hub: name still wins.
+        warnings.warn(f"pretrained={str(pretrained)!r} is ignored: the model name {name!r} carries its own "
+                      "weights (as in OpenCLIP)", UserWarning, stacklevel=2)
+        pretrained = None
     if pretrained is None and folder is not None:
         pretrained = folder
     if not load_weights:
@@ -208,6 +214,13 @@ def create_model(
     if output_dict:
         model.output_dict = True
     return model.to(device=device, dtype=dtype)
+
+
+def _is_tag(pretrained: str | Path) -> bool:
+    """Whether a ``pretrained=`` value is a bare name (a tag such as ``laion2b_s32b_b82k``), not a path
+    that exists or an ``hf-hub:`` name."""
+    text = str(pretrained)
+    return not text.startswith(HF_HUB_PREFIX) and not Path(text).expanduser().exists()
 
 
 def _apply_forced(cfg: CLIPConfig, quick_gelu: bool, patch_dropout: float | None,
