@@ -65,6 +65,7 @@ def test_get_tokenizer_takes_openclips_keywords(hub_dir, tmp_path):
     assert torch.equal(ours(texts), theirs(texts))
     ours = ldmclip.get_tokenizer(f"local-dir:{hub_dir}", context_length=12)
     assert torch.equal(ours(texts), open_clip.get_tokenizer(f"local-dir:{hub_dir}", context_length=12)(texts))
+    assert torch.equal(ldmclip.get_tokenizer()(texts), open_clip.get_tokenizer()(texts))  # "": plain CLIP BPE, 77
     with pytest.raises(TypeError, match="unsupported options"):
         ldmclip.get_tokenizer(NAME, clean="canonicalize")
 
