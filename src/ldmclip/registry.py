@@ -18,14 +18,16 @@ from __future__ import annotations
 import json
 import logging
 import re
+import warnings
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from . import checkpoints
 from .checkpoints import checkpoint_folder
+from .checkpoints.state_dict import resize_text_positional_embedding
 from .core.errors import UserError
 from .core.formats import HF_HUB_PREFIX, LOCAL_DIR_PREFIX
 from .core.precision import precision_dtype
@@ -58,9 +60,10 @@ def _read_json(path: Path | Any) -> dict[str, Any]:
         return json.load(f)
 
 
-def resolve_model(name: str) -> tuple[CLIPConfig, dict[str, Any], Path | None]:
-    """``(model config, preprocess config, checkpoint folder or None)`` for any model name form."""
-    folder = checkpoint_folder(name)
+def resolve_model(name: str, cache_dir: str | Path | None = None) -> tuple[CLIPConfig, dict[str, Any], Path | None]:
+    """``(model config, preprocess config, checkpoint folder or None)`` for any model name form
+    (``cache_dir``: the Hugging Face cache of ``hf-hub:`` names)."""
+    folder = checkpoint_folder(name, cache_dir=cache_dir)
     if folder is not None:
         cfg, preprocess = checkpoints.read_dir_config(folder)
         return cfg, preprocess, folder
@@ -158,16 +161,17 @@ def _apply_tag(cfg: CLIPConfig, tag: checkpoints.PretrainedTag | None) -> None:
         cfg.quick_gelu = True
 
 
-def resolve_pretrained(pretrained: str | Path, model: str | None = None) -> tuple[Path, dict[str, Any]]:
+def resolve_pretrained(pretrained: str | Path, model: str | None = None,
+                       cache_dir: str | Path | None = None) -> tuple[Path, dict[str, Any]]:
     """``(weights file, preprocess config it carries)`` of any ``pretrained=`` form: a weights file, a
     checkpoint folder, ``hf-hub:org/repo`` or, with the packaged ``model`` name, an OpenCLIP tag (its
-    repository's weights file from the Hugging Face cache, and its mean/std/interpolation)."""
+    repository's weights file from the Hugging Face cache ``cache_dir``, and its mean/std/interpolation)."""
     tag = pretrained_tag(model, pretrained)
     if tag is not None:
-        return checkpoints.download_tag_weights(tag), dict(tag.preprocess)
+        return checkpoints.download_tag_weights(tag, cache_dir=cache_dir), dict(tag.preprocess)
     pretrained = str(pretrained)
     if pretrained.startswith(HF_HUB_PREFIX):
-        source = checkpoints.resolve_hf_hub(pretrained[len(HF_HUB_PREFIX):])
+        source = checkpoints.resolve_hf_hub(pretrained[len(HF_HUB_PREFIX):], cache_dir=cache_dir)
     else:
         source = Path(pretrained).expanduser()
     if source.is_dir():
@@ -180,6 +184,16 @@ def resolve_pretrained(pretrained: str | Path, model: str | None = None) -> tupl
         f"folder, 'hf-hub:org/repo' or, with a packaged model name, an OpenCLIP pretrained tag "
         f"(ldmclip.list_pretrained())."
     )
+
+
+def _load_weights(model: CLIP, weights: Path, resize_text: bool = False) -> None:
+    """Load a weights file into ``model``. ``resize_text``: resample the text positional embedding to the
+    model's context length (OpenCLIP's ``force_context_length`` with weights)."""
+    state = checkpoints.read_state_dict(weights)
+    if resize_text and "positional_embedding" in state:
+        state["positional_embedding"] = resize_text_positional_embedding(state["positional_embedding"],
+                                                                         model.context_length)
+    checkpoints.load_into_model(model, state, source=str(weights), suggest=suggest_configs)
 
 
 def suggest_configs(found: dict[str, Any]) -> list[str]:
@@ -204,6 +218,22 @@ def create_model(
     pretrained: str | Path | None = None,
     device: str | torch.device = "cpu",
     precision: str = "fp32",
+    *,
+    load_weights: bool = True,
+    jit: bool = False,
+    force_quick_gelu: bool = False,
+    force_patch_dropout: float | None = None,
+    force_image_size: int | tuple[int, int] | None = None,
+    force_context_length: int | None = None,
+    force_preprocess_cfg: dict[str, Any] | None = None,
+    image_mean: Sequence[float] | None = None,
+    image_std: Sequence[float] | None = None,
+    image_interpolation: str | None = None,
+    image_resize_mode: str | None = None,
+    cache_dir: str | Path | None = None,
+    output_dict: bool | None = None,
+    require_pretrained: bool = False,
+    weights_only: bool = True,
     **overrides: Any,
 ) -> CLIP:
     """Build a CLIP model and optionally load weights.
@@ -211,57 +241,139 @@ def create_model(
     ``pretrained`` is ``None`` (random init), a weights file, a checkpoint folder, ``hf-hub:org/repo``
     or an OpenCLIP tag of a packaged ``name`` (``list_pretrained_tags_by_model(name)``), whose mean/std
     go into ``model.preprocess_cfg`` and whose activation is built. With ``hf-hub:``/``local-dir:``
-    model names the weights come from the same place unless ``pretrained`` says otherwise.
+    model names the weights come from the same place unless ``pretrained`` is a file, a folder or
+    ``hf-hub:`` (a bare tag beside them is ignored with a warning, as OpenCLIP ignores it).
     ``precision`` is ``fp32``, ``bf16``/``fp16`` (weights cast) or ``amp``/``amp_bf16``/``amp_fp16``
     (fp32 weights, for autocast). ``overrides`` set vision-tower options such as ``patch_dropout=0.5``
     or ``image_size=336``.
+
+    The keywords are OpenCLIP 3.3.0's, with its meaning: ``load_weights=False`` reads no weights;
+    ``force_quick_gelu``, ``force_patch_dropout``, ``force_image_size`` (square; the image positional
+    embedding of loaded weights is resampled) and ``force_context_length`` (the text positional embedding
+    of loaded weights is resampled linearly, as OpenCLIP does) change the config; ``image_mean``,
+    ``image_std``, ``image_interpolation``, ``image_resize_mode`` and ``force_preprocess_cfg`` go into
+    ``model.visual.preprocess_cfg``; ``cache_dir`` is the Hugging Face cache of ``hf-hub:`` names;
+    ``output_dict=True`` makes ``forward`` return OpenCLIP's dict; ``require_pretrained`` fails when no
+    weights are loaded. ``jit=True`` is refused (ldmclip models are not TorchScript; use
+    ``torch.compile``). ``weights_only=False`` is ignored with a warning: pickled checkpoints are only
+    ever read with ``torch.load(weights_only=True)``, so nothing in a checkpoint runs code.
     """
+    if jit:
+        raise UserError("jit=True is not supported: ldmclip models are not TorchScript; leave jit off "
+                        "(torch.compile(model) is the faster replacement)")
+    if not weights_only:
+        warnings.warn("weights_only=False is ignored: ldmclip reads pickled checkpoints only with "
+                      "torch.load(weights_only=True), so no code in a checkpoint runs", UserWarning, stacklevel=2)
     dtype = precision_dtype(precision)
-    cfg, preprocess, folder = resolve_model(name)
+    cfg, preprocess, folder = resolve_model(name, cache_dir=cache_dir)
+    _apply_forced(cfg, force_quick_gelu, force_patch_dropout, force_image_size, force_context_length)
     for key, value in overrides.items():
         if hasattr(cfg.vision_cfg, key):
             setattr(cfg.vision_cfg, key, value)
         else:
             raise TypeError(f"create_model() got an unknown option {key!r}")
+    if folder is not None and pretrained is not None and _is_tag(pretrained):
+        # OpenCLIP ignores pretrained= beside an hf-hub:/local-dir: name; clients such as CLIP_benchmark
+        # always pass one (its default "laion400m_e32"). A file, folder or hf-hub: name still wins.
+        warnings.warn(f"pretrained={str(pretrained)!r} is ignored: the model name {name!r} carries its own "
+                      "weights (as in OpenCLIP)", UserWarning, stacklevel=2)
+        pretrained = None
     if pretrained is None and folder is not None:
         pretrained = folder
-    _apply_tag(cfg, pretrained_tag(name, pretrained))
+    if not load_weights:
+        pretrained = None
     weights = None
     if pretrained is not None:  # found (or downloaded) before the model is built: a missing one fails fast
-        weights, carried = resolve_pretrained(pretrained, name)
+        _apply_tag(cfg, pretrained_tag(name, pretrained))
+        weights, carried = resolve_pretrained(pretrained, name, cache_dir=cache_dir)
         preprocess = {**preprocess, **carried}
+    elif require_pretrained:
+        raise UserError(f"{name}: no pretrained weights to load (pass pretrained=, or a model name that carries "
+                        "its weights: hf-hub:org/repo or local-dir:/path)")
     model = CLIP(cfg)
     if weights is not None:
-        checkpoints.load_into_model(model, checkpoints.read_state_dict(weights), source=str(weights),
-                                    suggest=suggest_configs)
+        _load_weights(model, weights, resize_text=force_context_length is not None)
     preprocess["size"] = cfg.vision_cfg.image_size
+    # OpenCLIP's order: force_preprocess_cfg over the checkpoint's, the image_* keywords over both
+    forced = {**(force_preprocess_cfg or {}), **{key: value for key, value in (
+        ("mean", image_mean), ("std", image_std), ("interpolation", image_interpolation),
+        ("resize_mode", image_resize_mode)) if value is not None}}
+    preprocess.update({key: value for key, value in forced.items() if value is not None})
     model.preprocess_cfg = preprocess
+    if output_dict:
+        model.output_dict = True
     return model.to(device=device, dtype=dtype)
 
 
-def create_model_and_transforms(name: str, pretrained: str | Path | None = None, cache_dir: str | None = None,
-                                **kwargs: Any):
-    """``(model, train_transform, eval_transform)``; the transforms use the checkpoint's mean/std."""
+def _is_tag(pretrained: str | Path) -> bool:
+    """Whether a ``pretrained=`` value is a bare name (a tag such as ``laion2b_s32b_b82k``), not a path
+    that exists or an ``hf-hub:`` name."""
+    text = str(pretrained)
+    return not text.startswith(HF_HUB_PREFIX) and not Path(text).expanduser().exists()
+
+
+def _apply_forced(cfg: CLIPConfig, quick_gelu: bool, patch_dropout: float | None,
+                  image_size: int | tuple[int, int] | None, context_length: int | None) -> None:
+    """OpenCLIP's ``force_*`` config overrides."""
+    if quick_gelu:
+        cfg.quick_gelu = True
+    if patch_dropout is not None:
+        cfg.vision_cfg.patch_dropout = patch_dropout
+    if image_size is not None:
+        sizes = tuple(image_size) if isinstance(image_size, (tuple, list)) else (image_size, image_size)
+        if len(sizes) != 2 or sizes[0] != sizes[1] or not all(isinstance(n, int) and n > 0 for n in sizes):
+            raise UserError(f"force_image_size={image_size!r}: ldmclip takes one positive size (square images)")
+        cfg.vision_cfg.image_size = sizes[0]
+    if context_length is not None:
+        if not isinstance(context_length, int) or context_length < 2:
+            raise UserError(f"force_context_length={context_length!r}: give a number of tokens of at least 2")
+        cfg.text_cfg.context_length = context_length
+
+
+def create_model_and_transforms(name: str, pretrained: str | Path | None = None,
+                                aug_cfg: Mapping[str, Any] | Any | None = None, **kwargs: Any):
+    """``(model, train_transform, eval_transform)``; the transforms use the checkpoint's mean/std (and the
+    ``image_*`` keywords). Every :func:`create_model` keyword passes through; ``aug_cfg`` is OpenCLIP's
+    training augmentation (only its ``scale`` is implemented)."""
     from .transforms import PreprocessConfig, image_transform
 
-    # i14-cbench (minimum for CLIP_benchmark, which passes cache_dir=None): OpenCLIP's keyword is
-    # accepted; a cache folder itself is the drop-in branch's to honour, so it is refused until then.
-    if cache_dir is not None:
-        raise UserError("create_model_and_transforms(cache_dir=...): a download cache folder is not supported yet")
     model = create_model(name, pretrained=pretrained, **kwargs)
     pp = PreprocessConfig.from_dict(model.preprocess_cfg)
-    return model, image_transform(pp, is_train=True), image_transform(pp, is_train=False)
+    train = image_transform(pp.image_size, True, pp.mean, pp.std, pp.resize_mode, pp.interpolation,
+                            pp.fill_color, aug_cfg=aug_cfg)
+    return model, train, image_transform(pp, is_train=False)
 
 
-def get_tokenizer(name: str, context_length: int | None = None, pad_id: int = 0):
-    """The tokenizer of a model name: CLIP BPE with the model's context length.
+def create_model_from_pretrained(name: str, pretrained: str | Path | None = None, return_transform: bool = True,
+                                 **kwargs: Any):
+    """OpenCLIP's ``create_model_from_pretrained``: a model whose weights must load (an error otherwise)
+    and, unless ``return_transform=False``, its evaluation transform: ``(model, preprocess_val)``."""
+    from .transforms import PreprocessConfig, image_transform
 
-    A checkpoint folder that carries its own ``vocab.json`` + ``merges.txt`` uses those.
-    ``pad_id=49407`` pads with end-of-text, as Stable Diffusion 1.x does.
+    model = create_model(name, pretrained=pretrained, require_pretrained=True, **kwargs)
+    if not return_transform:
+        return model
+    return model, image_transform(PreprocessConfig.from_dict(model.preprocess_cfg), is_train=False)
+
+
+def get_tokenizer(name: str = "", context_length: int | None = None, cache_dir: str | Path | None = None,
+                  pad_id: int = 0, **kwargs: Any):
+    """The tokenizer of a model name: CLIP BPE with the model's context length (OpenCLIP's signature;
+    ``""`` is the plain CLIP tokenizer, context length 77).
+
+    A checkpoint folder that carries its own ``vocab.json`` + ``merges.txt`` uses those; ``cache_dir`` is
+    the Hugging Face cache of ``hf-hub:`` names. ``pad_id=49407`` pads with end-of-text, as Stable
+    Diffusion 1.x does. Other OpenCLIP tokenizer keywords (e.g. ``clean``) choose tokenizers ldmclip does
+    not have and are refused.
     """
-    from .tokenizer import CLIPTokenizer, build_tokenizer
+    from .tokenizer import DEFAULT_CONTEXT_LENGTH, CLIPTokenizer, build_tokenizer
 
-    folder = checkpoint_folder(name)
+    if kwargs:
+        raise TypeError(f"get_tokenizer() got unsupported options {sorted(kwargs)}: ldmclip has the CLIP BPE "
+                        "tokenizer only (context_length, cache_dir and pad_id are its options)")
+    if not name:
+        return build_tokenizer(context_length=context_length or DEFAULT_CONTEXT_LENGTH, pad_id=pad_id)
+    folder = checkpoint_folder(name, cache_dir=cache_dir)
     text_encoder = checkpoints.read_text_encoder_config(folder) if folder is not None else None
     if text_encoder is not None:  # a text encoder alone
         text_cfg = text_encoder[0]

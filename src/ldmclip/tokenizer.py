@@ -60,6 +60,7 @@ from .core.files import atomic_write
 __all__ = [
     "CLIPTokenizer",
     "build_tokenizer",
+    "tokenize",
     "DEFAULT_CONTEXT_LENGTH",
     "SOT_TOKEN",
     "EOT_TOKEN",
@@ -651,3 +652,14 @@ class CLIPTokenizer:
 def build_tokenizer(context_length: int = DEFAULT_CONTEXT_LENGTH, pad_id: int = 0) -> CLIPTokenizer:
     """Tokenizer over the packaged OpenAI CLIP vocabulary (the one every CLIP model uses)."""
     return CLIPTokenizer(context_length=context_length, pad_id=pad_id)
+
+
+@lru_cache(maxsize=1)
+def _default_tokenizer() -> CLIPTokenizer:
+    return build_tokenizer()
+
+
+def tokenize(texts: TextInput, context_length: int = DEFAULT_CONTEXT_LENGTH) -> torch.LongTensor:
+    """OpenCLIP's ``tokenize``: CLIP BPE ids ``[B, context_length]`` of a text or a list of texts,
+    start and end of text added, zero-padded, truncated with the end-of-text token kept."""
+    return _default_tokenizer()(texts, context_length=context_length)

@@ -41,6 +41,12 @@ from .core import reading
 __all__ = [
     "OPENAI_MEAN",
     "OPENAI_STD",
+    "OPENAI_DATASET_MEAN",
+    "OPENAI_DATASET_STD",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "INCEPTION_MEAN",
+    "INCEPTION_STD",
     "PreprocessConfig",
     "EvalTransform",
     "TrainTransform",
@@ -50,8 +56,14 @@ __all__ = [
     "MAX_ASPECT_RATIO",
 ]
 
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+# Normalisation constants, under OpenCLIP's names too (open_clip/constants.py): OpenAI's CLIP data, ImageNet,
+# and Inception-style [-1, 1].
+OPENAI_MEAN = OPENAI_DATASET_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = OPENAI_DATASET_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INCEPTION_MEAN = (0.5, 0.5, 0.5)
+INCEPTION_STD = (0.5, 0.5, 0.5)
 
 _INTERPOLATIONS = {
     "bicubic": Image.Resampling.BICUBIC,
@@ -461,21 +473,38 @@ class TrainTransform(_CLIPTransform):
 
 
 def image_transform(
-    cfg: PreprocessConfig | None = None,
+    image_size: PreprocessConfig | int | tuple[int, int] | None = None,
     is_train: bool = False,
+    mean: float | Sequence[float] | None = None,
+    std: float | Sequence[float] | None = None,
+    resize_mode: str | None = None,
+    interpolation: str | None = None,
+    fill_color: int = 0,
+    aug_cfg: Mapping[str, Any] | Any | None = None,
     *,
     scale: tuple[float, float] = (0.9, 1.0),
     generator: torch.Generator | None = None,
     seed: int | None = None,
     defer_normalize: bool = False,
 ) -> EvalTransform | TrainTransform:
-    """The transform OpenCLIP's ``image_transform_v2(cfg, is_train)`` builds.
+    """The transform OpenCLIP builds, in either of its two forms:
+
+    * ``image_transform(cfg: PreprocessConfig, is_train)``: OpenCLIP's ``image_transform_v2(cfg, is_train)``;
+    * ``image_transform(image_size, is_train, mean=None, std=None, resize_mode=None, interpolation=None,
+      fill_color=0, aug_cfg=None)``: OpenCLIP's ``image_transform`` (``None`` means OpenAI's mean/std,
+      bicubic, ``'shortest'``). Of ``aug_cfg`` (a dict or an object with those attributes) only ``scale``
+      is implemented; any other augmentation it sets is refused rather than silently left out.
 
     Training, like OpenCLIP, always crops with bicubic interpolation and ignores ``resize_mode`` and
-    ``cfg.interpolation``; ``scale``/``generator``/``seed`` only apply to training. ``defer_normalize``:
+    ``interpolation``; ``scale``/``generator``/``seed`` only apply to training. ``defer_normalize``:
     return RGB PIL images and normalise in ``ImageTextCollator`` (see ``_CLIPTransform``).
     """
-    cfg = cfg if cfg is not None else PreprocessConfig()
+    if isinstance(image_size, PreprocessConfig) or image_size is None:
+        cfg = image_size if image_size is not None else PreprocessConfig()
+    else:
+        cfg = PreprocessConfig.from_dict({"size": image_size, "mean": mean, "std": std, "resize_mode": resize_mode,
+                                          "interpolation": interpolation, "fill_color": fill_color})
+        scale = _aug_scale(aug_cfg, scale)
     transform: EvalTransform | TrainTransform
     if is_train:
         transform = TrainTransform(cfg.image_size, cfg.mean, cfg.std, scale=scale, interpolation="bicubic",
@@ -485,6 +514,23 @@ def image_transform(
                                   resize_mode=cfg.resize_mode, fill_color=cfg.fill_color)
     transform.defer_normalize = defer_normalize
     return transform
+
+
+# OpenCLIP ``AugmentationCfg`` fields beyond ``scale`` (timm's augmentations, colour jitter, grey scale)
+_UNSUPPORTED_AUGMENTATIONS = ("ratio", "color_jitter", "re_prob", "re_count", "use_timm", "color_jitter_prob",
+                              "gray_scale_prob")
+
+
+def _aug_scale(aug_cfg: Mapping[str, Any] | Any | None, default: tuple[float, float]) -> tuple[float, float]:
+    """The crop ``scale`` of an OpenCLIP ``aug_cfg``; a clear error for the augmentations not implemented."""
+    if aug_cfg is None:
+        return default
+    values = dict(aug_cfg) if isinstance(aug_cfg, Mapping) else vars(aug_cfg)
+    used = [key for key in _UNSUPPORTED_AUGMENTATIONS if values.get(key)]
+    unknown = sorted(set(values) - {"scale", *_UNSUPPORTED_AUGMENTATIONS})
+    if used or unknown:
+        raise ValueError(f"aug_cfg: only 'scale' is implemented (RandomResizedCrop), got {used + unknown}")
+    return tuple(values["scale"]) if values.get("scale") is not None else default
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -65,11 +65,12 @@ def hf_hub_file(repo_id: str, filenames: tuple[str, ...], *, asked: str,
                                       f"{repo_id} {filenames[0]}", note)) from None
 
 
-def resolve_hf_hub(name: str) -> Path:
+def resolve_hf_hub(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
     """A local folder holding ``hf-hub:`` repo ``name``: the cache when present, else a download.
 
     ``name`` is ``org/repo`` or ``org/repo/sub/folder`` (e.g. a diffusers pipeline's
-    ``org/repo/text_encoder``), whose folder is returned."""
+    ``org/repo/text_encoder``), whose folder is returned. ``cache_dir`` is the Hugging Face cache to use
+    (OpenCLIP's ``cache_dir``; default: huggingface_hub's own)."""
     from huggingface_hub import snapshot_download
 
     parts = name.strip("/").split("/")
@@ -81,28 +82,30 @@ def resolve_hf_hub(name: str) -> Path:
     if sub:
         patterns = [f"{sub}/{p}" for p in patterns]
     try:
-        snapshot = Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+        snapshot = Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True,
+                                          cache_dir=cache_dir))
     except Exception:  # not cached (huggingface_hub raises several types): try the network, unless offline
         snapshot = None
     if snapshot is None:
         error: Exception | None = None
         if not hub_offline():
             try:
-                snapshot = Path(snapshot_download(repo_id, allow_patterns=patterns))
+                snapshot = Path(snapshot_download(repo_id, allow_patterns=patterns, cache_dir=cache_dir))
             except Exception as failed:
                 error = failed
         if snapshot is None:
-            raise CheckpointError(_not_cached(f"hf-hub:{name}", None, error, repo_id)) from None
+            raise CheckpointError(_not_cached(f"hf-hub:{name}", cache_dir, error, repo_id)) from None
     folder = snapshot / sub if sub else snapshot
     if not folder.is_dir():
         raise CheckpointError(f"hf-hub:{name}: the repository {repo_id} has no folder {sub!r} (in {snapshot})")
     return folder
 
 
-def checkpoint_folder(name: str) -> Path | None:
-    """The folder an ``hf-hub:``/``local-dir:`` model name points at; ``None`` for other name forms."""
+def checkpoint_folder(name: str, cache_dir: str | os.PathLike | None = None) -> Path | None:
+    """The folder an ``hf-hub:``/``local-dir:`` model name points at; ``None`` for other name forms.
+    ``cache_dir``: the Hugging Face cache of ``hf-hub:`` names."""
     if name.startswith(HF_HUB_PREFIX):
-        return resolve_hf_hub(name[len(HF_HUB_PREFIX):])
+        return resolve_hf_hub(name[len(HF_HUB_PREFIX):], cache_dir=cache_dir)
     if name.startswith(LOCAL_DIR_PREFIX):
         folder = Path(name[len(LOCAL_DIR_PREFIX):]).expanduser()
         if not folder.is_dir():

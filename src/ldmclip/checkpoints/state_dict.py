@@ -199,6 +199,16 @@ def resize_image_positional_embedding(pos: torch.Tensor, grid_size: int) -> torc
     return torch.cat([cls_pos, grid], dim=0)
 
 
+def resize_text_positional_embedding(pos: torch.Tensor, context_length: int) -> torch.Tensor:
+    """Linearly resample a text positional embedding ``[L, width]`` to ``context_length`` positions, as
+    OpenCLIP's ``resize_text_pos_embed`` does for ``force_context_length`` (no antialiasing)."""
+    if pos.shape[0] == context_length:
+        return pos
+    line = pos.float().T.unsqueeze(0)  # [1, width, L]
+    line = F.interpolate(line, size=context_length, mode="linear", antialias=False, align_corners=False)
+    return line[0].T.contiguous().to(pos.dtype)
+
+
 def _is_square_grid(positions: int) -> bool:
     return positions > 0 and math.isqrt(positions) ** 2 == positions
 

@@ -12,7 +12,8 @@ import torch
 from .errors import UserError
 
 __all__ = ["PRECISIONS", "DTYPES", "MODEL_PRECISIONS", "cpu_has_fast_bf16", "resolve_precision", "autocast",
-           "canonical_dtype_name", "dtype_from_name", "dtype_name", "precision_dtype"]
+           "canonical_dtype_name", "dtype_from_name", "dtype_name", "precision_dtype", "get_cast_dtype",
+           "get_input_dtype"]
 
 # Compute precision of a command (``--precision``): "auto" is resolved per device by resolve_precision.
 PRECISIONS = ("auto", "amp_bf16", "amp_fp16", "fp32")
@@ -83,3 +84,16 @@ def precision_dtype(precision: str) -> torch.dtype:
     if precision not in MODEL_PRECISIONS:
         raise UserError(f"unknown precision {precision!r}; use one of {', '.join(MODEL_PRECISIONS)}")
     return MODEL_PRECISIONS[precision]
+
+
+def get_cast_dtype(precision: str) -> torch.dtype | None:
+    """OpenCLIP's ``get_cast_dtype``: the dtype a model's weights are cast to for ``precision``
+    (``bf16``/``fp16``), ``None`` for every other name (fp32 and the mixed-precision ones)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
+def get_input_dtype(precision: str) -> torch.dtype | None:
+    """OpenCLIP's ``get_input_dtype``: the dtype to cast input images to for ``precision``
+    (``bf16``/``pure_bf16``, ``fp16``/``pure_fp16``), ``None`` otherwise (autocast casts)."""
+    return {"bf16": torch.bfloat16, "pure_bf16": torch.bfloat16,
+            "fp16": torch.float16, "pure_fp16": torch.float16}.get(precision)

@@ -8,12 +8,14 @@ extended to several captions per image (see ``ldmclip.eval.retrieval``).
 from .evaluate import evaluate_retrieval, evaluate_zero_shot
 from .retrieval import retrieval_metrics, retrieval_ranks
 from .sources import open_retrieval, open_zero_shot, read_classnames
-from .templates import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES, imagenet_classnames, load_templates
+from .templates import (IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES, imagenet_classnames,
+                        load_templates)
 from .zeroshot import (build_zero_shot_classifier, classification_metrics, confusion_matrix, plot_confusion_matrix,
                        zero_shot_accuracy, zero_shot_predictions)
 
 __all__ = [
-    "OPENAI_IMAGENET_TEMPLATES", "SIMPLE_IMAGENET_TEMPLATES", "build_zero_shot_classifier", "classification_metrics",
+    "IMAGENET_CLASSNAMES", "OPENAI_IMAGENET_TEMPLATES", "SIMPLE_IMAGENET_TEMPLATES", "build_zero_shot_classifier",
+    "classification_metrics",
     "confusion_matrix", "evaluate_retrieval", "evaluate_zero_shot", "imagenet_classnames", "load_templates",
     "open_retrieval", "open_zero_shot", "plot_confusion_matrix", "read_classnames", "retrieval_metrics",
     "retrieval_ranks", "zero_shot_accuracy", "zero_shot_predictions",

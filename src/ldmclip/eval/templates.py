@@ -1,6 +1,9 @@
 """Prompt templates and class names for zero-shot classification.
 
-The templates are data, not code: format strings with one ``{}`` for the class name.
+The templates are data, not code: format strings with one ``{}`` for the class name. Each built-in
+template is a :class:`Template`, a ``str`` that can also be called with the class name, so the same
+tuples are OpenCLIP's callables (``OPENAI_IMAGENET_TEMPLATES[0]("cat")``) and plain format strings.
+Template files may write the class name as ``{}`` or as ``{c}`` (OpenCLIP / CLIP_benchmark style).
 
 * ``OPENAI_IMAGENET_TEMPLATES``: the 80 ImageNet prompts of the CLIP paper (Radford et al. 2021),
   from OpenAI's notebook
@@ -17,16 +20,28 @@ The templates are data, not code: format strings with one ``{}`` for the class n
 from __future__ import annotations
 
 import os
+import string
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
 from ..core.errors import UserError
 
-__all__ = ["OPENAI_IMAGENET_TEMPLATES", "SIMPLE_IMAGENET_TEMPLATES", "BUILTIN_TEMPLATES", "imagenet_classnames",
-           "load_templates", "read_lines"]
+__all__ = ["IMAGENET_CLASSNAMES", "OPENAI_IMAGENET_TEMPLATES", "SIMPLE_IMAGENET_TEMPLATES", "BUILTIN_TEMPLATES",
+           "Template", "imagenet_classnames", "load_templates", "read_lines"]
 
-OPENAI_IMAGENET_TEMPLATES: tuple[str, ...] = (
+
+class Template(str):
+    """A prompt template: a format string with one ``{}``, and a callable ``template(classname)`` like
+    OpenCLIP's lambdas (``isinstance(t, str)`` stays true, so OpenCLIP's ``build_zero_shot_classifier``
+    formats it, with the same prompt)."""
+
+    __slots__ = ()
+
+    def __call__(self, classname: str) -> str:
+        return self.format(classname)
+
+OPENAI_IMAGENET_TEMPLATES: tuple[Template, ...] = tuple(map(Template, (
     'a bad photo of a {}.',
     'a photo of many {}.',
     'a sculpture of a {}.',
@@ -107,9 +122,9 @@ OPENAI_IMAGENET_TEMPLATES: tuple[str, ...] = (
     'a photo of a cool {}.',
     'a photo of a small {}.',
     'a tattoo of the {}.',
-)
+)))
 
-SIMPLE_IMAGENET_TEMPLATES: tuple[str, ...] = (
+SIMPLE_IMAGENET_TEMPLATES: tuple[Template, ...] = tuple(map(Template, (
     'itap of a {}.',
     'a bad photo of the {}.',
     'a origami {}.',
@@ -117,7 +132,7 @@ SIMPLE_IMAGENET_TEMPLATES: tuple[str, ...] = (
     'a {} in a video game.',
     'art of the {}.',
     'a photo of the small {}.',
-)
+)))
 
 # Names accepted by ``load_templates`` (and ``ldmclip eval --templates``).
 BUILTIN_TEMPLATES: dict[str, tuple[str, ...]] = {
@@ -137,10 +152,11 @@ def read_lines(path: str | os.PathLike, what: str) -> list[str]:
 
 def load_templates(spec: str | os.PathLike) -> list[str]:
     """Templates by built-in name (``openai``: 80 prompts, ``simple``: 7) or from a text file with one
-    template per line, each containing ``{}`` where the class name goes (``#`` lines are comments).
+    template per line, each containing ``{}`` (or ``{c}``, OpenCLIP / CLIP_benchmark style) where the
+    class name goes (``#`` lines are comments); ``{c}`` lines come back written with ``{}``.
 
-    A file line without ``{}`` (or with other braces) is an error rather than a prompt that silently
-    ignores the class name."""
+    A file line without the class name (or with other braces) is an error rather than a prompt that
+    silently ignores the class name."""
     if str(spec) in BUILTIN_TEMPLATES:
         return list(BUILTIN_TEMPLATES[str(spec)])
     path = Path(spec)
@@ -150,15 +166,31 @@ def load_templates(spec: str | os.PathLike) -> list[str]:
     templates = read_lines(path, "templates file")
     if not templates:
         raise UserError(f"templates file {path} has no templates")
+    out = []
     for number, template in enumerate(templates, 1):
         try:
+            template = _positional(template)
             filled = template.format("\0")
         except (IndexError, KeyError, ValueError):
             filled = ""
         if filled.count("\0") != 1:
             raise UserError(f"templates file {path}: template {number} ({template!r}) must contain exactly one "
-                            "'{}' for the class name and no other braces (write '{{' for a literal brace)")
-    return templates
+                            "'{}' (or '{c}') for the class name and no other braces (write '{{' for a literal brace)")
+        out.append(template)
+    return out
+
+
+def _positional(template: str) -> str:
+    """``template`` with a ``{c}`` field written ``{}`` (other fields and literal braces as they were)."""
+    if "{c" not in template:
+        return template
+    parts = []
+    for literal, field, spec, conversion in string.Formatter().parse(template):
+        parts.append(literal.replace("{", "{{").replace("}", "}}"))
+        if field is not None:
+            parts.append("{" + ("" if field == "c" else field) + (f"!{conversion}" if conversion else "")
+                         + (f":{spec}" if spec else "") + "}")
+    return "".join(parts)
 
 
 @lru_cache(maxsize=1)
@@ -170,3 +202,6 @@ def _imagenet() -> tuple[str, ...]:
 def imagenet_classnames() -> list[str]:
     """The 1,000 ImageNet-1k class names in class-index order (OpenAI's curated names)."""
     return list(_imagenet())
+
+
+IMAGENET_CLASSNAMES: tuple[str, ...] = _imagenet()  # OpenCLIP's name for the same 1,000 names

@@ -43,20 +43,26 @@ def _check_classnames(tokenizer, classnames: Sequence[str]) -> None:
 @torch.inference_mode()
 def build_zero_shot_classifier(model, tokenizer, classnames: Sequence[str],
                                templates: Sequence[str | Callable[[str], str]],
-                               batch_size: int = 256, device: str | torch.device = "cpu",
+                               num_classes_per_batch: int | None = 10, device: str | torch.device = "cpu",
+                               use_tqdm: bool = False, *, batch_size: int | None = None,
                                autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
                                progress: bool = False) -> torch.Tensor:
     """``[embed_dim, num_classes]`` float32 weights: per class, the mean of the normalised text embeddings
     of every template filled with the class name, renormalised.
 
-    ``templates`` are ``str.format`` strings with one ``{}`` or callables; ``autocast`` is a context
-    factory the text tower runs in (mixed precision)."""
+    The positional signature is OpenCLIP's (``num_classes_per_batch`` classes' prompts per text batch,
+    ``None``: all at once; ``use_tqdm`` a progress bar). ``batch_size`` sets the prompts per batch
+    instead (``ldmclip eval``'s); the batching changes no value beyond float rounding. ``templates`` are
+    ``str.format`` strings with one ``{}`` or callables; ``autocast`` is a context factory the text tower
+    runs in (mixed precision)."""
     if not classnames or not templates:
         raise ValueError("zero-shot classification needs at least one class name and one template")
     _check_classnames(tokenizer, classnames)
+    if batch_size is None:
+        batch_size = (num_classes_per_batch or len(classnames)) * len(templates)
     prompts = [t(name) if callable(t) else t.format(name) for name in classnames for t in templates]
     starts = range(0, len(prompts), batch_size)
-    if progress:
+    if progress or use_tqdm:
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc="class prompts", unit="batch", disable=None)

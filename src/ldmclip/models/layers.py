@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 class QuickGELU(nn.Module):
@@ -127,6 +128,10 @@ class Transformer(nn.Module):
 
     ``forward`` can return the output of every block, which LDM conditioning needs (the
     penultimate layer of the text tower for SD 2.x and SDXL).
+
+    ``grad_checkpointing = True`` (OpenCLIP's flag of the same name, set by
+    ``CLIP.set_grad_checkpointing`` and the trainer's ``--grad-checkpointing``) recomputes each block's
+    activations in backward instead of storing them; without gradients it changes nothing.
     """
 
     def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0,
@@ -137,6 +142,7 @@ class Transformer(nn.Module):
         self.resblocks = nn.ModuleList(
             ResidualAttentionBlock(width, heads, mlp_ratio, activation, ln_eps) for _ in range(layers)
         )
+        self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor, causal: bool = False, stop_at: int | None = None,
                 return_all: bool = False) -> torch.Tensor | list[torch.Tensor]:
@@ -145,7 +151,23 @@ class Transformer(nn.Module):
         for index, block in enumerate(self.resblocks):
             if stop_at is not None and index >= stop_at:
                 break
-            x = block(x, causal=causal)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, causal, use_reentrant=False)
+            else:
+                x = block(x, causal=causal)
             if return_all:
                 outputs.append(x)
         return outputs if return_all else x
+
+
+def unlock_groups(groups: list, unlocked: int) -> None:
+    """Make the parameters of the last ``unlocked`` of ``groups`` trainable again (after a tower froze
+    every parameter): OpenCLIP's LiT-style partial locking. A group is a module, a parameter or a list
+    of them; ``unlocked`` larger than the number of groups unlocks them all."""
+    if unlocked <= 0:
+        return
+    for group in groups[-unlocked:]:
+        for part in group if isinstance(group, (list, tuple)) else [group]:
+            params = [part] if isinstance(part, nn.Parameter) else part.parameters()
+            for param in params:
+                param.requires_grad_(True)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TextConfig
-from .layers import LayerNorm, Transformer
+from .layers import LayerNorm, Transformer, unlock_groups
 
 
 # The top-level attributes that make up the text tower (a CLIP adds ``visual`` and ``logit_scale``).
@@ -52,6 +52,23 @@ class TextTransformer(nn.Module):
             nn.init.normal_(block.mlp.c_fc.weight, std=(2 * width) ** -0.5)
             nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
         nn.init.normal_(self.text_projection, std=width ** -0.5)
+
+    def lock_text_tower(self, unlocked_layers: int = 0, freeze_layer_norm: bool = True) -> None:
+        """Freeze the text tower but its last ``unlocked_layers`` groups, with OpenCLIP's groups: the
+        embeddings, each block but the last, the last block with ``ln_final``, the projection.
+        ``freeze_layer_norm=False`` is refused, as OpenCLIP refuses it (LayerNorms are locked with
+        their group)."""
+        if not freeze_layer_norm:
+            raise ValueError("freeze_layer_norm=False is not supported: LayerNorms are locked like the "
+                             "other weights of their group (as in OpenCLIP)")
+        for name in TEXT_PARTS:
+            part = getattr(self, name)
+            for param in [part] if isinstance(part, nn.Parameter) else part.parameters():
+                param.requires_grad_(False)
+        blocks = list(self.transformer.resblocks)
+        groups = [[self.token_embedding, self.positional_embedding], *blocks[:-1],
+                  [*blocks[-1:], self.ln_final], self.text_projection]
+        unlock_groups(groups, unlocked_layers)
 
     def text_state_dict(self) -> dict[str, torch.Tensor]:
         """The text tower's own tensors, under OpenCLIP's key names (a CLIP's image tower and

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .config import VisionConfig
-from .layers import LayerNorm, Transformer
+from .layers import LayerNorm, Transformer, unlock_groups
 
 
 class PatchDropout(nn.Module):
@@ -35,7 +35,8 @@ class PatchDropout(nn.Module):
 class VisionTransformer(nn.Module):
     def __init__(self, cfg: VisionConfig, output_dim: int, activation: str = "gelu"):
         super().__init__()
-        self.image_size = cfg.image_size
+        # (height, width), as OpenCLIP's towers expose it; ldmclip's images are square
+        self.image_size = (cfg.image_size, cfg.image_size)
         self.patch_size = cfg.patch_size
         self.grid_size = cfg.grid_size
         self.output_dim = output_dim
@@ -49,6 +50,23 @@ class VisionTransformer(nn.Module):
         self.transformer = Transformer(width, cfg.layers, cfg.heads, cfg.mlp_ratio, activation)
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+
+    def lock_groups(self) -> list:
+        """The tower's parameters in OpenCLIP's LiT groups, input to output (``VisionTransformer.lock``):
+        the embedding, each block but the last, the last block with ``ln_post``, the projection."""
+        blocks = list(self.transformer.resblocks)
+        return [[self.conv1, self.class_embedding, self.positional_embedding, self.ln_pre], *blocks[:-1],
+                [*blocks[-1:], self.ln_post], self.proj]
+
+    def lock(self, unlocked_groups: int = 0, freeze_bn_stats: bool = False) -> None:
+        """Freeze the tower but its last ``unlocked_groups`` groups (OpenCLIP's meaning; a ViT has no
+        BatchNorm, so ``freeze_bn_stats`` changes nothing here)."""
+        for param in self.parameters():
+            param.requires_grad_(False)
+        unlock_groups(self.lock_groups(), unlocked_groups)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.transformer.grad_checkpointing = enable
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Images ``[B, 3, H, W]`` to the token sequence ``[B, 1 + grid², width]`` fed to the blocks."""

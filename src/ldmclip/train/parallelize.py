@@ -16,30 +16,20 @@ import types
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from ..models.layers import ResidualAttentionBlock
-
-
-def _checkpointed(forward):
-    def run(x: torch.Tensor, causal: bool = False) -> torch.Tensor:
-        if not torch.is_grad_enabled():
-            return forward(x, causal=causal)
-        return checkpoint(forward, x, causal, use_reentrant=False)
-
-    return run
+from ..models.layers import ResidualAttentionBlock, Transformer
 
 
 def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
     """Recompute each residual block's activations in backward instead of storing them.
 
-    The block's ``forward`` is replaced on the instance, so module names and state-dict keys do not
-    change (checkpoints stay loadable with and without this option).
+    Sets the ``grad_checkpointing`` flag of every transformer stack (the one mechanism, also behind
+    OpenCLIP's ``model.set_grad_checkpointing()``), so module names and state-dict keys do not change
+    (checkpoints stay loadable with and without this option).
     """
     for module in model.modules():
-        if isinstance(module, ResidualAttentionBlock) and not getattr(module, "_checkpointed", False):
-            module.forward = _checkpointed(module.forward)
-            module._checkpointed = True
+        if isinstance(module, Transformer):
+            module.grad_checkpointing = True
     return model
 
 
@@ -118,7 +108,7 @@ def apply_fsdp(model: nn.Module, mixed_precision: bool = False, reshard_after_fo
     are scalars (changing their shape would break checkpoint compatibility), so they stay
     replicated, outside FSDP, and a hook averages their gradients across processes.
 
-    Compose after activation checkpointing and compile (they wrap the blocks' forward; FSDP hooks
+    Compose after activation checkpointing and compile (compile wraps the blocks' forward; FSDP hooks
     the modules). The model is changed in place (its class becomes an ``FSDPModule``) and returned.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
