@@ -241,3 +241,16 @@ def test_prompts_2_bad_input(parts):
         TextConditioner.from_preset("sd3", tower_l)
     with pytest.raises(ValueError, match="pooled_from must be 'last' or 'all'"):
         TextConditioner(tower_l, pooled=True, pooled_from="first")
+
+
+def test_identity_tells_the_new_presets_apart_and_keeps_the_old_ones(parts):
+    tower_l, tower_g = parts["tower_l"], parts["tower_g"]
+    sdxl = TextConditioner.from_preset("sdxl", tower_l, model_2=tower_g).identity()
+    sd3 = TextConditioner.from_preset("sd3", tower_l, model_2=tower_g).identity()
+    flux = TextConditioner.from_preset("flux", tower_l).identity()
+    # caches made before pooled_from / project_pooled existed keep their identity
+    assert "pooled_from" not in sdxl and "project_pooled" not in sdxl
+    assert sd3["pooled_from"] == "all" and flux["project_pooled"] is False
+    # the options alone (no preset name) still change the identity
+    plain = TextConditioner(tower_l, pooled=True, pad_id=EOT)
+    assert plain.identity() != TextConditioner(tower_l, pooled=True, pad_id=EOT, project_pooled=False).identity()

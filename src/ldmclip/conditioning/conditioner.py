@@ -86,7 +86,8 @@ class ConditionerOutput:
     """What a :class:`TextConditioner` returns for a batch of prompts.
 
     ``hidden``: ``[B, T, width]`` per-token states (``T`` = 77, or 77 per window with long prompts;
-    ``width`` summed over the towers). ``pooled``: ``[B, embed_dim]`` or None when not asked for.
+    ``width`` summed over the towers). ``pooled``: ``[B, embed_dim]`` or None when not asked for
+    (SD 3: both towers' ``embed_dim`` summed; Flux: the tower's ``width``, not projected).
     ``truncated``: how many of the prompts were longer than the token limit and were cut.
     """
 
@@ -136,7 +137,6 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
 )}
 
 TWO_TOWER_PRESETS = tuple(name for name, preset in PRESETS.items() if len(preset.models) == 2)
-
 
 
 def get_preset(name: str) -> Preset:
