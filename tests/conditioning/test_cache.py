@@ -417,6 +417,29 @@ def test_cli_needs_weights_or_random_init(tmp_path, capsys):
     assert len(TextEmbeddingCache(tmp_path / "cache")) == 2
 
 
+@pytest.mark.parametrize("preset, second", [("sd3", True), ("flux", False)])
+def test_cli_caches_the_sd3_and_flux_presets(tmp_path, capsys, preset, second):
+    src = _text_file(tmp_path / "c.txt", CAPTIONS[:2])
+    options = ["--preset", preset, "--model", MODEL, *(["--model-2", MODEL] if second else []),
+               "--precision", "fp32", "--quiet", "--random-init"]
+    assert main(["cache-text", str(src), "--out", str(tmp_path / "cache"), *options]) == 0
+    torch.manual_seed(0)  # what --random-init builds
+    cond = TextConditioner.from_pretrained(preset, MODEL, model_2=MODEL if second else None)
+    with torch.inference_mode():
+        ref = cond(CAPTIONS[:2])
+    cache = TextEmbeddingCache(tmp_path / "cache")
+    # sd3: both towers' pooled projections (64 + 64); flux: the unprojected pooled state (width 64)
+    assert cache.preset == preset and cache.manifest["pooled_dim"] == (128 if second else 64) == ref.pooled.shape[1]
+    assert cache.manifest["identity"] == json.loads(json.dumps(cond.identity()))
+    for i in range(2):
+        torch.testing.assert_close(cache[str(i + 1)]["pooled"].float(), ref.pooled[i], rtol=2e-3, atol=2e-3)
+        torch.testing.assert_close(cache[str(i + 1)]["hidden"].float(), ref.hidden[i], rtol=2e-3, atol=2e-3)
+    if not second:
+        capsys.readouterr()
+        assert main(["cache-text", str(src), "--out", str(tmp_path / "other"), *options, "--model-2", MODEL]) == 2
+        assert "two-encoder presets (sdxl and sd3), not flux" in capsys.readouterr().err
+
+
 KILL_CLI = ["--preset", "sd2", "--model", MODEL, "--precision", "fp32", "--quiet", "--random-init",
             "--shard-size", "2", "--batch-size", "2"]
 

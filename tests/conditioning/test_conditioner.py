@@ -468,8 +468,8 @@ def load_text_tower_of(model):
 def test_bad_presets_and_options(clip_l, openclip_pair):
     _, tower = clip_l
     _, model = openclip_pair
-    with pytest.raises(ValueError, match="unknown conditioning preset 'sd3'.*sd1, sd2, sdxl"):
-        TextConditioner.from_preset("sd3", tower)
+    with pytest.raises(ValueError, match="unknown conditioning preset 'sd4'.*sd1, sd2, sdxl, sd3, flux"):
+        TextConditioner.from_preset("sd4", tower)
     with pytest.raises(ValueError, match="two text towers: pass model_2"):
         TextConditioner.from_preset("sdxl", tower)
     with pytest.raises(ValueError, match="one text tower"):

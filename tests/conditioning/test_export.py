@@ -252,8 +252,25 @@ def test_cli_refuses_an_existing_output_folder(saved_l, tmp_path, capsys):
 
 def test_cli_unknown_preset_and_help(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["export", "--format", "diffusers", "--preset", "sd3", "--out", "x"])
-    assert exit_info.value.code == 2 and "invalid choice: 'sd3'" in capsys.readouterr().err
+        main(["export", "--format", "diffusers", "--preset", "sd4", "--out", "x"])
+    assert exit_info.value.code == 2 and "invalid choice: 'sd4'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["export", "--help"])
     assert "ldmclip export --format diffusers --preset sdxl" in capsys.readouterr().out
+
+
+def test_diffusers_sd3_layout_writes_both_projections(clip_l, clip_g, tmp_path):
+    """SD 3 reads the projected pooled embedding of both encoders: both folders are
+    CLIPTextModelWithProjection, and their text_embeds are the halves of the sd3 preset's pooled."""
+    conditioner = TextConditioner.from_preset("sd3", clip_l, model_2=clip_g)
+    out = export_diffusers(conditioner, tmp_path / "sd3")
+    encoders = [_loaded(transformers.CLIPTextModelWithProjection, out, subfolder=sub)
+                for sub in ("text_encoder", "text_encoder_2")]
+    ids = [_hf_ids(out, PROMPTS, subfolder=sub)[1] for sub in ("tokenizer", "tokenizer_2")]
+    with torch.no_grad():
+        theirs = [encoder(i, output_hidden_states=True) for encoder, i in zip(encoders, ids)]
+        ours = conditioner(PROMPTS)
+    width = clip_l.transformer.width
+    assert relative_error(ours.hidden[..., :width], theirs[0].hidden_states[-2]) <= TOL
+    assert relative_error(ours.hidden[..., width:], theirs[1].hidden_states[-2]) <= TOL
+    assert relative_error(ours.pooled, torch.cat([t.text_embeds for t in theirs], dim=-1)) <= TOL

@@ -47,12 +47,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("conditioner")
     model.add_argument("--preset", required=True, choices=sorted(defaults),
                        help="the conditioning recipe: sd1 (CLIP ViT-L/14, last layer), sd2 (OpenCLIP ViT-H/14, "
-                            "penultimate layer), sdxl (ViT-L/14 + ViT-bigG/14, penultimate layers + pooled)")
+                            "penultimate layer), sdxl (ViT-L/14 + ViT-bigG/14, penultimate layers + pooled), "
+                            "sd3 (the same two, + both pooled; the CLIP part of SD 3), flux (ViT-L/14's "
+                            "unprojected pooled output; the CLIP part of Flux)")
     add_model_options(model,
                       model_help="model name or config of the (first) text encoder (default: the preset's: "
                                  + ", ".join(f"{k} {v[0]}" for k, v in defaults.items()) + ")",
                       pretrained_help=f"its weights: a file, a checkpoint folder, hf-hub:org/repo {TAG_HELP}",
-                      second=f"sdxl only: the second text encoder (default: {defaults['sdxl'][1]})")
+                      second=f"sdxl and sd3 only: the second text encoder (default: {defaults['sdxl'][1]})")
     model.add_argument("--random-init", action="store_true",
                        help="allow encoders without weights (random initialisation with seed 0): "
                             "for tests and benchmarks only")
@@ -117,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
     model = args.model or defaults[0]
     model_2 = (args.model_2 or defaults[1]) if len(defaults) > 1 else None
     if model_2 is None and (args.model_2 or args.pretrained_2):
-        raise UserError(f"--model-2/--pretrained-2 are for the two-encoder preset sdxl, not {args.preset}")
+        two = " and ".join(name for name, models in _default_models().items() if len(models) == 2)
+        raise UserError(f"--model-2/--pretrained-2 are for the two-encoder presets ({two}), not {args.preset}")
     if args.batch_size < 1 or args.shard_size < 1:
         raise UserError("--batch-size and --shard-size must be at least 1")
     _check_weights(args, model, model_2)

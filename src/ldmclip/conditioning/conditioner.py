@@ -1,8 +1,32 @@
-"""The text conditioner of a latent diffusion model: the tensors SD 1.x, SD 2.x and SDXL feed the U-Net.
+"""The text conditioner of a latent diffusion model: the tensors SD 1.x, SD 2.x and SDXL feed the U-Net,
+and the CLIP part of what SD 3.x and Flux feed their transformers.
 
-A :class:`TextConditioner` wraps one CLIP text tower (or two, for SDXL) and its tokenizer and turns
-prompts into ``hidden`` ``[B, T, width]`` (the U-Net's cross-attention context) and, when asked,
-``pooled`` ``[B, embed_dim]`` (SDXL's extra vector conditioning).
+A :class:`TextConditioner` wraps one CLIP text tower (or two, for SDXL and SD 3) and its tokenizer and
+turns prompts into ``hidden`` ``[B, T, width]`` (the U-Net's cross-attention context) and, when asked,
+``pooled`` ``[B, embed_dim]`` (SDXL's and SD 3's extra vector conditioning, Flux's only CLIP input).
+With two towers, ``cond(prompts, prompts_2=...)`` gives the second tower prompts of its own, as
+diffusers' ``prompt_2`` does (default: the same prompts).
+
+SD 3 and Flux
+-------------
+``sd3`` is the CLIP half of diffusers' ``StableDiffusion3Pipeline.encode_prompt``: CLIP-L's and
+CLIP-G's ``hidden_states[-2]`` (no final LayerNorm) concatenated to ``[B, 77, 768 + 1280]``, and
+``pooled`` = both projected pooled embeddings concatenated, ``[B, 768 + 1280]``; CLIP-L pads with
+end-of-text, CLIP-G with 0 (``"!"``), as SD 3's two tokenizers do. The T5 part stays yours; join the
+two as the pipeline does: zero-pad the CLIP hidden states to T5's width (4096) and concatenate along
+the tokens, CLIP first::
+
+    out = cond(prompts)                                              # hidden [B, 77, 2048]
+    clip = torch.nn.functional.pad(out.hidden, (0, t5.shape[-1] - out.hidden.shape[-1]))
+    prompt_embeds = torch.cat([clip, t5], dim=-2)                    # [B, 77 + T5 tokens, 4096]
+    pooled_prompt_embeds = out.pooled                                # [B, 2048]
+
+``flux`` is diffusers' ``FluxPipeline._get_clip_prompt_embeds``: CLIP-L's ``pooler_output`` (the final
+LayerNorm at the end-of-text token, *not* projected), ``pooled`` ``[B, 768]``. Flux reads no CLIP
+hidden states (its token conditioning is T5's); ``hidden`` is CLIP-L's ``last_hidden_state`` (the
+final LayerNorm on the last layer, as ``sd1``), there for a cache or an experiment, and ``clip_skip``
+moves only ``hidden``: the pooled output always reads the last layer, in every preset, as in
+diffusers (whose Flux pipeline has no ``clip_skip``).
 
 Which layer
 -----------
@@ -15,10 +39,11 @@ when ``pooled`` needs the last one.
 
 ``clip_skip`` counts the way AUTOMATIC1111's web UI and kohya's sd-scripts do: ``clip_skip=1`` is the
 last layer, ``clip_skip=2`` the penultimate one, i.e. ``layer=-clip_skip``. diffusers counts from 0
-instead (its ``clip_skip=1`` is the penultimate layer, and for SDXL it counts from the penultimate
-layer already): diffusers' ``clip_skip=k`` is ``clip_skip=k + 1`` here for SD 1.x/2.x and
-``clip_skip=k + 2`` for SDXL. ``clip_skip`` replaces the preset's layer and keeps its ``final_ln``
-(SD 1.x: with the final LayerNorm, as diffusers, A1111 and kohya apply it).
+instead (its ``clip_skip=1`` is the penultimate layer, and for SDXL and SD 3 it counts from the
+penultimate layer already, ``hidden_states[-(clip_skip + 2)]``): diffusers' ``clip_skip=k`` is
+``clip_skip=k + 1`` here for SD 1.x/2.x and ``clip_skip=k + 2`` for SDXL and SD 3. ``clip_skip``
+replaces the preset's layer and keeps its ``final_ln`` (SD 1.x: with the final LayerNorm, as
+diffusers, A1111 and kohya apply it). With two towers it moves both, as in diffusers.
 
 Long prompts
 ------------
@@ -31,7 +56,8 @@ window, as A1111 and kohya's SDXL scripts do. (kohya's sd-scripts keep only the 
 last window's EOT/pad, giving ``max_tokens + 2`` tokens; A1111, ComfyUI and compel keep all 77 of
 every window, as here. A1111 also moves a window boundary back to a comma when it can; this splits
 exactly every 75 tokens.) Prompts longer than the limit are cut, with one warning per call that
-says how many.
+says how many. With two towers each one windows its own prompts (``prompts`` or ``prompts_2``); both
+get the same number of windows, so their hidden states line up token for token.
 """
 
 from __future__ import annotations
@@ -60,7 +86,8 @@ class ConditionerOutput:
     """What a :class:`TextConditioner` returns for a batch of prompts.
 
     ``hidden``: ``[B, T, width]`` per-token states (``T`` = 77, or 77 per window with long prompts;
-    ``width`` summed over the towers). ``pooled``: ``[B, embed_dim]`` or None when not asked for.
+    ``width`` summed over the towers). ``pooled``: ``[B, embed_dim]`` or None when not asked for
+    (SD 3: both towers' ``embed_dim`` summed; Flux: the tower's ``width``, not projected).
     ``truncated``: how many of the prompts were longer than the token limit and were cut.
     """
 
@@ -71,7 +98,9 @@ class ConditionerOutput:
 
 @dataclass(frozen=True)
 class Preset:
-    """One published recipe. ``pad`` per tower: ``"eot"`` (the tokenizer's end-of-text id) or an id."""
+    """One published recipe. ``pad`` per tower: ``"eot"`` (the tokenizer's end-of-text id) or an id.
+    ``pooled_from``: ``"last"`` (the last tower's pooled output) or ``"all"`` (every tower's,
+    concatenated); ``project_pooled``: apply ``text_projection`` to the pooled output."""
 
     name: str
     description: str
@@ -80,6 +109,8 @@ class Preset:
     pooled: bool
     pad: tuple[str | int, ...]
     models: tuple[str, ...]  # default model names for from_pretrained
+    pooled_from: str = "last"
+    project_pooled: bool = True
 
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (
@@ -94,7 +125,18 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
                    "with EOT, bigG with 0 (FrozenCLIPEmbedder(layer='hidden', layer_idx=11) + "
                    "FrozenOpenCLIPEmbedder2(layer='penultimate', legacy=False))",
            "penultimate", False, True, ("eot", 0), ("ViT-L-14-quickgelu", "ViT-bigG-14")),
+    Preset("sd3", "Stable Diffusion 3.x, the CLIP part: CLIP ViT-L/14 and OpenCLIP ViT-bigG/14, both penultimate "
+                  "without the final LayerNorm, concatenated (768 + 1280 = 2048), plus both pooled projections "
+                  "concatenated (768 + 1280 = 2048); ViT-L pads with EOT, bigG with 0 (diffusers' "
+                  "StableDiffusion3Pipeline; join T5 yourself: see the module docstring)",
+           "penultimate", False, True, ("eot", 0), ("ViT-L-14-quickgelu", "ViT-bigG-14"), pooled_from="all"),
+    Preset("flux", "Flux.1, the CLIP part: CLIP ViT-L/14's pooler_output (final LayerNorm at the end-of-text "
+                   "token, no projection, 768); hidden is its last_hidden_state, which Flux does not read "
+                   "(diffusers' FluxPipeline._get_clip_prompt_embeds)",
+           "last", True, True, ("eot",), ("ViT-L-14-quickgelu",), project_pooled=False),
 )}
+
+TWO_TOWER_PRESETS = tuple(name for name, preset in PRESETS.items() if len(preset.models) == 2)
 
 
 def get_preset(name: str) -> Preset:
@@ -151,13 +193,18 @@ class TextConditioner(nn.Module):
     Args:
         model: a CLIP model or a bare text tower (``ldmclip.models.TextTransformer``).
         tokenizer: its tokenizer (default: the CLIP BPE).
-        model_2, tokenizer_2: a second tower (SDXL); its hidden states are concatenated after the
-            first tower's along the features, and ``pooled`` comes from it.
+        model_2, tokenizer_2: a second tower (SDXL, SD 3); its hidden states are concatenated after
+            the first tower's along the features, and ``pooled`` comes from it (or from both, see
+            ``pooled_from``). ``forward(prompts, prompts_2=...)`` gives it prompts of its own.
         layer: ``"last"``, ``"penultimate"`` or an index into the hidden states (0 = embedding,
             ``i`` = block ``i``, negative from the end). Default ``"last"``.
         final_ln: apply the final LayerNorm to the chosen layer.
         pooled: also return the pooled embedding (final layer, final LayerNorm, EOT token,
             ``text_projection``) of the last tower.
+        pooled_from: ``"last"`` (default: the last tower's pooled embedding, SDXL) or ``"all"`` (every
+            tower's, concatenated in order, SD 3).
+        project_pooled: apply ``text_projection`` to the pooled embedding (default); False gives the
+            EOT state after the final LayerNorm (transformers' ``pooler_output``, Flux).
         pad_id, pad_id_2: the id written after EOT for each tower (default: the tokenizer's).
         context_length: tokens per window (default: the tower's, 77).
         max_tokens: encode long prompts in 75-token windows up to this many tokens (a multiple of
@@ -187,6 +234,8 @@ class TextConditioner(nn.Module):
         max_tokens: int | None = None,
         clip_skip: int | None = None,
         zero_empty_prompt: bool = False,
+        pooled_from: str = "last",
+        project_pooled: bool = True,
     ):
         super().__init__()
         towers = [model] if model_2 is None else [model, model_2]
@@ -228,6 +277,10 @@ class TextConditioner(nn.Module):
         self.blocks = [hidden_state_index(self.layer, t.transformer.layers) for t in towers]
         self.final_ln = bool(final_ln)
         self.pooled = bool(pooled)
+        if pooled_from not in ("last", "all"):
+            raise ValueError(f"pooled_from must be 'last' or 'all', got {pooled_from!r}")
+        self.pooled_from = pooled_from
+        self.project_pooled = bool(project_pooled)
 
         body = context_length - 2
         if max_tokens is not None:
@@ -252,7 +305,8 @@ class TextConditioner(nn.Module):
         tokenizer_2: CLIPTokenizer | None = None,
         **options: Any,
     ) -> "TextConditioner":
-        """A conditioner set up as a published recipe (``sd1``, ``sd2``, ``sdxl``; see ``PRESETS``).
+        """A conditioner set up as a published recipe (``sd1``, ``sd2``, ``sdxl``, ``sd3``, ``flux``;
+        see ``PRESETS``).
 
         The models are whatever you pass (the preset does not check their size); ``options``
         override the recipe's settings, e.g. ``clip_skip=2``, ``max_tokens=225``, ``pooled=True``.
@@ -260,15 +314,17 @@ class TextConditioner(nn.Module):
         preset = get_preset(name)
         if len(preset.pad) == 2 and model_2 is None:
             raise ValueError(f"the {name} preset conditions on two text towers: pass model_2= (and tokenizer_2=); "
-                             f"SDXL's are CLIP ViT-L/14 (model) and OpenCLIP ViT-bigG/14 (model_2)")
+                             f"{name}'s are CLIP ViT-L/14 (model) and OpenCLIP ViT-bigG/14 (model_2)")
         if len(preset.pad) == 1 and (model_2 is not None or tokenizer_2 is not None):
-            raise ValueError(f"the {name} preset uses one text tower; model_2/tokenizer_2 are for sdxl")
+            raise ValueError(f"the {name} preset uses one text tower; model_2/tokenizer_2 are for "
+                             f"{' and '.join(TWO_TOWER_PRESETS)}")
         if tokenizer is None:
             tokenizer = build_tokenizer(context_length=model.context_length)
         tokenizers = [tokenizer, tokenizer_2 or tokenizer]
         pads = [tok.eot_token_id if pad == "eot" else pad for tok, pad in zip(tokenizers, preset.pad)]
         settings: dict[str, Any] = {"layer": preset.layer, "final_ln": preset.final_ln, "pooled": preset.pooled,
-                                    "pad_id": pads[0]}
+                                    "pad_id": pads[0], "pooled_from": preset.pooled_from,
+                                    "project_pooled": preset.project_pooled}
         if model_2 is not None:
             settings["pad_id_2"] = pads[1]
         if options.get("clip_skip") is not None and options.get("layer") is None:
@@ -292,14 +348,16 @@ class TextConditioner(nn.Module):
     ) -> "TextConditioner":
         """Load the text towers with :func:`load_text_tower` and wrap them in a preset.
 
-        Model names default to the preset's (sd1: ``ViT-L-14-quickgelu``; sd2: ``ViT-H-14``; sdxl:
-        ``ViT-L-14-quickgelu`` + ``ViT-bigG-14``); ``pretrained`` takes what ``create_model`` takes.
+        Model names default to the preset's (sd1 and flux: ``ViT-L-14-quickgelu``; sd2: ``ViT-H-14``;
+        sdxl and sd3: ``ViT-L-14-quickgelu`` + ``ViT-bigG-14``); ``pretrained`` takes what
+        ``create_model`` takes.
         Only the text towers are built and read (no image tower is ever allocated); they are frozen
         and in eval mode.
         """
         spec = get_preset(preset)
         if len(spec.models) == 1 and (model_2 is not None or pretrained_2 is not None):
-            raise ValueError(f"the {preset} preset uses one text tower; model_2/pretrained_2 are for sdxl")
+            raise ValueError(f"the {preset} preset uses one text tower; model_2/pretrained_2 are for "
+                             f"{' and '.join(TWO_TOWER_PRESETS)}")
         names = [model or spec.models[0]] + ([model_2 or spec.models[1]] if len(spec.models) == 2 else [])
         weights = [pretrained, pretrained_2][: len(names)]
         towers = [load_text_tower(n, w, device=device, precision=precision) for n, w in zip(names, weights)]
@@ -319,37 +377,65 @@ class TextConditioner(nn.Module):
         """Tokens in ``hidden``: ``context_length`` per window."""
         return self.context_length * self.windows
 
+    def _pools(self, index: int) -> bool:
+        """Whether tower ``index`` contributes to ``pooled``."""
+        return self.pooled and (self.pooled_from == "all" or index == len(self.towers) - 1)
+
     @property
     def pooled_size(self) -> int | None:
-        return self.towers[-1].text_projection.shape[1] if self.pooled else None
+        if not self.pooled:
+            return None
+        return sum(t.text_projection.shape[1] if self.project_pooled else t.transformer.width
+                   for index, t in enumerate(self.towers) if self._pools(index))
 
-    def forward(self, prompts: str | Sequence[str]) -> ConditionerOutput:
-        """Encode prompts: ``hidden`` ``[B, T, width]`` and ``pooled`` ``[B, embed_dim]`` or None."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        prompts = list(prompts)
+    def forward(self, prompts: str | Sequence[str],
+                prompts_2: str | Sequence[str] | None = None) -> ConditionerOutput:
+        """Encode prompts: ``hidden`` ``[B, T, width]`` and ``pooled`` ``[B, embed_dim]`` or None.
+
+        ``prompts_2`` (two towers only, like diffusers' ``prompt_2``): what the second tower reads,
+        one per prompt; default: the same prompts. (diffusers also falls back to ``prompt`` when
+        ``prompt_2`` is ``""``; here a given value is used as it is.)
+        """
+        per_tower = self._prompts_per_tower(prompts, prompts_2)
         limit = (self.context_length - 2) * self.windows
-        token_ids: dict[int, list[list[int]]] = {}  # BPE runs once per distinct tokenizer
-        truncated = 0
-        hiddens, pooled = [], None
-        for index, (tower, tokenizer, pad_id, blocks) in enumerate(
-                zip(self.towers, self.tokenizers, self.pad_ids, self.blocks)):
-            if id(tokenizer) not in token_ids:
-                token_ids[id(tokenizer)] = ids = tokenizer.encode_batch(prompts)
-                truncated = max(truncated, sum(len(x) > limit for x in ids))
-            tokens = self._windows(token_ids[id(tokenizer)], tokenizer, pad_id)
-            want_pooled = self.pooled and index == len(self.towers) - 1
-            hidden, tower_pooled = self._encode(tower, tokens, blocks, want_pooled)
+        token_ids: dict[tuple[int, int], list[list[int]]] = {}  # BPE runs once per tokenizer and prompt list
+        cut = [False] * len(per_tower[0])  # a row counts once however many of its towers cut it
+        hiddens, pooled = [], []
+        for index, (tower, tokenizer, pad_id, blocks, texts) in enumerate(
+                zip(self.towers, self.tokenizers, self.pad_ids, self.blocks, per_tower)):
+            key = (id(tokenizer), id(texts))
+            if key not in token_ids:
+                token_ids[key] = ids = tokenizer.encode_batch(texts)
+                cut = [was or len(x) > limit for was, x in zip(cut, ids)]
+            tokens = self._windows(token_ids[key], tokenizer, pad_id)
+            hidden, tower_pooled = self._encode(tower, tokens, blocks, self._pools(index))
             hiddens.append(hidden)
-            if want_pooled:
-                pooled = tower_pooled
+            if tower_pooled is not None:
+                pooled.append(tower_pooled)
+        truncated = sum(cut)
         if truncated:
             hint = (f"raise max_tokens (now {self.max_tokens})" if self.max_tokens else
                     f"pass max_tokens={3 * (self.context_length - 2)} to encode long prompts in windows")
             logger.warning("%d of %d prompts are longer than %d tokens and were cut (%s)",
-                           truncated, len(prompts), limit, hint)
+                           truncated, len(cut), limit, hint)
         hidden = hiddens[0] if len(hiddens) == 1 else torch.cat(hiddens, dim=-1)
-        return ConditionerOutput(hidden=hidden, pooled=pooled, truncated=truncated)
+        pooled_out = None if not pooled else pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=-1)
+        return ConditionerOutput(hidden=hidden, pooled=pooled_out, truncated=truncated)
+
+    def _prompts_per_tower(self, prompts: str | Sequence[str],
+                           prompts_2: str | Sequence[str] | None) -> list[list[str]]:
+        """One list of prompts per tower (the same list object when they are the same prompts)."""
+        first = [prompts] if isinstance(prompts, str) else list(prompts)
+        if prompts_2 is None:
+            return [first] * len(self.towers)
+        if len(self.towers) == 1:
+            raise ValueError("prompts_2 is for a conditioner with two text towers (model_2=; presets "
+                             f"{' and '.join(TWO_TOWER_PRESETS)}); this one has one")
+        second = [prompts_2] if isinstance(prompts_2, str) else list(prompts_2)
+        if len(second) != len(first):
+            raise ValueError(f"prompts_2 holds {len(second)} prompts but prompts holds {len(first)}: "
+                             f"give one per prompt")
+        return [first, second]
 
     def _windows(self, ids: list[list[int]], tokenizer: CLIPTokenizer, pad_id: int) -> torch.Tensor:
         """``[B * windows, context_length]`` ids: each window is ``SOT, up to 75 ids, EOT, pad...``
@@ -384,7 +470,7 @@ class TextConditioner(nn.Module):
         if want_pooled:
             for block in tower.transformer.resblocks[blocks:]:  # the rest of the tower, for the pooled output
                 x = block(x, causal=True)
-            pooled = tower.pool_text(x, tokens)
+            pooled = tower.pool_text(x, tokens, project=self.project_pooled)
         if inverse is not None:
             hidden = hidden[inverse]
             pooled = None if pooled is None else pooled[inverse]
@@ -431,6 +517,9 @@ class TextConditioner(nn.Module):
             "context_length": self.context_length,
             "max_tokens": self.max_tokens,
             "zero_empty_prompt": self.zero_empty_prompt,
+            # only when not the default, so caches made before these options existed keep their identity
+            **({"pooled_from": self.pooled_from} if self.pooled_from != "last" else {}),
+            **({"project_pooled": False} if not self.project_pooled else {}),
             "towers": [
                 {"config": text_tower_config(tower), "sha256": weights_sha256(tower),
                  "tokenizer": {"vocab_size": tok.vocab_size, "sot_id": tok.sot_token_id,
@@ -441,4 +530,5 @@ class TextConditioner(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"preset={self.preset}, layer={self.layer!r}, final_ln={self.final_ln}, pooled={self.pooled}, "
+                f"pooled_from={self.pooled_from!r}, project_pooled={self.project_pooled}, "
                 f"pad_ids={self.pad_ids}, context_length={self.context_length}, max_tokens={self.max_tokens}")

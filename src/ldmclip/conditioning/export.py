@@ -194,7 +194,9 @@ def export_transformers(model: TextTransformer, out: str | os.PathLike, *, token
 def export_diffusers(conditioner: TextConditioner, out: str | os.PathLike,
                      dtype: str | torch.dtype | None = None) -> Path:
     """Write the conditioner's towers as diffusers sub-folders: ``text_encoder/`` + ``tokenizer/``,
-    and for a second tower (SDXL) ``text_encoder_2/`` (``CLIPTextModelWithProjection``) + ``tokenizer_2/``.
+    and for a second tower (SDXL, SD 3) ``text_encoder_2/`` (``CLIPTextModelWithProjection``) +
+    ``tokenizer_2/``. SD 3 reads both towers' projections, so with ``pooled_from="all"`` both are
+    written with theirs.
 
     The folders go into a diffusers pipeline folder as they are, or load on their own with
     ``CLIPTextModel.from_pretrained(out, subfolder="text_encoder")``.
@@ -204,7 +206,7 @@ def export_diffusers(conditioner: TextConditioner, out: str | os.PathLike,
                 zip(conditioner.towers, conditioner.tokenizers, conditioner.pad_ids)):
             suffix = "" if index == 0 else f"_{index + 1}"
             write_text_encoder(tower, tmp / f"text_encoder{suffix}", tokenizer=tokenizer, pad_id=pad_id,
-                               with_projection=index > 0, dtype=dtype)
+                               with_projection=index > 0 or conditioner.pooled_from == "all", dtype=dtype)
             write_tokenizer(tokenizer, tmp / f"tokenizer{suffix}", pad_id=pad_id,
                             context_length=conditioner.context_length)
     return Path(out)

@@ -96,11 +96,12 @@ class TextTransformer(nn.Module):
         x = self.embed_tokens(tokens)
         return self.transformer(x, causal=True, stop_at=num_layers, return_all=True)
 
-    def pool_text(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """``ln_final`` then the state at the end-of-text token (the highest id), projected."""
+    def pool_text(self, hidden: torch.Tensor, tokens: torch.Tensor, project: bool = True) -> torch.Tensor:
+        """``ln_final`` then the state at the end-of-text token (the highest id), projected unless
+        ``project=False`` (transformers' ``pooler_output``, which Flux reads)."""
         eot = tokens.argmax(dim=-1)
         pooled = self.ln_final(hidden[torch.arange(hidden.shape[0], device=hidden.device), eot])
-        return pooled @ self.text_projection
+        return pooled @ self.text_projection if project else pooled
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         self._check_tokens(tokens)
