@@ -335,3 +335,49 @@ def test_a_checkpoint_of_another_family_given_to_a_preset(tmp_path):
     with pytest.raises(UserError, match="is a sdxl-refiner checkpoint"):
         ldmclip.TextConditioner.from_single_file("sdxl", refiner)
     assert _sha256(path) == before
+
+
+# -- the command line: --pretrained of cache-text and export takes an SD checkpoint ------------------
+
+def test_cache_text_and_export_read_both_sdxl_towers_from_one_file(tmp_path, capsys):
+    from ldmclip.cli import main
+
+    path, clip_l, big_g = sdxl_file(tmp_path / "sdxl.safetensors")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a cat\ntwo dogs\n")
+    towers = ["--preset", "sdxl", "--model", L_NAME, "--model-2", G_NAME, "--pretrained", str(path)]
+    assert main(["cache-text", str(prompts), "--out", str(tmp_path / "cache"), *towers, "--quiet",
+                 "--dtype", "fp32"]) == 0
+    cache = ldmclip.TextEmbeddingCache(tmp_path / "cache")
+    expected = ldmclip.TextConditioner.from_pretrained("sdxl", model=L_NAME, model_2=G_NAME, checkpoint=path)
+    with torch.no_grad():
+        want = expected(["a photo of a cat"])
+    [key] = [k for k in cache.keys() if torch.allclose(
+        cache[k]["pooled"].float(), want.pooled[0], atol=1e-5)]
+    assert relative_error(cache[key]["hidden"].float(), want.hidden[0]) <= TOL
+    assert main(["export", "--format", "diffusers", *towers, "--out", str(tmp_path / "te")]) == 0
+    exported = transformers.CLIPTextModelWithProjection.from_pretrained(tmp_path / "te" / "text_encoder_2")
+    assert_matches_openclip(load_text_tower(f"local-dir:{tmp_path / 'te' / 'text_encoder_2'}"), big_g)
+    assert exported.config.hidden_size == 128
+
+
+@pytest.mark.parametrize("command", ["cache-text", "export"])
+def test_cli_bad_single_files_are_one_line(tmp_path, capsys, command):
+    from ldmclip.cli import main
+
+    sd1 = write(tmp_path / "sd1.safetensors", {**FILLER, **prefixed("cond_stage_model.transformer.",
+                                                                    hf_keys(hf_tower()))})
+    cut, _, _ = sdxl_file(tmp_path / "cut.safetensors")
+    cut.write_bytes(cut.read_bytes()[:-100])
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n")
+    for path, phrase in ((sd1, "is a sd1 checkpoint"), (cut, "not a complete .safetensors file")):
+        before = _sha256(path)
+        out = tmp_path / f"out-{path.stem}"
+        argv = (["cache-text", str(prompts), "--out", str(out), "--quiet"] if command == "cache-text" else
+                ["export", "--format", "diffusers", "--out", str(out)])
+        assert main([*argv, "--preset", "sdxl", "--model", L_NAME, "--model-2", G_NAME,
+                     "--pretrained", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"ldmclip {command}: error: ") and phrase in err, err
+        assert _sha256(path) == before

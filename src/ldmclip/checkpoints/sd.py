@@ -47,7 +47,7 @@ from .errors import CheckpointError
 from .hf import hf_to_openclip_key, hf_to_openclip_state_dict, with_text_model_prefix
 
 __all__ = ["FAMILY_CONFIGS", "FoundEncoder", "SDTextEncoder", "TowerConfig", "find_text_encoders",
-           "encoder_shapes", "read_text_encoders"]
+           "encoder_shapes", "is_single_file_checkpoint", "read_text_encoders"]
 
 logger = logging.getLogger(__name__)
 
@@ -218,6 +218,14 @@ def find_text_encoders(path: str | Path) -> list[FoundEncoder]:
 
     _open_and_pick(path, pick)
     return found
+
+
+def is_single_file_checkpoint(path: str | Path | None) -> bool:
+    """Whether ``path`` is a file holding the text encoders of an SD checkpoint family (not a text
+    encoder alone): what the command line's ``--pretrained`` hands to ``from_single_file``."""
+    if path is None or not Path(path).is_file():
+        return False
+    return any(f.family != TEXT_ENCODER_ALONE for f in find_text_encoders(path))
 
 
 def encoder_shapes(found: FoundEncoder, shape: Shape) -> dict[str, int | None]:
