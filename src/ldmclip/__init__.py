@@ -7,7 +7,9 @@ text tower to condition latent diffusion models.
 from .conditioning import ConditionerOutput, TextConditioner, TextEmbeddingCache
 from .core.version import __version__
 from .models import CLIP, CLIPConfig
-from .registry import create_model, create_model_and_transforms, get_model_config, get_tokenizer, list_models
+from .registry import (create_model, create_model_and_transforms, get_model_config, get_tokenizer, list_models,
+                       load_text_tower, load_text_towers)
 
 __all__ = ["CLIP", "CLIPConfig", "ConditionerOutput", "TextConditioner", "TextEmbeddingCache", "create_model",
-           "create_model_and_transforms", "get_model_config", "get_tokenizer", "list_models", "__version__"]
+           "create_model_and_transforms", "get_model_config", "get_tokenizer", "list_models", "load_text_tower",
+           "load_text_towers", "__version__"]

@@ -203,7 +203,9 @@ def test_load_text_towers_returns_every_encoder(tmp_path):
 
 # -- diffusers' own single-file conversion on the same state dict ---------------------------------
 
-diffusers_single_file = pytest.importorskip("diffusers.loaders.single_file_utils")
+@pytest.fixture
+def diffusers_single_file():
+    return pytest.importorskip("diffusers.loaders.single_file_utils")
 
 
 def _diffusers_model(converted: dict[str, torch.Tensor], name: str, projection: bool):
@@ -216,7 +218,7 @@ def _diffusers_model(converted: dict[str, torch.Tensor], name: str, projection: 
     return model.eval()
 
 
-def test_sd1_and_sdxl_clip_l_equal_diffusers_convert_ldm_clip_checkpoint(tmp_path):
+def test_sd1_and_sdxl_clip_l_equal_diffusers_convert_ldm_clip_checkpoint(tmp_path, diffusers_single_file):
     path, _, _ = sdxl_file(tmp_path / "sdxl.safetensors")
     checkpoint = ldmclip.checkpoints.read_state_dict(path)  # every tensor, as diffusers reads the file
     converted = diffusers_single_file.convert_ldm_clip_checkpoint(checkpoint)
@@ -226,7 +228,8 @@ def test_sd1_and_sdxl_clip_l_equal_diffusers_convert_ldm_clip_checkpoint(tmp_pat
 @pytest.mark.parametrize("prefix,family", [("cond_stage_model.model.", "sd2"),
                                            ("conditioner.embedders.1.model.", "sdxl"),
                                            ("conditioner.embedders.0.model.", "sdxl-refiner")])
-def test_openclip_layouts_equal_diffusers_convert_open_clip_checkpoint(tmp_path, prefix, family):
+def test_openclip_layouts_equal_diffusers_convert_open_clip_checkpoint(tmp_path, prefix, family,
+                                                                      diffusers_single_file):
     reference = openclip_tower()
     state = {**FILLER, **prefixed(prefix, openclip_text_keys(reference))}
     if family == "sdxl":  # an SDXL file always holds CLIP-L too
@@ -247,7 +250,7 @@ def test_openclip_layouts_equal_diffusers_convert_open_clip_checkpoint(tmp_path,
             assert relative_error(ours.encode_text(toks), out.text_embeds) <= TOL
 
 
-def test_sd3_clip_g_equals_diffusers(tmp_path):
+def test_sd3_clip_g_equals_diffusers(tmp_path, diffusers_single_file):
     clip_g = hf_tower(G_NAME, projection=True)
     state = {**FILLER, **prefixed("text_encoders.clip_g.transformer.", hf_keys(clip_g))}
     path = write(tmp_path / "sd3.safetensors", state)
