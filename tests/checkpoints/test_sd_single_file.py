@@ -5,6 +5,8 @@ and compared with the reference libraries (and with diffusers' own single-file c
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -12,10 +14,10 @@ import torch
 from safetensors.torch import save_file
 
 import ldmclip
-from ldmclip.checkpoints import CheckpointError, find_text_encoders, read_text_encoders
+from ldmclip.checkpoints import CheckpointError, find_text_encoders, read_text_encoders, sd
 from ldmclip.checkpoints.hf import with_text_model_prefix
 from ldmclip.core.errors import UserError
-from ldmclip.registry import _packaged_tower_configs, load_text_tower, load_text_towers
+from ldmclip.registry import _packaged_configs, _packaged_tower_configs, load_text_tower, load_text_towers
 from tests.conftest import relative_error
 from tests.openclip_reference import open_clip, openclip_model
 from tests.test_checkpoints import record_safetensors_reads
@@ -201,6 +203,52 @@ def test_load_text_towers_returns_every_encoder(tmp_path):
     assert towers["text_encoder_2"].token_embedding.weight.dtype == torch.bfloat16
 
 
+# -- which config: the named one, the family's, or the one packaged config the shapes fit -------------
+
+def _shapes(name: str, projection: bool) -> dict:
+    cfg = ldmclip.get_model_config(name)
+    t = cfg.text_cfg
+    return {"width": t.width, "layers": t.layers, "context_length": t.context_length, "vocab_size": t.vocab_size,
+            "intermediate_size": int(t.width * t.mlp_ratio), "embed_dim": cfg.embed_dim if projection else None}
+
+
+@pytest.mark.parametrize("family,encoder,shape_of,projection,expected", [
+    ("text-encoder", "text_encoder", "ViT-L-14", False, "ViT-L-14-quickgelu"),  # OpenAI's CLIP-L: QuickGELU
+    ("text-encoder", "text_encoder", "ViT-bigG-14", True, "ViT-bigG-14"),
+    ("text-encoder", "text_encoder", L_NAME, False, L_NAME),  # one packaged config fits
+    ("sd2", "text_encoder", "ViT-H-14", True, "ViT-H-14"),
+    ("sdxl", "text_encoder_2", "ViT-bigG-14", True, "ViT-bigG-14"),
+    ("sd1", "text_encoder", "ViT-L-14", False, "ViT-L-14-quickgelu"),
+])
+def test_the_config_an_encoder_is_checked_against(family, encoder, shape_of, projection, expected):
+    found = sd.FoundEncoder(family, encoder, "transformers", "", ())
+    name, _ = sd._match(found, _shapes(shape_of, projection), "it", None, _packaged_tower_configs())
+    assert name == expected
+
+
+def test_shapes_that_fit_configs_of_different_activations_are_not_guessed():
+    found = sd.FoundEncoder("text-encoder", "text_encoder", "openclip", "", ())
+    with pytest.raises(CheckpointError, match="fits several packaged configs.*ViT-B-16, ViT-B-16-quickgelu.*pass model="):
+        sd._match(found, _shapes("ViT-B-32", True), "it", None, _packaged_tower_configs())
+
+
+def test_the_familys_config_is_used_without_a_name_and_another_activation_warns(tmp_path, monkeypatch, caplog):
+    # the family's config stands in for ViT-L-14-quickgelu here (a real-sized CLIP-L is 250 MB)
+    monkeypatch.setitem(sd.FAMILY_CONFIGS, ("sd1", "text_encoder"), L_NAME)
+    reference = hf_tower()
+    path = write(tmp_path / "sd1.safetensors", {**FILLER, **prefixed("cond_stage_model.transformer.",
+                                                                     hf_keys(reference))})
+    [encoder] = read_text_encoders(path, _packaged_tower_configs()).values()
+    assert (encoder.family, encoder.config_name) == ("sd1", L_NAME)
+    assert_matches_hf(load_text_towers(path)["text_encoder"], reference)
+    assert not caplog.records
+    quick = tmp_path / "tiny-quickgelu.json"
+    quick.write_text(json.dumps({**json.loads(_packaged_configs()[L_NAME].read_text()), "quick_gelu": True}))
+    with caplog.at_level(logging.WARNING):
+        load_text_tower(str(quick), path)
+    assert "is loaded as" in caplog.text and "but sd1 checkpoints hold ViT-Tiny-64 (activation gelu)" in caplog.text
+
+
 # -- diffusers' own single-file conversion on the same state dict ---------------------------------
 
 @pytest.fixture
@@ -218,8 +266,13 @@ def _diffusers_model(converted: dict[str, torch.Tensor], name: str, projection: 
     return model.eval()
 
 
-def test_sd1_and_sdxl_clip_l_equal_diffusers_convert_ldm_clip_checkpoint(tmp_path, diffusers_single_file):
-    path, _, _ = sdxl_file(tmp_path / "sdxl.safetensors")
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_sd1_and_sdxl_clip_l_equal_diffusers_convert_ldm_clip_checkpoint(tmp_path, diffusers_single_file, family):
+    if family == "sdxl":
+        path, _, _ = sdxl_file(tmp_path / "sdxl.safetensors")
+    else:
+        path = write(tmp_path / "sd1.safetensors", {**FILLER, **prefixed("cond_stage_model.transformer.",
+                                                                         hf_keys(hf_tower()))})
     checkpoint = ldmclip.checkpoints.read_state_dict(path)  # every tensor, as diffusers reads the file
     converted = diffusers_single_file.convert_ldm_clip_checkpoint(checkpoint)
     assert_matches_hf(load_text_tower(L_NAME, path), _diffusers_model(converted, L_NAME, projection=False))

@@ -261,18 +261,25 @@ def _describe(shapes: Mapping[str, int | None]) -> str:
             f"vocabulary {shapes['vocab_size']}, MLP width {shapes['intermediate_size']}, {projection}")
 
 
+def _check_named(found: FoundEncoder, shapes: Mapping[str, int | None], what: str, model: tuple[str, TowerConfig],
+                 usual: TowerConfig | None) -> tuple[str, TowerConfig]:
+    """``model`` when the shapes fit it (``usual``: the config of the family's published checkpoints)."""
+    if not _fits(shapes, model[1]):
+        raise CheckpointError(f"{what} ({_describe(shapes)}) does not fit the text tower of {model[0]}")
+    # the family's shapes with another activation: most likely the other variant (-quickgelu) was meant
+    if usual is not None and _fits(shapes, usual) and usual.activation != model[1].activation:
+        logger.warning("%s is loaded as %s (activation %s), but %s checkpoints hold %s (activation %s)", what,
+                       model[0], model[1].activation, found.family, FAMILY_CONFIGS[found.family, found.encoder],
+                       usual.activation)
+    return model
+
+
 def _match(found: FoundEncoder, shapes: Mapping[str, int | None], what: str,
            model: tuple[str, TowerConfig] | None, packaged: Mapping[str, TowerConfig]) -> tuple[str, TowerConfig]:
     """The config an encoder's shapes are checked against (see the module docstring)."""
     expected = FAMILY_CONFIGS.get((found.family, found.encoder))
     if model is not None:
-        if _fits(shapes, model[1]):
-            usual = packaged.get(expected) if expected is not None else None
-            if usual is not None and usual.activation != model[1].activation:
-                logger.warning("%s is loaded as %s (activation %s), but %s checkpoints hold %s (activation %s)",
-                               what, model[0], model[1].activation, found.family, expected, usual.activation)
-            return model
-        raise CheckpointError(f"{what} ({_describe(shapes)}) does not fit the text tower of {model[0]}")
+        return _check_named(found, shapes, what, model, packaged.get(expected) if expected else None)
     fits = {name: cfg for name, cfg in sorted(packaged.items()) if _fits(shapes, cfg)}
     if expected is not None:
         if expected in fits:
