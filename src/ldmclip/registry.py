@@ -206,7 +206,7 @@ def load_text_tower(name: str | None, pretrained: str | Path | None = None, devi
     dtype = precision_dtype(precision)  # a bad precision fails before anything is read
     single_file = _text_encoder_file(pretrained)
     if single_file is not None:
-        return _single_file_tower(single_file, name, encoder).to(device=device, dtype=dtype)
+        return _single_file_tower(*single_file, name, encoder).to(device=device, dtype=dtype)
     if name is None or encoder is not None:
         raise UserError(f"name=None and encoder= are for single-file SD checkpoints; {pretrained} holds no "
                         f"text encoder alone nor an SD checkpoint's")
@@ -251,21 +251,22 @@ def _packaged_tower_configs() -> dict[str, checkpoints.TowerConfig]:
     return {name: _tower_config(name) for name in list_models()}
 
 
-def _text_encoder_file(pretrained: str | Path | None) -> Path | None:
-    """``pretrained`` as a path when it is a file of text encoders (``checkpoints.sd``), else None."""
+def _text_encoder_file(pretrained: str | Path | None) -> tuple[Path, list[str]] | None:
+    """``(path, its encoders)`` when ``pretrained`` is a file of text encoders (``checkpoints.sd``)."""
     if pretrained is None or str(pretrained).startswith(HF_HUB_PREFIX):
         return None
     path = Path(pretrained).expanduser()
-    return path if path.is_file() and checkpoints.find_text_encoders(path) else None
+    found = checkpoints.find_text_encoders(path) if path.is_file() else []
+    return (path, [f.encoder for f in found]) if found else None
 
 
-def _single_file_tower(path: Path, name: str | None, encoder: str | None) -> TextTransformer:
+def _single_file_tower(path: Path, encoders: list[str], name: str | None, encoder: str | None) -> TextTransformer:
+    if name is None and encoder is None and len(encoders) > 1:
+        raise UserError(f"{path} holds {len(encoders)} text encoders ({', '.join(encoders)}): pass encoder= or a "
+                        f"model name to choose one, or use load_text_towers")
     model_cfg = None if name is None else (name, _tower_config(name))
-    found = checkpoints.read_text_encoders(path, _packaged_tower_configs(), model_cfg, encoder)
-    if len(found) > 1:
-        raise UserError(f"{path} holds {len(found)} text encoders ({', '.join(found)}): pass encoder= to choose "
-                        f"one, or use load_text_towers")
-    return _tower_from_encoder(next(iter(found.values())), str(path))
+    [found] = checkpoints.read_text_encoders(path, _packaged_tower_configs(), model_cfg, encoder).values()
+    return _tower_from_encoder(found, str(path))
 
 
 def _tower_from_encoder(encoder: checkpoints.SDTextEncoder, source: str) -> TextTransformer:

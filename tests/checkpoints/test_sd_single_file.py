@@ -380,6 +380,21 @@ def test_shapes_that_match_no_packaged_config(tmp_path):
         load_text_tower(L_NAME, sd1)
 
 
+def test_a_name_or_encoder_the_file_does_not_hold(tmp_path):
+    path, _, _ = sdxl_file(tmp_path / "sdxl.safetensors")
+    with pytest.raises(CheckpointError, match=r"holds 2 text encoders and none fits the text tower of ViT-B-32 "
+                                              r"\(text_encoder: width 64.*text_encoder_2: width 128.*pass encoder="):
+        load_text_tower("ViT-B-32", path)
+    with pytest.raises(CheckpointError, match="has no text encoder 'text_encoder_3'; it has: text_encoder, "
+                                              "text_encoder_2"):
+        load_text_tower(None, path, encoder="text_encoder_3")
+    with pytest.raises(UserError, match=r"holds 2 text encoders \(text_encoder, text_encoder_2\): pass encoder="):
+        load_text_tower(None, path)
+    alone = write(tmp_path / "clip_l.safetensors", hf_keys(hf_tower()))
+    with pytest.raises(CheckpointError, match="does not fit the text tower of ViT-T-8-64; it fits ViT-Tiny-64"):
+        load_text_tower(G_NAME, alone)
+
+
 def test_a_checkpoint_of_another_family_given_to_a_preset(tmp_path):
     path = write(tmp_path / "sd1.safetensors", {**FILLER, **prefixed("cond_stage_model.transformer.",
                                                                      hf_keys(hf_tower()))})

@@ -228,14 +228,15 @@ def is_single_file_checkpoint(path: str | Path | None) -> bool:
     return any(f.family != TEXT_ENCODER_ALONE for f in find_text_encoders(path))
 
 
-def encoder_shapes(found: FoundEncoder, shape: Shape) -> dict[str, int | None]:
-    """The architecture an encoder's tensors describe, as far as their shapes (not yet read) tell."""
+def encoder_shapes(found: FoundEncoder, shape: Shape, what: str | None = None) -> dict[str, int | None]:
+    """The architecture an encoder's tensors describe, as far as their shapes (not yet read) tell
+    (``what`` names the encoder in errors)."""
     keys = {}
     for key, name in found.keys:
         keys.setdefault(name, key)
     for name in ("token_embedding.weight", "positional_embedding"):
         if name not in keys:
-            raise CheckpointError(f"{found.encoder} ({found.prefix}*) has no {name} ({len(keys)} text tensors)")
+            raise CheckpointError(f"{what or found.encoder} has no {name} ({len(keys)} text tensors)")
     vocab, width = shape(keys["token_embedding.weight"])
     blocks = {name.split(".")[2] for name in keys if name.startswith("transformer.resblocks.")}
     fc = keys.get("transformer.resblocks.0.mlp.c_fc.weight")
@@ -262,15 +263,18 @@ def _describe(shapes: Mapping[str, int | None]) -> str:
 
 
 def _check_named(found: FoundEncoder, shapes: Mapping[str, int | None], what: str, model: tuple[str, TowerConfig],
-                 usual: TowerConfig | None) -> tuple[str, TowerConfig]:
-    """``model`` when the shapes fit it (``usual``: the config of the family's published checkpoints)."""
+                 packaged: Mapping[str, TowerConfig]) -> tuple[str, TowerConfig]:
+    """``model`` when the shapes fit it."""
     if not _fits(shapes, model[1]):
-        raise CheckpointError(f"{what} ({_describe(shapes)}) does not fit the text tower of {model[0]}")
+        fits = [name for name, cfg in sorted(packaged.items()) if _fits(shapes, cfg)]
+        hint = f"; it fits {', '.join(fits)}" if fits else ""
+        raise CheckpointError(f"{what} ({_describe(shapes)}) does not fit the text tower of {model[0]}{hint}")
+    expected = FAMILY_CONFIGS.get((found.family, found.encoder))
+    usual = packaged.get(expected) if expected is not None else None
     # the family's shapes with another activation: most likely the other variant (-quickgelu) was meant
     if usual is not None and _fits(shapes, usual) and usual.activation != model[1].activation:
         logger.warning("%s is loaded as %s (activation %s), but %s checkpoints hold %s (activation %s)", what,
-                       model[0], model[1].activation, found.family, FAMILY_CONFIGS[found.family, found.encoder],
-                       usual.activation)
+                       model[0], model[1].activation, found.family, expected, usual.activation)
     return model
 
 
@@ -279,7 +283,7 @@ def _match(found: FoundEncoder, shapes: Mapping[str, int | None], what: str,
     """The config an encoder's shapes are checked against (see the module docstring)."""
     expected = FAMILY_CONFIGS.get((found.family, found.encoder))
     if model is not None:
-        return _check_named(found, shapes, what, model, packaged.get(expected) if expected else None)
+        return _check_named(found, shapes, what, model, packaged)
     fits = {name: cfg for name, cfg in sorted(packaged.items()) if _fits(shapes, cfg)}
     if expected is not None:
         if expected in fits:
@@ -315,6 +319,26 @@ def _to_openclip(found: FoundEncoder, raw: Mapping[str, torch.Tensor]) -> dict[s
     return {name: raw[key] for key, name in found.keys}
 
 
+def _select(path: Path, found: list[FoundEncoder], shape: Shape, model: tuple[str, TowerConfig] | None,
+            encoder: str | None) -> list[tuple[FoundEncoder, dict[str, int | None]]]:
+    """The encoders to read, with their shapes: ``encoder``, else the one that fits ``model``, else all."""
+    if encoder is not None:
+        if encoder not in [f.encoder for f in found]:
+            raise CheckpointError(f"{path} has no text encoder {encoder!r}; it has: "
+                                  f"{', '.join(f.encoder for f in found)}")
+        found = [f for f in found if f.encoder == encoder]
+    pairs = [(f, encoder_shapes(f, shape, _label(path, f))) for f in found]
+    if model is None or len(pairs) == 1:
+        return pairs
+    fitting = [(f, s) for f, s in pairs if _fits(s, model[1])]
+    if len(fitting) != 1:
+        listed = "; ".join(f"{f.encoder}: {_describe(s)}" for f, s in pairs)
+        problem = "none fits" if not fitting else "several fit"
+        raise CheckpointError(f"{path} holds {len(pairs)} text encoders and {problem} the text tower of "
+                              f"{model[0]} ({listed}); pass encoder= to choose")
+    return fitting
+
+
 def read_text_encoders(path: str | Path, packaged: Mapping[str, TowerConfig],
                        model: tuple[str, TowerConfig] | None = None,
                        encoder: str | None = None) -> dict[str, SDTextEncoder]:
@@ -334,21 +358,7 @@ def read_text_encoders(path: str | Path, packaged: Mapping[str, TowerConfig],
             raise CheckpointError(f"{path} holds no CLIP text encoder (none of the keys of an SD 1.x/2.x/SDXL/SD 3 "
                                   f"checkpoint's text encoders, nor a text encoder alone); it has "
                                   f"{_describe_keys(keys)}")
-        if encoder is not None:
-            if encoder not in [f.encoder for f in found]:
-                raise CheckpointError(f"{path} has no text encoder {encoder!r}; it has: "
-                                      f"{', '.join(f.encoder for f in found)}")
-            found = [f for f in found if f.encoder == encoder]
-        shapes = [encoder_shapes(f, shape) for f in found]
-        if model is not None and encoder is None and len(found) > 1:
-            fitting = [(f, s) for f, s in zip(found, shapes) if _fits(s, model[1])]
-            if len(fitting) != 1:
-                listed = "; ".join(f"{f.encoder}: {_describe(s)}" for f, s in zip(found, shapes))
-                problem = "none fits" if not fitting else "several fit"
-                raise CheckpointError(f"{path} holds {len(found)} text encoders and {problem} the text tower of "
-                                      f"{model[0]} ({listed}); pass encoder= to choose")
-            found, shapes = [fitting[0][0]], [fitting[0][1]]
-        for f, s in zip(found, shapes):
+        for f, s in _select(path, found, shape, model, encoder):
             chosen.append((f, *_match(f, s, _label(path, f), model, packaged)))
         return [key for f, _, _ in chosen for key, _ in f.keys]
 
