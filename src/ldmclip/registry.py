@@ -208,8 +208,8 @@ def load_text_tower(name: str | None, pretrained: str | Path | None = None, devi
     if single_file is not None:
         return _single_file_tower(*single_file, name, encoder).to(device=device, dtype=dtype)
     if name is None or encoder is not None:
-        raise UserError(f"name=None and encoder= are for single-file SD checkpoints; {pretrained} holds no "
-                        f"text encoder alone nor an SD checkpoint's")
+        raise UserError(f"name=None and encoder= need pretrained= a single-file SD checkpoint or a text-encoder "
+                        f"file (checkpoints.sd); got pretrained={pretrained!r}")
     folder = checkpoints.checkpoint_folder(name)
     text_encoder = checkpoints.read_text_encoder_config(folder) if folder is not None else None
     if text_encoder is not None and pretrained is None:
