@@ -387,8 +387,8 @@ def get_tokenizer(name: str = "", context_length: int | None = None, cache_dir: 
     return build_tokenizer(context_length=length, pad_id=pad_id)
 
 
-def load_text_tower(name: str, pretrained: str | Path | None = None, device: str | torch.device = "cpu",
-                    precision: str = "fp32") -> TextTransformer:
+def load_text_tower(name: str | None, pretrained: str | Path | None = None, device: str | torch.device = "cpu",
+                    precision: str = "fp32", encoder: str | None = None) -> TextTransformer:
     """The text tower of ``create_model(name, pretrained)``, built and loaded alone: the image tower is
     never allocated and its tensors are not read (bigG's alone is 1.8 billion parameters that
     conditioning never uses). ``pretrained`` takes every form ``create_model`` takes; without weights
@@ -400,8 +400,18 @@ def load_text_tower(name: str, pretrained: str | Path | None = None, device: str
     final-LayerNorm EOT state itself (``pooler_output``). Note that diffusers' Stable Diffusion 2.x
     ``text_encoder/`` keeps 23 of ViT-H/14's 24 blocks (2.x never uses the last one), so its
     ``layer="last"`` is the ``sd2`` preset's ``"penultimate"``.
+
+    ``pretrained`` may be a single-file SD checkpoint or a text-encoder file (``checkpoints.sd``): the
+    encoder whose shapes fit ``name``'s text tower is read (``encoder="text_encoder_2"`` chooses one;
+    ``name=None`` takes the config the file's family uses), and nothing else of the file.
     """
     dtype = precision_dtype(precision)  # a bad precision fails before anything is read
+    single_file = _text_encoder_file(pretrained)
+    if single_file is not None:
+        return _single_file_tower(*single_file, name, encoder).to(device=device, dtype=dtype)
+    if name is None or encoder is not None:
+        raise UserError(f"name=None and encoder= need pretrained= a single-file SD checkpoint or a text-encoder "
+                        f"file (checkpoints.sd); got pretrained={pretrained!r}")
     folder = checkpoints.checkpoint_folder(name)
     text_encoder = checkpoints.read_text_encoder_config(folder) if folder is not None else None
     if text_encoder is not None and pretrained is None:
@@ -421,6 +431,53 @@ def load_text_tower(name: str, pretrained: str | Path | None = None, device: str
         state[key] = value.float()    # one tensor at a time: a half-precision one is never held twice
     tower = _tower_from_state(state, cfg.text_cfg, cfg.embed_dim, cfg.activation, str(weights), suggest_configs)
     return tower.to(device=device, dtype=dtype)
+
+
+def load_text_towers(pretrained: str | Path, model: str | None = None, device: str | torch.device = "cpu",
+                     precision: str = "fp32") -> dict[str, TextTransformer]:
+    """Every text encoder of a single-file SD checkpoint (or a text-encoder file), by the name of its
+    diffusers folder (``text_encoder``, ``text_encoder_2``), each checked against the config its
+    family uses, or ``model``'s (see ``checkpoints.sd``)."""
+    dtype = precision_dtype(precision)
+    model_cfg = None if model is None else (model, _tower_config(model))
+    found = checkpoints.read_text_encoders(pretrained, _packaged_tower_configs(), model_cfg)
+    return {name: _tower_from_encoder(encoder, str(pretrained)).to(device=device, dtype=dtype)
+            for name, encoder in found.items()}
+
+
+def _tower_config(name: str) -> checkpoints.TowerConfig:
+    cfg = get_model_config(name)
+    return checkpoints.TowerConfig(cfg.text_cfg, cfg.embed_dim, cfg.activation)
+
+
+def _packaged_tower_configs() -> dict[str, checkpoints.TowerConfig]:
+    return {name: _tower_config(name) for name in list_models()}
+
+
+def _text_encoder_file(pretrained: str | Path | None) -> tuple[Path, list[str]] | None:
+    """``(path, its encoders)`` when ``pretrained`` is a file of text encoders (``checkpoints.sd``)."""
+    if pretrained is None or str(pretrained).startswith(HF_HUB_PREFIX):
+        return None
+    path = Path(pretrained).expanduser()
+    found = checkpoints.find_text_encoders(path) if path.is_file() else []
+    return (path, [f.encoder for f in found]) if found else None
+
+
+def _single_file_tower(path: Path, encoders: list[str], name: str | None, encoder: str | None) -> TextTransformer:
+    if name is None and encoder is None and len(encoders) > 1:
+        raise UserError(f"{path} holds {len(encoders)} text encoders ({', '.join(encoders)}): pass encoder= or a "
+                        f"model name to choose one, or use load_text_towers")
+    model_cfg = None if name is None else (name, _tower_config(name))
+    [found] = checkpoints.read_text_encoders(path, _packaged_tower_configs(), model_cfg, encoder).values()
+    return _tower_from_encoder(found, str(path))
+
+
+def _tower_from_encoder(encoder: checkpoints.SDTextEncoder, source: str) -> TextTransformer:
+    state = encoder.state
+    for key, value in state.items():  # fp32 first, as create_model does (one tensor at a time)
+        state[key] = value.float()
+    cfg = encoder.config
+    return _tower_from_state(state, cfg.text_cfg, cfg.embed_dim, cfg.activation, source)
 
 
 def _text_tower_from_hf_dir(folder: Path, text_cfg: TextConfig, activation: str) -> TextTransformer:

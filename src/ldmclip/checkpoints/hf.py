@@ -14,7 +14,8 @@ import torch
 from ..models.config import CLIPConfig, TextConfig
 from .errors import CheckpointError
 
-__all__ = ["HF_CONFIG_NAME", "HF_WEIGHT_NAMES", "hf_to_openclip_key", "hf_to_openclip_state_dict", "openclip_to_hf_state_dict",
+__all__ = ["HF_CONFIG_NAME", "HF_WEIGHT_NAMES", "hf_to_openclip_key", "with_text_model_prefix",
+           "hf_to_openclip_state_dict", "openclip_to_hf_state_dict",
            "config_from_hf", "is_hf_text_config", "is_hf_dir", "read_hf_config", "read_text_encoder_config"]
 
 HF_CONFIG_NAME = "config.json"
@@ -48,6 +49,14 @@ _HF_TOWERS = {"text_model.encoder.layers.": "transformer.resblocks.",
 
 _QKV = ("self_attn.q_proj.", "self_attn.k_proj.", "self_attn.v_proj.")
 _TRANSPOSED = ("text_projection", "visual.proj")  # nn.Linear weights in transformers, matrices in OpenCLIP
+
+
+def with_text_model_prefix(key: str) -> str:
+    """A ``CLIPTextModel`` key in the layout of transformers 4 (``text_model.embeddings...``): transformers 5
+    saves a ``CLIPTextModel`` without that prefix, and so do some SD 1.x single-file checkpoints."""
+    if key.startswith("text_model.") or key == "text_projection.weight":
+        return key
+    return f"text_model.{key}"
 
 
 def hf_to_openclip_key(key: str) -> str | None:

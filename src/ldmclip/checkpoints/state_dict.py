@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from ..core.files import write_safetensors
 from ..models.text import is_text_key
 from .errors import CheckpointError
-from .hf import hf_to_openclip_key, hf_to_openclip_state_dict
+from .hf import hf_to_openclip_key, hf_to_openclip_state_dict, with_text_model_prefix
 
 __all__ = ["STATE_DICT_SUFFIXES", "CheckpointError", "read_state_dict", "read_pickle", "unwrap_checkpoint",
            "normalize_state_dict", "openclip_key_names", "resize_image_positional_embedding",
@@ -62,7 +62,8 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
-def _safetensors_error(path: Path, error: BaseException) -> CheckpointError:
+def safetensors_error(path: Path, error: BaseException) -> CheckpointError:
+    """The one-line error of a ``.safetensors`` file that safetensors cannot read."""
     if path.stat().st_size == 0:
         return CheckpointError(f"cannot read {path}: the file is empty (0 bytes)")
     return CheckpointError(f"cannot read {path}: not a complete .safetensors file (truncated, or damaged: "
@@ -75,7 +76,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     except OSError:
         raise  # the disk or a permission, not the file's contents
     except Exception as error:  # noqa: BLE001 - safetensors raises its own SafetensorError
-        raise _safetensors_error(path, error) from None
+        raise safetensors_error(path, error) from None
 
 
 def _read_safetensors_keys(path: Path, keys: KeyFilter) -> dict[str, torch.Tensor]:
@@ -87,12 +88,13 @@ def _read_safetensors_keys(path: Path, keys: KeyFilter) -> dict[str, torch.Tenso
     except OSError:
         raise
     except Exception as error:  # noqa: BLE001 - SafetensorError
-        raise _safetensors_error(path, error) from None
+        raise safetensors_error(path, error) from None
     return normalize_state_dict(raw)
 
 
-def read_pickle(path: str | Path) -> Any:
-    """``torch.load(path, weights_only=True)`` with every way a file can fail to be a checkpoint (a pickle
+def read_pickle(path: str | Path, mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)`` (``mmap``: memory-mapped where the file is torch's zip
+    format, so tensors nobody touches are never read) with every way a file can fail to be a checkpoint (a pickle
     that would run code, zero bytes, cut short, a text file) as one :class:`CheckpointError` naming it.
     Errors of the disk itself (``OSError``) are raised as they are."""
     path = Path(path)
@@ -104,7 +106,7 @@ def read_pickle(path: str | Path) -> Any:
         raise CheckpointError(f"cannot read {path}: not a checkpoint (neither a .safetensors file nor what "
                               f"torch.save writes)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and start == b"PK")
     except pickle.UnpicklingError as error:
         if "weights only load failed" not in str(error).lower():  # not a refusal: a damaged pickle
             raise _not_a_checkpoint(path, error) from None
@@ -137,10 +139,9 @@ def unwrap_checkpoint(raw: Any, source: Any = "checkpoint") -> dict[str, torch.T
     raise CheckpointError(f"{source} holds no state dict (a mapping of parameter names to tensors)")
 
 
-def _with_hf4_prefix(key: str) -> str:
-    # transformers 5 saves a CLIPTextModel without the "text_model." prefix that version 4 (and
-    # every published diffusers text_encoder/) has
-    return key if key == "text_projection.weight" else f"text_model.{key}"
+# transformers 5 saves a CLIPTextModel without the "text_model." prefix that version 4 (and every
+# published diffusers text_encoder/) has
+_with_hf4_prefix = with_text_model_prefix
 
 
 def _is_hf5_text(keys: Collection[str]) -> bool:

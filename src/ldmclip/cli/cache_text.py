@@ -26,6 +26,7 @@ EPILOG = """examples:
   ldmclip cache-text captions.csv --out cache/ --preset sd1 --pretrained clip-vit-large-patch14/
   torchrun --nproc-per-node 8 -m ldmclip cache-text 'shards/{00000..41407}.tar' --out cache/ --preset sdxl \\
       --pretrained clip-l.safetensors --pretrained-2 clip-bigG.safetensors
+  ldmclip cache-text captions.csv --out cache/ --preset sdxl --pretrained sd_xl_base_1.0.safetensors
   ldmclip cache-text prompts.txt --out /tmp/c --preset sd2 --model ViT-Tiny-64 --random-init     (a quick try)
 
 read it back:
@@ -53,7 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_options(model,
                       model_help="model name or config of the (first) text encoder (default: the preset's: "
                                  + ", ".join(f"{k} {v[0]}" for k, v in defaults.items()) + ")",
-                      pretrained_help=f"its weights: a file, a checkpoint folder, hf-hub:org/repo {TAG_HELP}",
+                      pretrained_help=f"its weights: a file, a checkpoint folder, hf-hub:org/repo {TAG_HELP}; a "
+                                      "single-file SD checkpoint (sd1/sd2/sdxl/sd3 .safetensors or .ckpt) gives every "
+                                      "tower of its preset, so sdxl needs no --pretrained-2",
                       second=f"sdxl and sd3 only: the second text encoder (default: {defaults['sdxl'][1]})")
     model.add_argument("--random-init", action="store_true",
                        help="allow encoders without weights (random initialisation with seed 0): "
@@ -78,11 +81,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_quiet_option(encode)
 
 
-def _check_weights(args: argparse.Namespace, model: str, model_2: str | None) -> None:
+def _check_weights(args: argparse.Namespace, model: str, model_2: str | None, single_file: bool) -> None:
     missing = []
     if args.pretrained is None and not carries_weights(model):
         missing.append("--pretrained")
-    if model_2 is not None and args.pretrained_2 is None and not carries_weights(model_2):
+    if model_2 is not None and args.pretrained_2 is None and not single_file and not carries_weights(model_2):
         missing.append("--pretrained-2")
     if missing and not args.random_init:
         raise UserError(
@@ -112,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
     and a mismatching cache raise a ``UserError`` with a clear message."""
     import torch
 
+    from ..checkpoints.sd import is_single_file_checkpoint
     from ..conditioning.conditioner import TextConditioner
     from ..core.devices import resolve_device
 
@@ -123,7 +127,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--model-2/--pretrained-2 are for the two-encoder presets ({two}), not {args.preset}")
     if args.batch_size < 1 or args.shard_size < 1:
         raise UserError("--batch-size and --shard-size must be at least 1")
-    _check_weights(args, model, model_2)
+    # an SD checkpoint (sdxl.safetensors) holds every tower the preset needs: from_single_file
+    single_file = args.pretrained_2 is None and is_single_file_checkpoint(args.pretrained)
+    _check_weights(args, model, model_2, single_file)
     # Read the input first: a typo in a path fails before minutes of model loading.
     chunks = open_inputs(args.input, args.input_format, caption_column=args.caption_column,
                          key_column=args.key_column, image_column=args.image_column,
@@ -136,9 +142,10 @@ def run(args: argparse.Namespace) -> int:
             # --random-init: the same random weights in every run, so that a stopped run can be resumed
             # (the cache refuses weights that differ from those it was started with).
             torch.manual_seed(0)
-            conditioner = TextConditioner.from_pretrained(
-                args.preset, model, pretrained=args.pretrained, model_2=model_2, pretrained_2=args.pretrained_2,
-                device=device, precision="fp32")
+            weights = ({"checkpoint": args.pretrained} if single_file else
+                       {"pretrained": args.pretrained, "pretrained_2": args.pretrained_2})
+            conditioner = TextConditioner.from_pretrained(args.preset, model, model_2=model_2, device=device,
+                                                          precision="fp32", **weights)
         if rank == 0:
             encoders = model + (f" + {model_2}" if model_2 else "")
             print(f"caching {len(chunks)} input chunk(s) of {args.input} with preset {args.preset} ({encoders}, "

@@ -46,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       model_help="model name: a packaged config (ldmclip info), a JSON config, 'hf-hub:org/repo' "
                                  "or 'local-dir:/path' (default: the preset's model)",
                       pretrained_help=f"weights file or folder for --model, {TAG_HELP} (not needed when --model is "
-                                      "'hf-hub:' or 'local-dir:', which carry their weights)",
+                                      "'hf-hub:' or 'local-dir:', which carry their weights); a single-file SD "
+                                      "checkpoint (sd1/sd2/sdxl/sd3 .safetensors or .ckpt) gives every tower of --preset",
                       second="sdxl only: the second text encoder's model (default: ViT-bigG-14)")
     parser.add_argument("--with-projection", action="store_true",
                         help="write CLIPTextModelWithProjection (text tower + text_projection) instead of "
@@ -81,12 +82,20 @@ def check_arguments(args: argparse.Namespace) -> None:
     pairs = [(args.model, args.pretrained, "--model", "--pretrained")]
     if two_towers:
         pairs.append((args.model_2, args.pretrained_2, "--model-2", "--pretrained-2"))
+    single_file = _single_file(args)
     for index, (name, weights, model_flag, weights_flag) in enumerate(pairs):
         name = name or get_preset(args.preset).models[index]
-        if weights is None and not carries_weights(name):
+        if weights is None and not carries_weights(name) and not (index == 1 and single_file):
             raise UserError(f"no weights for {name}: pass {weights_flag} (a weights file or folder), or a "
                             f"{model_flag} of the form 'hf-hub:org/repo' or 'local-dir:/path'; exporting a "
                             f"randomly initialised model is almost never what you want")
+
+
+def _single_file(args: argparse.Namespace) -> bool:
+    """Whether --pretrained is a single-file SD checkpoint that gives every tower of --preset."""
+    from ..checkpoints.sd import is_single_file_checkpoint
+
+    return args.preset is not None and args.pretrained_2 is None and is_single_file_checkpoint(args.pretrained)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -98,8 +107,9 @@ def run(args: argparse.Namespace) -> int:
 
     check_arguments(args)
     if args.format == "diffusers":
-        conditioner = TextConditioner.from_pretrained(args.preset, args.model, args.pretrained, args.model_2,
-                                                      args.pretrained_2)
+        weights = ({"checkpoint": args.pretrained} if _single_file(args) else
+                   {"pretrained": args.pretrained, "pretrained_2": args.pretrained_2})
+        conditioner = TextConditioner.from_pretrained(args.preset, args.model, model_2=args.model_2, **weights)
         out = export_diffusers(conditioner, args.out, dtype=args.dtype)
         folders = ", ".join(sorted(p.name + "/" for p in out.iterdir()))
         print(f"wrote {out}: {folders} ({args.preset}, {args.dtype})")

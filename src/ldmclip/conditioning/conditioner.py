@@ -65,12 +65,15 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..checkpoints.sd import TEXT_ENCODER_ALONE, find_text_encoders
+from ..core.errors import UserError
 from ..core.files import tensors_sha256
 from ..models.text import TextTransformer
 from ..registry import get_tokenizer, load_text_tower
@@ -185,6 +188,11 @@ def _autocast_state(device: torch.device) -> tuple:
     if torch.is_autocast_enabled(device.type):
         return (True, torch.get_autocast_dtype(device.type))
     return (False, None)
+
+
+# Files of another family that hold a preset's towers: Flux all-in-one checkpoints (ComfyUI's layout) keep
+# CLIP-L under SD 3's ``text_encoders.clip_l.`` prefix, and an SD 3 file's CLIP-L is Flux's CLIP-L too.
+_BORROWED_FAMILIES: dict[str, tuple[str, ...]] = {"flux": ("sd3",)}
 
 
 class TextConditioner(nn.Module):
@@ -354,6 +362,9 @@ class TextConditioner(nn.Module):
         Only the text towers are built and read (no image tower is ever allocated); they are frozen
         and in eval mode.
         """
+        if "checkpoint" in options:  # a single-file SD checkpoint: see from_single_file
+            return cls.from_single_file(preset, options.pop("checkpoint"), model, model_2, device, precision,
+                                        pretrained=pretrained, pretrained_2=pretrained_2, **options)
         spec = get_preset(preset)
         if len(spec.models) == 1 and (model_2 is not None or pretrained_2 is not None):
             raise ValueError(f"the {preset} preset uses one text tower; model_2/pretrained_2 are for "
@@ -527,6 +538,45 @@ class TextConditioner(nn.Module):
                 for tower, tok, pad in zip(self.towers, self.tokenizers, self.pad_ids)
             ],
         }
+
+    @classmethod
+    def from_single_file(
+        cls,
+        preset: str,
+        checkpoint: str | Path,
+        model: str | None = None,
+        model_2: str | None = None,
+        device: str | torch.device = "cpu",
+        precision: str = "fp32",
+        **options: Any,
+    ) -> "TextConditioner":
+        """The preset's text towers read out of one single-file SD checkpoint (``checkpoints.sd``), also
+        spelled ``from_pretrained(preset, checkpoint=...)``: ``sdxl`` takes both encoders of an SDXL
+        file. Each tower is checked against the preset's model config (or ``model``/``model_2``); a
+        file of another family (an SD 1.x file given to ``sdxl``) is refused. A text-encoder file
+        (``clip_l.safetensors``) fits a one-tower preset; for two, pass ``pretrained``/``pretrained_2``."""
+        for given in ("pretrained", "pretrained_2"):
+            if options.pop(given, None) is not None:
+                raise UserError(f"pass checkpoint= (a single-file SD checkpoint) or {given}=, not both")
+        spec = get_preset(preset)
+        found = find_text_encoders(checkpoint)
+        held = ", ".join(f"{f.encoder} ({f.prefix or 'no prefix'})" for f in found)
+        if not found:
+            raise UserError(f"{checkpoint} holds no CLIP text encoder (no SD 1.x/2.x/SDXL/SD 3 text-encoder keys, "
+                            f"nor a text encoder alone)")
+        family = found[0].family
+        borrowed = family in _BORROWED_FAMILIES.get(spec.name, ())
+        if family not in (spec.name, TEXT_ENCODER_ALONE) and not borrowed:
+            raise UserError(f"{checkpoint} is a {family} checkpoint (text encoders: {held}), not a {spec.name} one; "
+                            f"use the {family} preset, or pass the text tower files as pretrained=")
+        if borrowed:  # the preset reads only CLIP-L of the file (load_text_tower picks it by its shapes)
+            found = [f for f in found if f.encoder == "text_encoder"]
+        if len(found) != len(spec.models):
+            raise UserError(f"{checkpoint} holds {len(found)} text encoder(s) ({held}) but the {spec.name} preset "
+                            f"conditions on {len(spec.models)} ({', '.join(spec.models)})")
+        second = {"pretrained_2": checkpoint} if len(spec.models) == 2 else {}
+        return cls.from_pretrained(preset, model, checkpoint, model_2, device=device, precision=precision,
+                                   **second, **options)
 
     def extra_repr(self) -> str:
         return (f"preset={self.preset}, layer={self.layer!r}, final_ln={self.final_ln}, pooled={self.pooled}, "
