@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..models.layers import ResidualAttentionBlock
+from ..models.resnet import Bottleneck
 
 
 def _checkpointed(forward):
@@ -30,17 +31,71 @@ def _checkpointed(forward):
     return run
 
 
+def _checkpointed_bottleneck(block: nn.Module):
+    """A ResNet block's forward under activation checkpointing. Its recomputation in backward must not
+    count the batch a second time in the BatchNorm running statistics (each would move twice per step
+    and ``num_batches_tracked`` count double): the second call normalises with the same batch
+    statistics but leaves the running ones alone."""
+    forward = block.forward
+    norms = [m for m in block.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return forward(x)
+        calls = []  # one list per step: the first call is the forward, a second the recomputation
+
+        def once(inputs: torch.Tensor) -> torch.Tensor:
+            calls.append(None)
+            if len(calls) == 1:
+                return forward(inputs)
+            with _running_stats_untouched(norms):
+                return forward(inputs)
+
+        return checkpoint(once, x, use_reentrant=False)
+
+    return run
+
+
+@contextlib.contextmanager
+def _running_stats_untouched(norms: list[nn.Module]):
+    # In training mode BatchNorm with track_running_stats off normalises with the batch statistics
+    # (as the forward did) and neither reads nor updates the running ones.
+    tracked = [norm.track_running_stats for norm in norms]
+    for norm in norms:
+        norm.track_running_stats = False
+    try:
+        yield
+    finally:
+        for norm, flag in zip(norms, tracked):
+            norm.track_running_stats = flag
+
+
 def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
-    """Recompute each residual block's activations in backward instead of storing them.
+    """Recompute each residual block's activations in backward instead of storing them: the
+    transformer blocks of both towers and the bottleneck blocks of a ResNet image tower.
 
     The block's ``forward`` is replaced on the instance, so module names and state-dict keys do not
     change (checkpoints stay loadable with and without this option).
     """
     for module in model.modules():
-        if isinstance(module, ResidualAttentionBlock) and not getattr(module, "_checkpointed", False):
+        if getattr(module, "_checkpointed", False):
+            continue
+        if isinstance(module, ResidualAttentionBlock):
             module.forward = _checkpointed(module.forward)
-            module._checkpointed = True
+        elif isinstance(module, Bottleneck):
+            module.forward = _checkpointed_bottleneck(module)
+        else:
+            continue
+        module._checkpointed = True
     return model
+
+
+def apply_sync_batchnorm(model: nn.Module) -> nn.Module:
+    """Under DDP, BatchNorm over the global batch (``SyncBatchNorm``: statistics all-reduced in each
+    forward) instead of each process's own batch. The modules are swapped in place with the same
+    parameters and buffers, so the state-dict keys are unchanged; a model without BatchNorm (a ViT)
+    is returned as it is."""
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
 def lock_tower(tower: nn.Module) -> None:
@@ -109,9 +164,12 @@ def _scalar_parameters(model: nn.Module) -> list[nn.Parameter]:
 def apply_fsdp(model: nn.Module, mixed_precision: bool = False, reshard_after_forward: bool = True) -> nn.Module:
     """Shard parameters, gradients and optimizer state over the processes with FSDP2 (``fully_shard``).
 
-    Each residual block of both towers is its own unit (its parameters are all-gathered just
-    before it runs and freed after), then the root takes what is left (embeddings, projections,
-    final norms). ``mixed_precision=True`` all-gathers and computes in bf16 and reduces gradients
+    Each residual block of both towers (a ResNet's bottlenecks too) is its own unit (its parameters
+    are all-gathered just before it runs and freed after), then the root takes what is left
+    (embeddings, projections, final norms, a ResNet's stem and attention pool). BatchNorm buffers
+    are not sharded: each process normalises with its own batch's statistics and keeps its own
+    running averages, and a checkpoint holds one process's copy (as under DDP without --sync-bn).
+    ``mixed_precision=True`` all-gathers and computes in bf16 and reduces gradients
     in fp32 (``MixedPrecisionPolicy``); the sharded master weights and optimizer state stay fp32.
 
     ``fully_shard`` cannot shard 0-dim parameters, and OpenCLIP's ``logit_scale`` / ``logit_bias``
@@ -125,7 +183,7 @@ def apply_fsdp(model: nn.Module, mixed_precision: bool = False, reshard_after_fo
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if mixed_precision else MixedPrecisionPolicy()
-    blocks = [m for m in model.modules() if isinstance(m, ResidualAttentionBlock)]
+    blocks = [m for m in model.modules() if isinstance(m, (ResidualAttentionBlock, Bottleneck))]
     for block in blocks:
         fully_shard(block, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     scalars = _scalar_parameters(model)
