@@ -242,8 +242,8 @@ def _set_up(cfg: TrainConfig, info: distributed.DistInfo, output: Path) -> Run:
         # Same initial weights on every rank (same seed above); from here on each rank draws its own
         # random numbers (patch dropout), or all ranks would drop the same patches.
         seed_everything(cfg.seed + info.rank)
-        if cfg.sync_bn and not cfg.fsdp:
-            clip_model = apply_sync_batchnorm(clip_model)
+        if cfg.sync_bn:
+            clip_model = apply_sync_batchnorm(clip_model, info.device)
         model = apply_fsdp(clip_model, mixed_precision=precision == "amp_bf16") if cfg.fsdp \
             else apply_ddp(clip_model, info.device)
     else:

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..core.errors import UserError
 from ..models.layers import ResidualAttentionBlock
 from ..models.resnet import Bottleneck
 
@@ -34,8 +35,7 @@ def _checkpointed(forward):
 def _checkpointed_bottleneck(block: nn.Module):
     """A ResNet block's forward under activation checkpointing. Its recomputation in backward must not
     count the batch a second time in the BatchNorm running statistics (each would move twice per step
-    and ``num_batches_tracked`` count double): the second call normalises with the same batch
-    statistics but leaves the running ones alone."""
+    and ``num_batches_tracked`` count double): they are restored after the second call."""
     forward = block.forward
     norms = [m for m in block.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
@@ -58,16 +58,19 @@ def _checkpointed_bottleneck(block: nn.Module):
 
 @contextlib.contextmanager
 def _running_stats_untouched(norms: list[nn.Module]):
-    # In training mode BatchNorm with track_running_stats off normalises with the batch statistics
-    # (as the forward did) and neither reads nor updates the running ones.
-    tracked = [norm.track_running_stats for norm in norms]
-    for norm in norms:
-        norm.track_running_stats = False
+    # The recomputation runs exactly as the forward did (checkpoint checks that it saves the same
+    # tensors), so the running statistics it updates are put back afterwards; a finally, because
+    # checkpoint stops a recomputation early, with an exception, once it has what backward needs.
+    saved = [(norm.running_mean.clone(), norm.running_var.clone(), norm.num_batches_tracked.clone())
+             for norm in norms if norm.track_running_stats]
     try:
         yield
     finally:
-        for norm, flag in zip(norms, tracked):
-            norm.track_running_stats = flag
+        with torch.no_grad():
+            for norm, (mean, var, count) in zip([n for n in norms if n.track_running_stats], saved):
+                norm.running_mean.copy_(mean)
+                norm.running_var.copy_(var)
+                norm.num_batches_tracked.copy_(count)
 
 
 def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
@@ -90,11 +93,14 @@ def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
     return model
 
 
-def apply_sync_batchnorm(model: nn.Module) -> nn.Module:
+def apply_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
     """Under DDP, BatchNorm over the global batch (``SyncBatchNorm``: statistics all-reduced in each
     forward) instead of each process's own batch. The modules are swapped in place with the same
     parameters and buffers, so the state-dict keys are unchanged; a model without BatchNorm (a ViT)
-    is returned as it is."""
+    is returned as it is. PyTorch's DDP runs SyncBatchNorm on GPUs only."""
+    if device.type != "cuda":
+        raise UserError(f"--sync-bn needs CUDA devices (PyTorch's DDP runs SyncBatchNorm on GPUs only; this run "
+                        f"is on {device.type}); leave it out for each process's own batch statistics")
     return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
