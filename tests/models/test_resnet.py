@@ -158,6 +158,18 @@ def test_layers_list_with_a_patch_size_is_a_clear_error():
         CLIPConfig.from_dict(raw)
 
 
+def test_layers_list_with_a_patch_size_in_a_json_file_names_the_file(tmp_path, capsys):
+    from ldmclip.cli import main
+
+    raw = json.loads(json.dumps(TINY_RN))
+    raw["vision_cfg"]["patch_size"] = 16
+    (tmp_path / "mixed.json").write_text(json.dumps(raw))
+    assert main(["train", "--model", str(tmp_path / "mixed.json"), "--steps", "1", "--out", str(tmp_path / "r")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"ldmclip train: error: {tmp_path / 'mixed.json'}: vision_cfg has layers as a list")
+    assert "\n" not in error and "drop patch_size" in error
+
+
 def test_resnet_config_without_patch_size_is_a_resnet_and_round_trips():
     raw = json.loads(json.dumps(TINY_RN))
     del raw["vision_cfg"]["patch_size"]

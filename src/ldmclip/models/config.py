@@ -160,6 +160,7 @@ class CLIPConfig:
     def from_json(cls, path: str | Path) -> "CLIPConfig":
         with open(path, encoding="utf-8") as f:
             raw = json.load(f)
+        raw.pop("preprocess_cfg", None)  # a packaged-style config may carry its preprocessing
         try:
             return cls.from_dict(raw)
         except UserError as error:  # name the file the mistake is in
