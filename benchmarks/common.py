@@ -72,6 +72,10 @@ class Profile:
     small_model: str = "ViT-T-8-64"
     small_batch: int = 64
     small_steps: int = 3
+    resnet_model: str = "RN50"
+    resnet_batch: int = 4
+    resnet_steps: int = 1
+    resnet_image_size: int | None = None  # None: the config's (224 for RN50)
     # text rows (ViT-L/14's text tower)
     text_model: str = "ViT-L-14-quickgelu"   # SD 1.x's text encoder (conditioning)
     pooled_model: str = "ViT-L-14"
@@ -100,7 +104,8 @@ PROFILES = {
     "quick": Profile("quick", repeats=3, train_steps=1, small_steps=2, cond_prompts=64, pooled_captions=512,
                      tokenizer_captions=10_000, decode_images=12, loader_samples=512, loss_sizes=(8192,)),
     "tiny": Profile("tiny", repeats=2, train_model="ViT-Tiny-64", train_batch=4, small_model="ViT-Tiny-64",
-                    small_batch=8, small_steps=1, text_model="ViT-Tiny-64", pooled_model="ViT-Tiny-64",
+                    small_batch=8, small_steps=1, resnet_batch=2, resnet_image_size=64, text_model="ViT-Tiny-64",
+                    pooled_model="ViT-Tiny-64",
                     cond_batch=4, cond_prompts=8, pooled_batch=4, pooled_captions=16, tokenizer_captions=64,
                     tokenizer_batch=16, decode_images=2, decode_side=1000, loader_samples=16, loader_batch=8,
                     loader_image_size=64, loss_sizes=(256,), loss_dim=32, loss_isolate=False, matmul_size=256),

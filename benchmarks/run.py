@@ -38,6 +38,7 @@ def _registry() -> dict[str, tuple[Callable[[Profile], list[Row]], tuple[str, ..
     return {
         "train_vitb16": (suite_train.bench_train_vitb16, ("train_vitb16", "train_mfu")),
         "train_small": (suite_train.bench_train_small, ("train_small",)),
+        "train_resnet": (suite_train.bench_train_resnet, ("train_resnet",)),
         "conditioning": (suite_text.bench_conditioning, ("conditioning",)),
         "pooled": (suite_text.bench_pooled, ("pooled",)),
         "tokenizer": (suite_text.bench_tokenizer, ("tokenizer_openclip", "tokenizer_hf")),
@@ -47,7 +48,7 @@ def _registry() -> dict[str, tuple[Callable[[Profile], list[Row]], tuple[str, ..
     }
 
 
-BENCHMARKS = ("train_vitb16", "train_small", "conditioning", "pooled", "tokenizer", "decode", "loss", "loader")
+BENCHMARKS = ("train_vitb16", "train_small", "train_resnet", "conditioning", "pooled", "tokenizer", "decode", "loss", "loader")
 
 
 def run_suite(profile: Profile, only: list[str] | None = None, verbose: bool = True) -> dict:

@@ -35,13 +35,14 @@ def register_openclip_config(name: str) -> None:
         open_clip.add_model_config(str(_packaged_configs()[name]))
 
 
-def training_batch(name: str, batch: int, seed: int = 0) -> tuple[torch.Tensor, list[str], str]:
+def training_batch(name: str, batch: int, seed: int = 0,
+                   image_size: int | None = None) -> tuple[torch.Tensor, list[str], str]:
     """``batch`` Flickr8k images (eval-transformed to the model's size) with one caption each, or
     random images with synthetic captions when Flickr8k is absent."""
     from ldmclip.registry import get_model_config
     from ldmclip.transforms import PreprocessConfig, image_transform, load_image
 
-    size = get_model_config(name).vision_cfg.image_size
+    size = image_size or get_model_config(name).vision_cfg.image_size
     flickr = find_flickr8k()
     if flickr is None:
         from .common import captions
@@ -69,8 +70,9 @@ def _openclip_param_groups(model: torch.nn.Module, wd: float) -> list[dict]:
             {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": wd}]
 
 
-def build_pair(name: str, device: torch.device):
-    """(ldmclip step, OpenCLIP step, ldmclip model, OpenCLIP model): same initial weights."""
+def build_pair(name: str, device: torch.device, precision: str = PRECISION, image_size: int | None = None):
+    """(ldmclip step, OpenCLIP step, ldmclip model, OpenCLIP model): same initial weights (at
+    ``image_size`` when given: OpenCLIP's ``force_image_size``)."""
     import open_clip
     from open_clip.loss import ClipLoss as OpenClipLoss
 
@@ -80,9 +82,10 @@ def build_pair(name: str, device: torch.device):
     from ldmclip.train.step import contrastive_step
 
     torch.manual_seed(0)
-    ours = ldmclip.create_model(name, device=device).train()
+    sized = {"image_size": image_size} if image_size else {}
+    ours = ldmclip.create_model(name, device=device, **sized).train()
     register_openclip_config(name)
-    theirs = open_clip.create_model(name, output_dict=True)
+    theirs = open_clip.create_model(name, output_dict=True, force_image_size=image_size)
     theirs.load_state_dict(ours.state_dict())
     theirs = theirs.to(device).train()
     hyper = {"lr": 5e-4, "betas": (0.9, 0.98), "eps": 1e-6}
@@ -91,7 +94,7 @@ def build_pair(name: str, device: torch.device):
     our_loss, their_loss = ClipLoss(), OpenClipLoss()
 
     def our_step(images, tokens):
-        loss = contrastive_step(ours, our_loss, images, tokens, PRECISION)
+        loss = contrastive_step(ours, our_loss, images, tokens, precision)
         our_opt.step()
         our_opt.zero_grad(set_to_none=True)
         clamp_logit_scale_(ours)
@@ -101,7 +104,7 @@ def build_pair(name: str, device: torch.device):
         # open_clip_train/train.py, one step without accumulation: autocast forward and loss,
         # backward, optimizer step, clamp of logit_scale.
         their_opt.zero_grad()
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision != "fp32"):
             out = theirs(images, tokens)
             loss = their_loss(out["image_features"], out["text_features"], out["logit_scale"])
         loss.backward()
@@ -172,19 +175,20 @@ def matmul_rate(shapes: list[tuple[int, int, int]], device: torch.device, repeat
     return {"flops_per_s": max(results.values()), "by_shape": results}
 
 
-def _train_row(row_id: str, title: str, name: str, batch: int, steps: int, target: float, profile: Profile,
-               with_mfu: bool) -> list[Row]:
+def _train_row(row_id: str, title: str, name: str, batch: int, steps: int, target: float | None, profile: Profile,
+               with_mfu: bool, precision: str = PRECISION, image_size: int | None = None) -> list[Row]:
     import ldmclip
 
     device = _device()
-    images, texts, source = training_batch(name, batch)
+    images, texts, source = training_batch(name, batch, image_size=image_size)
     tokenizer = ldmclip.get_tokenizer(name)
     tokens = tokenizer(texts)
     images, tokens = images.to(device), tokens.to(device)
     row = Row(row_id, title, "samples/s", "OpenCLIP model + ClipLoss + AdamW", target=target,
-              config={"model": name, "batch": batch, "steps_per_repeat": steps, "precision": "bf16 autocast",
+              config={"model": name, "batch": batch, "steps_per_repeat": steps,
+                      "precision": "fp32" if precision == "fp32" else "bf16 autocast", "image_size": image_size,
                       "device": str(device), "captions": source, "repeats": profile.repeats})
-    our_step, their_step, ours, theirs = build_pair(name, device)
+    our_step, their_step, ours, theirs = build_pair(name, device, precision, image_size)
     row.checks.update(parity_checks(ours, theirs, images[:4], tokens[:4]))
     del ours, theirs  # the step closures keep them
 
@@ -243,3 +247,12 @@ def bench_train_small(profile: Profile) -> list[Row]:
     name = profile.small_model
     return _train_row("train_small", f"training step {name}, batch {profile.small_batch}, bf16", name,
                       profile.small_batch, profile.small_steps, 2.0, profile, with_mfu=False)
+
+
+def bench_train_resnet(profile: Profile) -> list[Row]:
+    """RN50 (a ModifiedResNet image tower: BatchNorm in training mode) against OpenCLIP, in fp32: on
+    these CPUs bf16 autocast makes the convolutions' backward slower, not faster."""
+    name, size = profile.resnet_model, profile.resnet_image_size
+    title = f"training step {name}{f' at {size} px' if size else ''}, batch {profile.resnet_batch}, fp32"
+    return _train_row("train_resnet", title, name, profile.resnet_batch, profile.resnet_steps, None, profile,
+                      with_mfu=False, precision="fp32", image_size=size)

@@ -71,7 +71,7 @@ def resolve_model(name: str, cache_dir: str | Path | None = None) -> tuple[CLIPC
     if name in packaged:
         raw = _read_json(packaged[name])
     elif name.endswith(".json") and Path(name).is_file():
-        raw = _read_json(Path(name))
+        return CLIPConfig.from_json(name), dict(_read_json(Path(name)).get("preprocess_cfg") or {}), None
     elif name.endswith(".json"):
         raise FileNotFoundError(f"model config file not found: {name}")
     else:

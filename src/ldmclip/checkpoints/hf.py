@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ..models.config import CLIPConfig, TextConfig
+from ..models.resnet import is_resnet_state_dict
 from .errors import CheckpointError
 
 __all__ = ["HF_CONFIG_NAME", "HF_WEIGHT_NAMES", "hf_to_openclip_key", "with_text_model_prefix",
@@ -108,6 +109,11 @@ def hf_to_openclip_state_dict(hf: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 def openclip_to_hf_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The inverse of :func:`hf_to_openclip_state_dict` (for export to ``transformers``)."""
+    if is_resnet_state_dict(state_dict):
+        raise CheckpointError("this model's image tower is a ResNet (visual.layer1-4, visual.attnpool), and "
+                              "transformers' CLIPModel has only ViT image towers: export the text tower alone "
+                              "(ldmclip export --format transformers without --full), or save the whole model "
+                              "in the OpenCLIP layout (model.save_pretrained)")
     top = {v: k for k, v in _HF_TOP_NAMES.items()}
     blocks = {v: k for k, v in _HF_BLOCK_NAMES.items()}
     out: dict[str, torch.Tensor] = {}

@@ -23,13 +23,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from ..core.files import write_safetensors
+from ..models.config import RESNET_REDUCTION
+from ..models.resnet import is_resnet_state_dict
 from ..models.text import is_text_key
 from .errors import CheckpointError
 from .hf import hf_to_openclip_key, hf_to_openclip_state_dict, with_text_model_prefix
 
 __all__ = ["STATE_DICT_SUFFIXES", "CheckpointError", "read_state_dict", "read_pickle", "unwrap_checkpoint",
            "normalize_state_dict", "openclip_key_names", "resize_image_positional_embedding",
-           "infer_config", "load_into_model", "save_state_dict"]
+           "infer_config", "is_resnet_state_dict", "load_into_model", "save_state_dict"]
 
 STATE_DICT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
@@ -161,7 +163,14 @@ def _openclip_key(key: str) -> str | None:
         key = key[len("text."):]
     if key.endswith("attn_mask") or key.endswith("position_ids"):
         return None  # buffers rebuilt by the model, not weights
+    if key in _OPENAI_METADATA:
+        return None
     return key
+
+
+# OpenAI's released CLIP files carry these scalars beside the weights (its own loader, and OpenCLIP's
+# build_model_from_openai_state_dict, drop them); the config says the same.
+_OPENAI_METADATA = frozenset({"input_resolution", "context_length", "vocab_size"})
 
 
 def openclip_key_names(keys: Collection[str]) -> dict[str, str | None]:
@@ -220,7 +229,9 @@ def infer_config(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
         return len({k[len(prefix):].split(".")[0] for k in state_dict if k.startswith(prefix)})
 
     found: dict[str, Any] = {}
-    if "visual.conv1.weight" in state_dict:
+    if is_resnet_state_dict(state_dict):
+        found["vision"] = _infer_resnet(state_dict, count)
+    elif "visual.conv1.weight" in state_dict:
         conv = state_dict["visual.conv1.weight"]
         found["vision"] = {"width": conv.shape[0], "patch_size": conv.shape[-1],
                            "layers": count("visual.transformer.resblocks.")}
@@ -235,6 +246,23 @@ def infer_config(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
     if "text_projection" in state_dict:
         found["embed_dim"] = state_dict["text_projection"].shape[-1]
     return found
+
+
+def _infer_resnet(state_dict: dict[str, torch.Tensor], count: Callable[[str], int]) -> dict[str, Any]:
+    # layer1's first block has the stem width as its inner width; the attention pool's grid is
+    # image_size / 32 on a side
+    found: dict[str, Any] = {"layers": [count(f"visual.layer{i}.") for i in range(1, 5)], "patch_size": None}
+    if "visual.layer1.0.conv1.weight" in state_dict:
+        found["width"] = state_dict["visual.layer1.0.conv1.weight"].shape[0]
+    pos = state_dict.get("visual.attnpool.positional_embedding")
+    if pos is not None:
+        found["image_size"] = math.isqrt(pos.shape[0] - 1) * RESNET_REDUCTION
+    return found
+
+
+def _tower_kind(is_resnet: bool) -> str:
+    return "a ResNet image tower (visual.layer1-4, visual.attnpool)" if is_resnet \
+        else "a ViT image tower (visual.transformer, visual.positional_embedding)"
 
 
 def _group_block_keys(keys: list[str]) -> list[str]:
@@ -266,11 +294,13 @@ def load_into_model(model: torch.nn.Module, state_dict: dict[str, torch.Tensor],
     configs that fit what the checkpoint describes (the registry's, which this layer cannot see)."""
     state_dict = dict(state_dict)
     expected = model.state_dict()
-    pos_key = "visual.positional_embedding"
-    if pos_key in state_dict and pos_key in expected and state_dict[pos_key].shape != expected[pos_key].shape \
-            and state_dict[pos_key].shape[1:] == expected[pos_key].shape[1:] \
-            and _is_square_grid(state_dict[pos_key].shape[0] - 1):
-        state_dict[pos_key] = resize_image_positional_embedding(state_dict[pos_key], model.visual.grid_size)
+    # A ViT's positional embedding and a ResNet's attention-pool one share a layout (one extra token,
+    # then the grid): either is resampled to the model's image size.
+    for pos_key in ("visual.positional_embedding", "visual.attnpool.positional_embedding"):
+        if pos_key in state_dict and pos_key in expected and state_dict[pos_key].shape != expected[pos_key].shape \
+                and state_dict[pos_key].shape[1:] == expected[pos_key].shape[1:] \
+                and _is_square_grid(state_dict[pos_key].shape[0] - 1):
+            state_dict[pos_key] = resize_image_positional_embedding(state_dict[pos_key], model.visual.grid_size)
     # (a grid that is not square is not another image size but another model: reported below as mis-shaped)
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
@@ -279,6 +309,10 @@ def load_into_model(model: torch.nn.Module, state_dict: dict[str, torch.Tensor],
     if missing or unexpected or misshaped:
         # One line (the command line shows a CheckpointError as one), the problems separated by "; ".
         parts = []
+        has_visual = any(k.startswith("visual.") for k in state_dict) and any(k.startswith("visual.") for k in expected)
+        if has_visual and is_resnet_state_dict(state_dict) != is_resnet_state_dict(expected):
+            parts.append(f"the checkpoint holds {_tower_kind(is_resnet_state_dict(state_dict))} but the model "
+                         f"config builds {_tower_kind(is_resnet_state_dict(expected))}")
         for title, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped keys", misshaped)):
             if keys:
                 grouped = _group_block_keys(keys)

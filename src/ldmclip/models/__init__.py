@@ -3,7 +3,8 @@ model by name and loading its weights is :mod:`ldmclip.registry`."""
 
 from .clip import CLIP
 from .config import CLIPConfig, TextConfig, VisionConfig
+from .resnet import ModifiedResNet
 from .text import TextTransformer
 from .vision import VisionTransformer
 
-__all__ = ["CLIP", "CLIPConfig", "TextConfig", "VisionConfig", "TextTransformer", "VisionTransformer"]
+__all__ = ["CLIP", "CLIPConfig", "TextConfig", "VisionConfig", "TextTransformer", "VisionTransformer", "ModifiedResNet"]

@@ -13,9 +13,19 @@ from torch import nn
 from ..core.files import atomic_write, write_safetensors
 from ..core.formats import OPENCLIP_CONFIG_NAME, OPENCLIP_WEIGHT_NAMES
 from ..transforms import PreprocessConfig
-from .config import CLIPConfig
+from .config import CLIPConfig, VisionConfig
+from .resnet import ModifiedResNet
 from .text import TextTransformer
 from .vision import VisionTransformer
+
+
+def build_vision_tower(cfg: VisionConfig, output_dim: int, activation: str) -> nn.Module:
+    """The image tower the config describes: a ModifiedResNet (``layers`` a list; ReLU throughout, so
+    ``activation`` is the text tower's alone) or a Vision Transformer."""
+    cfg.validate()  # options may have been set after the config was made (create_model's overrides)
+    if cfg.is_resnet:
+        return ModifiedResNet(cfg, output_dim)
+    return VisionTransformer(cfg, output_dim, activation)
 
 
 class CLIP(TextTransformer):
@@ -28,7 +38,7 @@ class CLIP(TextTransformer):
     def __init__(self, cfg: CLIPConfig):
         super().__init__(cfg.text_cfg, cfg.embed_dim, cfg.activation)
         self.config = cfg
-        self.visual = VisionTransformer(cfg.vision_cfg, cfg.embed_dim, cfg.activation)
+        self.visual = build_vision_tower(cfg.vision_cfg, cfg.embed_dim, cfg.activation)
         # The temperature starts at 0.07, stored as log(1/T) so it stays positive while training.
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         if cfg.init_logit_bias is not None:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..core.errors import UserError
+
 # Keys that OpenCLIP configs may carry and that do not change the architecture we build
 # (or only select the values we already use); accepted and ignored.
 _IGNORED_KEYS = {"timm_model_name", "timm_model_pretrained", "timm_pool", "timm_proj", "timm_proj_bias",
@@ -48,23 +50,65 @@ def _check_keys(section: str, raw: dict[str, Any], known: set[str]) -> dict[str,
     return kept
 
 
+# A ModifiedResNet halves the image five times (stem conv, stem pool, three strided stages): its
+# attention pool sees an (image_size // 32)² grid (OpenCLIP's modified_resnet.py).
+RESNET_REDUCTION = 32
+
+
 @dataclass
 class VisionConfig:
+    """The image tower: a ViT (``layers`` one number, ``patch_size`` set) or, as in OpenCLIP, a
+    ModifiedResNet when ``layers`` is a list of the four stages' block counts (``[3, 4, 6, 3]``),
+    ``width`` then being the stem width and ``patch_size`` null."""
+
     image_size: int = 224
-    patch_size: int = 16
+    patch_size: int | None = 16
     width: int = 768
-    layers: int = 12
+    layers: int | list[int] = 12
     head_width: int = 64
     mlp_ratio: float = 4.0
     patch_dropout: float = 0.0
 
+    def __post_init__(self) -> None:
+        if isinstance(self.layers, tuple):
+            self.layers = list(self.layers)
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse a mix of the two towers' options (called again after ``create_model``'s overrides)."""
+        if self.is_resnet:
+            if len(self.layers) != 4 or not all(isinstance(n, int) and n >= 1 for n in self.layers):
+                raise UserError(f"vision_cfg.layers={self.layers!r}: a ResNet tower has 4 stages, each of at "
+                                f"least one block (e.g. [3, 4, 6, 3])")
+            if self.patch_size is not None:
+                raise UserError(f"vision_cfg has layers as a list ({self.layers}: a ResNet tower) and "
+                                f"patch_size={self.patch_size} (a ViT's): drop patch_size (or set it to null) "
+                                f"for a ResNet, or give layers as one number for a ViT")
+            if self.image_size < RESNET_REDUCTION:
+                raise UserError(f"vision_cfg.image_size={self.image_size}: a ResNet tower needs images of at "
+                                f"least {RESNET_REDUCTION} pixels")
+            if self.patch_dropout:
+                raise UserError(f"patch_dropout={self.patch_dropout} needs a ViT image tower; this config's is a "
+                                f"ResNet (vision_cfg.layers={self.layers}), which has no patches to drop")
+        elif self.patch_size is None:
+            raise UserError("vision_cfg.patch_size is null but layers is one number (a ViT tower): give the "
+                             "patch size, or layers as a list of four stages for a ResNet")
+
+    @property
+    def is_resnet(self) -> bool:
+        """Whether this describes a ModifiedResNet (``layers`` a list, as OpenCLIP decides it)."""
+        return isinstance(self.layers, list)
+
     @property
     def heads(self) -> int:
-        return self.width // self.head_width
+        # A ResNet's attention pool runs over its width * 32 output channels (OpenCLIP's vision_heads).
+        channels = self.width * 32 if self.is_resnet else self.width
+        return channels // self.head_width
 
     @property
     def grid_size(self) -> int:
-        return self.image_size // self.patch_size
+        """The side of the grid the positional embedding covers: patches, or a ResNet's last feature map."""
+        return self.image_size // (RESNET_REDUCTION if self.is_resnet else self.patch_size)
 
 
 @dataclass
@@ -101,6 +145,8 @@ class CLIPConfig:
             if height != width:
                 raise ValueError("only square images are supported (vision_cfg.image_size)")
             vision = {**vision, "image_size": height}
+        if isinstance(vision.get("layers"), (list, tuple)) and "patch_size" not in vision:
+            vision = {**vision, "patch_size": None}  # a ResNet; OpenCLIP's own configs say null
         # vision_cfg and text_cfg are popped above but stay in the known keys: a typo of them
         # ("vision_cfgs") must be told which sections exist
         top = _check_keys("model", raw, {f.name for f in dataclasses.fields(cls)})
@@ -113,7 +159,12 @@ class CLIPConfig:
     @classmethod
     def from_json(cls, path: str | Path) -> "CLIPConfig":
         with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+            raw = json.load(f)
+        raw.pop("preprocess_cfg", None)  # a packaged-style config may carry its preprocessing
+        try:
+            return cls.from_dict(raw)
+        except UserError as error:  # name the file the mistake is in
+            raise UserError(f"{path}: {error}") from None
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

@@ -6,6 +6,8 @@ moves between the two libraries without any key mapping.
 
 from __future__ import annotations
 
+import types
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -171,3 +173,17 @@ def unlock_groups(groups: list, unlocked: int) -> None:
             params = [part] if isinstance(part, nn.Parameter) else part.parameters()
             for param in params:
                 param.requires_grad_(True)
+
+
+def keep_in_eval_mode(module: nn.Module) -> None:
+    """Make ``module.train(mode)`` put it (and everything under it) in eval mode whatever ``mode`` is.
+
+    ``nn.Module.train`` reaches each child through ``child.train(mode)``, so an instance attribute
+    shadows the method for this module alone and the model's code does not change. A bound method
+    (not a closure) so that ``copy.deepcopy`` binds the copy to the copied module."""
+    module.train = types.MethodType(_train_as_eval, module)
+    module.train()
+
+
+def _train_as_eval(self: nn.Module, mode: bool = True) -> nn.Module:
+    return nn.Module.train(self, False)

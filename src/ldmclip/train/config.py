@@ -76,6 +76,9 @@ class TrainConfig:
     fsdp: bool = _opt(False, "shard parameters, gradients and optimizer state with FSDP2 (for models that do "
                              "not fit replicated; with amp_bf16, bf16 all-gathers and fp32 gradient "
                              "reduction); default under several processes: DDP")
+    sync_bn: bool = _opt(False, "DDP: BatchNorm (ResNet image towers) normalises with the statistics of the "
+                                "global batch (SyncBatchNorm) instead of each process's own batch (default, "
+                                "as OpenCLIP's); no effect on ViTs")
     dist_timeout: float = _opt(600.0, "seconds a process waits in a collective before giving up (a dead or "
                                       "hung peer then stops the run with an error instead of a hang)")
     # bookkeeping
@@ -104,6 +107,9 @@ class TrainConfig:
                 raise UserError(f"{_flag(name)} must be a number, got {value!r}")
             if not _in_range(value, spec):
                 raise UserError(f"{_flag(name)} must be {_range_text(spec)}, got {value:g}{_HINTS.get(name, '')}")
+        if self.sync_bn and self.fsdp:
+            raise UserError("--sync-bn is for DDP; under --fsdp BatchNorm normalises with each process's own "
+                            "batch statistics (drop one of the two flags)")
         return self
 
     @classmethod

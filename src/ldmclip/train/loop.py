@@ -42,8 +42,8 @@ from .config import TrainConfig
 from .data import DataPosition, MapStyleData, StreamData, Validation, build_train_data, build_validation
 from .metrics import MetricsLog, plot_training_curves
 from .optim import build_optimizer, build_scheduler
-from .parallelize import (apply_activation_checkpointing, apply_compile, apply_ddp, apply_fsdp, clip_gradients,
-                          is_fsdp, lock_text_tower, lock_tower, unwrap)
+from .parallelize import (apply_activation_checkpointing, apply_compile, apply_ddp, apply_fsdp, apply_sync_batchnorm,
+                          clip_gradients, is_fsdp, lock_text_tower, lock_tower, unwrap)
 from .step import contrastive_step
 
 
@@ -242,12 +242,16 @@ def _set_up(cfg: TrainConfig, info: distributed.DistInfo, output: Path) -> Run:
         # Same initial weights on every rank (same seed above); from here on each rank draws its own
         # random numbers (patch dropout), or all ranks would drop the same patches.
         seed_everything(cfg.seed + info.rank)
+        if cfg.sync_bn:
+            clip_model = apply_sync_batchnorm(clip_model, info.device)
         model = apply_fsdp(clip_model, mixed_precision=precision == "amp_bf16") if cfg.fsdp \
             else apply_ddp(clip_model, info.device)
     else:
         model = clip_model
         if cfg.fsdp and main:
             print("--fsdp: a single process has nothing to shard over; training unsharded")
+        if cfg.sync_bn and main:
+            print("--sync-bn: a single process's batch statistics are the global batch's already")
     clip_model = unwrap(model)  # (FSDP2 shards it in place)
 
     # ---- data: each rank loads its slice of every global batch

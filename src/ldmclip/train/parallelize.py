@@ -11,26 +11,39 @@ from __future__ import annotations
 
 import contextlib
 import math
-import types
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..models.layers import ResidualAttentionBlock, Transformer
+from ..core.errors import UserError
+from ..models.layers import ResidualAttentionBlock, Transformer, keep_in_eval_mode
+from ..models.resnet import Bottleneck, ModifiedResNet
 
 
 def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
-    """Recompute each residual block's activations in backward instead of storing them.
+    """Recompute each residual block's activations in backward instead of storing them: the
+    transformer blocks of both towers and the bottleneck blocks of a ResNet image tower.
 
-    Sets the ``grad_checkpointing`` flag of every transformer stack (the one mechanism, also behind
-    OpenCLIP's ``model.set_grad_checkpointing()``), so module names and state-dict keys do not change
+    Sets the ``grad_checkpointing`` flag of every transformer stack and ResNet tower (the one mechanism,
+    also behind OpenCLIP's ``model.set_grad_checkpointing()``), so module names and state-dict keys do not change
     (checkpoints stay loadable with and without this option).
     """
     for module in model.modules():
-        if isinstance(module, Transformer):
+        if isinstance(module, (Transformer, ModifiedResNet)):
             module.grad_checkpointing = True
     return model
+
+
+def apply_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """Under DDP, BatchNorm over the global batch (``SyncBatchNorm``: statistics all-reduced in each
+    forward) instead of each process's own batch. The modules are swapped in place with the same
+    parameters and buffers, so the state-dict keys are unchanged; a model without BatchNorm (a ViT)
+    is returned as it is. PyTorch's DDP runs SyncBatchNorm on GPUs only."""
+    if device.type != "cuda":
+        raise UserError(f"--sync-bn needs CUDA devices (PyTorch's DDP runs SyncBatchNorm on GPUs only; this run "
+                        f"is on {device.type}); leave it out for each process's own batch statistics")
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
 def lock_tower(tower: nn.Module) -> None:
@@ -38,7 +51,7 @@ def lock_tower(tower: nn.Module) -> None:
     no patch dropout) that stays on when the model around it is put back in ``train()`` mode."""
     for param in tower.parameters():
         param.requires_grad_(False)
-    _keep_in_eval_mode(tower)
+    keep_in_eval_mode(tower)
 
 
 def lock_text_tower(model: nn.Module) -> None:
@@ -49,21 +62,7 @@ def lock_text_tower(model: nn.Module) -> None:
             param.requires_grad_(False)
     for name, child in model.named_children():
         if name != "visual":
-            _keep_in_eval_mode(child)
-
-
-def _keep_in_eval_mode(module: nn.Module) -> None:
-    """Make ``module.train(mode)`` put it (and everything under it) in eval mode whatever ``mode`` is.
-
-    ``nn.Module.train`` reaches each child through ``child.train(mode)``, so an instance attribute
-    shadows the method for this module alone and the model's code does not change. A bound method
-    (not a closure) so that ``copy.deepcopy`` binds the copy to the copied module."""
-    module.train = types.MethodType(_train_as_eval, module)
-    module.train()
-
-
-def _train_as_eval(self: nn.Module, mode: bool = True) -> nn.Module:
-    return nn.Module.train(self, False)
+            keep_in_eval_mode(child)
 
 
 def apply_compile(model: nn.Module) -> nn.Module:
@@ -99,9 +98,12 @@ def _scalar_parameters(model: nn.Module) -> list[nn.Parameter]:
 def apply_fsdp(model: nn.Module, mixed_precision: bool = False, reshard_after_forward: bool = True) -> nn.Module:
     """Shard parameters, gradients and optimizer state over the processes with FSDP2 (``fully_shard``).
 
-    Each residual block of both towers is its own unit (its parameters are all-gathered just
-    before it runs and freed after), then the root takes what is left (embeddings, projections,
-    final norms). ``mixed_precision=True`` all-gathers and computes in bf16 and reduces gradients
+    Each residual block of both towers (a ResNet's bottlenecks too) is its own unit (its parameters
+    are all-gathered just before it runs and freed after), then the root takes what is left
+    (embeddings, projections, final norms, a ResNet's stem and attention pool). BatchNorm buffers
+    are not sharded: each process normalises with its own batch's statistics and keeps its own
+    running averages, and a checkpoint holds one process's copy (as under DDP without --sync-bn).
+    ``mixed_precision=True`` all-gathers and computes in bf16 and reduces gradients
     in fp32 (``MixedPrecisionPolicy``); the sharded master weights and optimizer state stay fp32.
 
     ``fully_shard`` cannot shard 0-dim parameters, and OpenCLIP's ``logit_scale`` / ``logit_bias``
@@ -115,7 +117,7 @@ def apply_fsdp(model: nn.Module, mixed_precision: bool = False, reshard_after_fo
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if mixed_precision else MixedPrecisionPolicy()
-    blocks = [m for m in model.modules() if isinstance(m, ResidualAttentionBlock)]
+    blocks = [m for m in model.modules() if isinstance(m, (ResidualAttentionBlock, Bottleneck))]
     for block in blocks:
         fully_shard(block, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     scalars = _scalar_parameters(model)
