@@ -70,6 +70,16 @@ def test_get_tokenizer_takes_openclips_keywords(hub_dir, tmp_path):
         ldmclip.get_tokenizer(NAME, clean="canonicalize")
 
 
+def test_module_tokenizer_instance_decodes_like_openclips():
+    # clients import it (CLIP_benchmark's captioning metric: `from open_clip.tokenizer import _tokenizer`)
+    from open_clip.tokenizer import _tokenizer as theirs
+
+    from ldmclip.tokenizer import _tokenizer as ours
+
+    ids = open_clip.tokenize(["a photo of a cat", "Ünïcödé text"]).tolist()
+    assert [ours.decode(row) for row in ids] == [theirs.decode(row) for row in ids]
+
+
 def test_constants_and_dtypes_are_openclips():
     for name in ("OPENAI_DATASET_MEAN", "OPENAI_DATASET_STD", "IMAGENET_MEAN", "IMAGENET_STD", "INCEPTION_MEAN",
                  "INCEPTION_STD"):
