@@ -70,6 +70,16 @@ def test_get_tokenizer_takes_openclips_keywords(hub_dir, tmp_path):
         ldmclip.get_tokenizer(NAME, clean="canonicalize")
 
 
+def test_module_tokenizer_instance_decodes_like_openclips():
+    # clients import it (CLIP_benchmark's captioning metric: `from open_clip.tokenizer import _tokenizer`)
+    from open_clip.tokenizer import _tokenizer as theirs
+
+    from ldmclip.tokenizer import _tokenizer as ours
+
+    ids = open_clip.tokenize(["a photo of a cat", "Ünïcödé text"]).tolist()
+    assert [ours.decode(row) for row in ids] == [theirs.decode(row) for row in ids]
+
+
 def test_constants_and_dtypes_are_openclips():
     for name in ("OPENAI_DATASET_MEAN", "OPENAI_DATASET_STD", "IMAGENET_MEAN", "IMAGENET_STD", "INCEPTION_MEAN",
                  "INCEPTION_STD"):
@@ -345,3 +355,98 @@ def test_set_grad_checkpointing_recomputes_blocks_and_gives_the_same_gradients(h
     ours.set_grad_checkpointing(False)
     with torch.no_grad():  # nothing to recompute without gradients
         ours(images, tokens)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# add_model_config: a JSON file or a folder of them, each under its file stem
+
+_ADDED = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16,
+                                          "patch_size": 16},
+          "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+
+
+@pytest.fixture
+def registries(monkeypatch):
+    """Both registries as they were before the test: what a test adds is forgotten after it."""
+    from ldmclip import registry
+
+    monkeypatch.setattr(registry, "_ADDED_CONFIGS", {})
+    monkeypatch.setattr(open_clip.factory, "_MODEL_CONFIG_PATHS", list(open_clip.factory._MODEL_CONFIG_PATHS))
+    monkeypatch.setattr(open_clip.factory, "_MODEL_CONFIGS", dict(open_clip.factory._MODEL_CONFIGS))
+
+
+def _write_config(path, **changes):
+    import json
+
+    path.write_text(json.dumps({**_ADDED, **changes}), encoding="utf-8")
+    return path
+
+
+def _assert_same_model(name):
+    """create_model(name) builds the same architecture in both (same keys and shapes; same outputs on the
+    same weights) and get_model_config/get_tokenizer agree."""
+    torch.manual_seed(0)
+    theirs = open_clip.create_model(name).eval()
+    ours = ldmclip.create_model(name).eval()
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+    ours.load_state_dict(theirs.state_dict())
+    config = open_clip.get_model_config(name)
+    images, tokens = _inputs(config["vision_cfg"]["image_size"], config["text_cfg"]["context_length"])
+    _assert_same_features(ours, theirs, images, tokens)
+    assert ldmclip.get_model_config(name).to_dict()["embed_dim"] == config["embed_dim"]
+    assert ldmclip.get_model_config(name).vision_cfg.image_size == config["vision_cfg"]["image_size"]
+    texts = ["a photo of a cat", "word " * 40]
+    assert torch.equal(ldmclip.get_tokenizer(name)(texts), open_clip.get_tokenizer(name)(texts))
+
+
+def test_add_model_config_file_and_folder_like_openclips(registries, tmp_path):
+    single = _write_config(tmp_path / "Added-Tiny-32.json")
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    _write_config(folder / "Added-Wide-32.json", embed_dim=48)
+    _write_config(folder / "Added-Long-32.json", text_cfg={**_ADDED["text_cfg"], "context_length": 24})
+    before = set(ldmclip.list_models())
+    for path in (str(single), folder):  # a str and a Path, as OpenCLIP takes both
+        ldmclip.add_model_config(path)
+        open_clip.add_model_config(path)
+    added = set(ldmclip.list_models()) - before
+    assert added == {"Added-Tiny-32", "Added-Wide-32", "Added-Long-32"}
+    assert added <= set(open_clip.list_models())
+    for name in sorted(added):
+        _assert_same_model(name)
+    assert ldmclip.list_pretrained_tags_by_model("Added-Tiny-32") == []
+
+
+def test_add_model_config_replaces_a_packaged_config_like_openclip(registries, tmp_path, caplog):
+    path = _write_config(tmp_path / "ViT-B-32.json")
+    with caplog.at_level("WARNING", logger="ldmclip.registry"):
+        assert ldmclip.add_model_config(path) == ["ViT-B-32"]
+    assert "replaces the packaged config 'ViT-B-32'" in caplog.text
+    open_clip.add_model_config(path)
+    assert ldmclip.list_models().count("ViT-B-32") == 1
+    assert ldmclip.get_model_config("ViT-B-32").vision_cfg.width == 32
+    _assert_same_model("ViT-B-32")
+
+
+def test_add_model_config_bad_input_names_the_file_and_adds_nothing(registries, tmp_path):
+    before = ldmclip.list_models()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (tmp_path / "broken.json").write_text("{not json", encoding="utf-8")
+    (tmp_path / "other.json").write_text('{"model_cfg": {}}', encoding="utf-8")
+    _write_config(tmp_path / "typo.json", vision_cfg={**_ADDED["vision_cfg"], "widht": 32})
+    (tmp_path / "config.yaml").write_text("embed_dim: 32\n", encoding="utf-8")
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    _write_config(mixed / "Good-32.json")
+    (mixed / "notes.json").write_text("[]", encoding="utf-8")
+    for path, message in ((tmp_path / "missing.json", "not found"), (empty, "holds no .json"),
+                          (tmp_path / "broken.json", "not a readable JSON"),
+                          (tmp_path / "other.json", "no model config: a model config has embed_dim"),
+                          (tmp_path / "typo.json", "unknown key vision_cfg.widht"),
+                          (tmp_path / "config.yaml", "not a .json model config"),
+                          (mixed, "notes.json is no model config")):
+        with pytest.raises(UserError, match=message) as error:
+            ldmclip.add_model_config(path)
+        assert str(path) in str(error.value)
+    assert ldmclip.list_models() == before  # the good file beside the bad one was not added either

@@ -3,7 +3,7 @@ configs + checkpoints -> models.
 
 A model is named the way OpenCLIP names it, so an OpenCLIP user changes only the import:
 
-- a packaged config name (``ViT-L-14``; see :func:`list_models`);
+- a packaged config name (``ViT-L-14``; see :func:`list_models`), or one :func:`add_model_config` added;
 - a path to a JSON config file;
 - ``hf-hub:org/repo`` or ``hf-hub:org/repo/folder`` (config and weights from the Hugging Face cache);
 - ``local-dir:/path`` (config and weights from a checkpoint folder).
@@ -15,6 +15,7 @@ mean/std and activation its weights were trained with (``checkpoints.pretrained`
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import re
@@ -38,19 +39,88 @@ from .models.text import TextTransformer, is_text_key
 logger = logging.getLogger(__name__)
 
 
+# ----------------------------------------------------------------------------------------------------
+# The registry of named configs: the packaged JSON files, then those add_model_config added
+
+# name -> the config as read when it was added (as OpenCLIP keeps it: a later edit of the file changes nothing)
+_ADDED_CONFIGS: dict[str, dict[str, Any]] = {}
+# the keys OpenCLIP's add_model_config requires of a model config (open_clip/factory.py, _rescan_model_configs)
+_MODEL_CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
+
+
 def _packaged_configs() -> dict[str, Any]:
     folder = resources.files("ldmclip") / "model_configs"
     return {entry.name[: -len(".json")]: entry for entry in folder.iterdir() if entry.name.endswith(".json")}
 
 
+def _named_config(name: str) -> dict[str, Any] | None:
+    """The raw config dict registered as ``name`` (an added one before a packaged one), or ``None``."""
+    if name in _ADDED_CONFIGS:
+        return copy.deepcopy(_ADDED_CONFIGS[name])
+    packaged = _packaged_configs()
+    return _read_json(packaged[name]) if name in packaged else None
+
+
+def _is_named(name: str) -> bool:
+    return name in _ADDED_CONFIGS or name in _packaged_configs()
+
+
 def list_models() -> list[str]:
-    """Names of the packaged model configs, sorted."""
-    return sorted(_packaged_configs())
+    """Names of the registered model configs (the packaged ones and those :func:`add_model_config`
+    added), sorted."""
+    return sorted({*_packaged_configs(), *_ADDED_CONFIGS})
+
+
+def add_model_config(path: str | Path) -> list[str]:
+    """OpenCLIP's ``add_model_config``: register a JSON model config file, or every ``*.json`` in a
+    folder (not its subfolders), each under its file stem, so ``create_model(stem)``, ``list_models()``,
+    ``get_model_config`` and ``get_tokenizer`` know it. An added config with the name of a packaged one
+    (or of one added before) replaces it, as in OpenCLIP, with a warning in the log. Returns the names
+    added.
+
+    Unlike OpenCLIP, which skips them silently, a missing path, a folder with no JSON file, and a file
+    that is no model config (not JSON, no ``embed_dim``/``vision_cfg``/``text_cfg``, or keys ldmclip
+    cannot build) are a :class:`UserError` naming the file; nothing is added then."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        files = sorted(path.glob("*.json"))
+        if not files:
+            raise UserError(f"add_model_config: {path} holds no .json model config")
+    elif path.is_file():
+        if path.suffix != ".json":
+            raise UserError(f"add_model_config: {path} is not a .json model config")
+        files = [path]
+    else:
+        raise UserError(f"add_model_config: {path} not found (give a .json model config or a folder of them)")
+    found = {file.stem: _checked_model_config(file) for file in files}  # all checked before any is added
+    packaged = _packaged_configs()
+    for name in found:
+        if name in packaged or name in _ADDED_CONFIGS:
+            logger.warning("add_model_config: %s replaces the %s config %r", path, "packaged" if name in packaged
+                           else "added", name)
+    _ADDED_CONFIGS.update(found)
+    return list(found)
+
+
+def _checked_model_config(file: Path) -> dict[str, Any]:
+    """The config in ``file``, checked to be one ldmclip can build."""
+    try:
+        raw = _read_json(file)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"add_model_config: {file} is not a readable JSON file ({exc})") from exc
+    if not isinstance(raw, dict) or not all(key in raw for key in _MODEL_CONFIG_KEYS):
+        raise UserError(f"add_model_config: {file} is no model config: a model config has "
+                        f"{', '.join(_MODEL_CONFIG_KEYS)}")
+    try:
+        CLIPConfig.from_dict({k: v for k, v in raw.items() if k != "preprocess_cfg"})
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"add_model_config: {file}: {exc}") from exc
+    return raw
 
 
 def _unknown_model_error(name: str) -> UserError:
     return UserError(
-        f"unknown model {name!r}. Packaged models: {', '.join(list_models())}. "
+        f"unknown model {name!r}. Known models: {', '.join(list_models())}. "
         f"You can also pass a path to a JSON config, 'hf-hub:org/repo' or 'local-dir:/path/to/checkpoint'."
     )
 
@@ -67,14 +137,12 @@ def resolve_model(name: str, cache_dir: str | Path | None = None) -> tuple[CLIPC
     if folder is not None:
         cfg, preprocess = checkpoints.read_dir_config(folder)
         return cfg, preprocess, folder
-    packaged = _packaged_configs()
-    if name in packaged:
-        raw = _read_json(packaged[name])
-    elif name.endswith(".json") and Path(name).is_file():
+    raw = _named_config(name)
+    if raw is None and name.endswith(".json") and Path(name).is_file():  # from_json: its errors name the file
         return CLIPConfig.from_json(name), dict(_read_json(Path(name)).get("preprocess_cfg") or {}), None
-    elif name.endswith(".json"):
+    elif raw is None and name.endswith(".json"):
         raise FileNotFoundError(f"model config file not found: {name}")
-    else:
+    elif raw is None:
         raise _unknown_model_error(name)
     preprocess = dict(raw.pop("preprocess_cfg", None) or {})
     return CLIPConfig.from_dict(raw), preprocess, None
@@ -116,7 +184,7 @@ def get_pretrained_cfg(model: str, tag: str) -> dict[str, Any]:
     """OpenCLIP's ``get_pretrained_cfg``: ``hf_hub``, ``mean``/``std``, ``interpolation``, ``resize_mode``
     and ``quick_gelu`` of a packaged model's tag; ``{}`` when it has no such tag. (No ``url``: ldmclip
     takes the weights from the Hugging Face hub only.)"""
-    if model not in _packaged_configs():
+    if not _is_named(model):
         return {}
     found = checkpoints.find_tag(model, tag)
     if found is None:
@@ -134,7 +202,7 @@ def pretrained_tag(name: str | None, pretrained: str | Path | None) -> checkpoin
     value = str(pretrained)
     if not _TAG_FORM.fullmatch(value):
         return None
-    packaged = name in _packaged_configs()
+    packaged = _is_named(name)
     found = checkpoints.find_tag(name, value) if packaged else None
     if found is not None:  # a tag before a file of the same name, as OpenCLIP
         return found

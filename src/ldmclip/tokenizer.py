@@ -663,3 +663,11 @@ def tokenize(texts: TextInput, context_length: int = DEFAULT_CONTEXT_LENGTH) -> 
     """OpenCLIP's ``tokenize``: CLIP BPE ids ``[B, context_length]`` of a text or a list of texts,
     start and end of text added, zero-padded, truncated with the end-of-text token kept."""
     return _default_tokenizer()(texts, context_length=context_length)
+
+
+def __getattr__(name: str) -> CLIPTokenizer:
+    # OpenCLIP's module-level tokenizer instance, which its clients import (CLIP_benchmark's captioning
+    # metric: `from open_clip.tokenizer import _tokenizer`); built on first use, not at import
+    if name == "_tokenizer":
+        return _default_tokenizer()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,15 +3,14 @@
 ``build CIFAR FLICKR OUT``: small CIFAR-10 zero-shot and Flickr8k retrieval sets, converted to
 CLIP_benchmark's webdataset layout by its own converter (``clip_benchmark.webdataset_builder``).
 
-``eval LIB MODEL OUT JSON``: CLIP_benchmark's own dataset reader and metrics on those sets, with
-``open_clip`` the real OpenCLIP (``LIB=open_clip``) or ldmclip in its place (``LIB=ldmclip``:
-``sys.modules["open_clip"] = ldmclip``), in fp32 (its ``--no_amp``), recall@1/5/10.
+``eval LIB MODEL OUT JSON``: CLIP_benchmark's own command line, ``clip_benchmark eval`` (its
+``clip_benchmark.cli.main``, with its argparse parser), on those sets, with ``open_clip`` the real OpenCLIP
+(``LIB=open_clip``) or ldmclip in its place (``LIB=ldmclip``: ``sys.modules["open_clip"] = ldmclip`` before
+CLIP_benchmark is imported), in fp32 (``--no_amp``), recall@1/5/10. JSON gets each dataset's ``metrics``
+from the result files CLIP_benchmark writes.
 
-The steps are those of ``clip_benchmark.cli.run`` for a ``wds/`` dataset (load_clip, build_dataset,
-a DataLoader over ``dataset.batched``, the task's ``evaluate``). ``clip_benchmark.cli`` itself is not
-imported: its import of ``model_collection`` calls ``open_clip.list_pretrained()``, which is not this
-branch's to provide. The one patch: CLIP_benchmark's ``zeroshot_classification.accuracy``, which calls
-``float()`` on a 1-element array (an error on NumPy 2.x); the replacement computes the same value.
+The one patch: CLIP_benchmark's ``zeroshot_classification.accuracy``, which calls ``float()`` on a
+1-element array (an error on NumPy 2.x); the replacement computes the same value.
 """
 
 from __future__ import annotations
@@ -26,6 +25,7 @@ CIFAR_PER_CLASS = 10
 FLICKR_IMAGES = 50
 RECALL_K = [1, 5, 10]
 BATCH_SIZE = 32
+DATASETS = {"cifar10": "zeroshot_classification", "flickr8k": "zeroshot_retrieval"}  # CLIP_benchmark's tasks
 
 
 class _Listing(torch.utils.data.Dataset):
@@ -74,34 +74,29 @@ def _accuracy(output, target, topk=(1,)):
     return [hits[:, :k].any(dim=1).float().mean().item() for k in topk]
 
 
-def evaluate(lib: str, model_name: str, out: Path) -> dict:
+def evaluate(lib: str, model_name: str, data: Path, out: Path) -> dict:
+    """``clip_benchmark eval`` on both sets as a user types it; the metrics of the files it writes."""
     if lib == "ldmclip":
         import ldmclip
 
         sys.modules["open_clip"] = ldmclip
     import open_clip
-    from clip_benchmark.datasets.builder import build_dataset
-    from clip_benchmark.metrics import zeroshot_classification, zeroshot_retrieval
-    from clip_benchmark.models import load_clip
+    from clip_benchmark import cli
+    from clip_benchmark.metrics import zeroshot_classification
 
     assert open_clip.__name__ == lib, open_clip.__name__
     zeroshot_classification.accuracy = _accuracy
-    torch.manual_seed(0)
-    model, transform, tokenizer = load_clip(model_type="open_clip", model_name=model_name, pretrained=None,
-                                            cache_dir=None, device="cpu")
-    model.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    sys.argv = ["clip_benchmark", "eval", "--dataset", *(f"wds/{name}" for name in DATASETS),
+                "--dataset_root", f"{data}/{{dataset}}", "--model", model_name, "--no_amp", "--num_workers", "0",
+                "--batch_size", str(BATCH_SIZE), "--recall_k", *map(str, RECALL_K),
+                "--output", f"{out}/{{dataset}}_{{task}}.json", "--quiet"]
+    cli.main()
     results = {}
-    for name, task in (("cifar10", "zeroshot_classification"), ("flickr8k", "zeroshot_retrieval")):
-        dataset = build_dataset(dataset_name=f"wds/{name}", root=str(out / name), transform=transform, split="test",
-                                download=True, task=task)
-        loader = torch.utils.data.DataLoader(dataset.batched(BATCH_SIZE), batch_size=None, shuffle=False,
-                                             num_workers=0)
-        if task == "zeroshot_classification":
-            results[name] = zeroshot_classification.evaluate(model, loader, tokenizer, dataset.classes,
-                                                             dataset.templates, device="cpu", amp=False)
-        else:
-            results[name] = zeroshot_retrieval.evaluate(model, loader, tokenizer, recall_k_list=RECALL_K,
-                                                        device="cpu", amp=False)
+    for name, task in DATASETS.items():
+        dump = json.loads((out / f"{name}_{task}.json").read_text())
+        assert dump["task"] == task and dump["model"] == model_name, dump
+        results[name] = dump["metrics"]
     return results
 
 
@@ -109,7 +104,7 @@ def main(argv: list[str]) -> int:
     if argv[0] == "build":
         build(Path(argv[1]), Path(argv[2]), Path(argv[3]))
     elif argv[0] == "eval":
-        results = evaluate(argv[1], argv[2], Path(argv[3]))
+        results = evaluate(argv[1], argv[2], Path(argv[3]), Path(argv[4]).with_suffix(""))
         Path(argv[4]).write_text(json.dumps(results, indent=1))
     else:
         raise SystemExit(f"unknown step {argv[0]!r}")

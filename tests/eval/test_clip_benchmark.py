@@ -4,8 +4,9 @@ model with ``open_clip`` replaced by ldmclip, and reports what it reports with O
 
 The data: 10 CIFAR-10 test images per class (zero-shot) and 50 Flickr8k test images with their 5
 captions each (retrieval), from ``../shared/data`` (skipped when absent), converted to CLIP_benchmark's
-webdataset layout by its own converter. Every step runs in a subprocess (``clip_benchmark_runner.py``)
-with a timeout, so a hang fails the test rather than blocking the suite."""
+webdataset layout by its own converter, and evaluated by its own command line (``clip_benchmark eval``,
+unmodified but for its ``accuracy()``, which fails on NumPy 2.x). Every step runs in a subprocess
+(``clip_benchmark_runner.py``) with a timeout, so a hang fails the test rather than blocking the suite."""
 
 from __future__ import annotations
 

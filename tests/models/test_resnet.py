@@ -254,3 +254,33 @@ def test_export_of_the_text_tower_works_and_a_whole_resnet_clip_is_refused(tmp_p
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0 and "transformers' CLIPModel has only ViT image towers" in error
     assert not (tmp_path / "full").exists() or not any((tmp_path / "full").iterdir())
+
+
+def test_lock_image_tower_and_grad_checkpointing_of_a_resnet_like_openclip(tmp_path):
+    """OpenCLIP's lock_image_tower() freezes the whole ResNet tower and, with freeze_bn_stats, its
+    BatchNorm statistics; ldmclip's leaves the same parameters trainable and keeps those BatchNorms in
+    eval mode through train(). set_grad_checkpointing recomputes the bottlenecks with the same gradients."""
+    open_clip.add_model_config(_tiny_rn_json(tmp_path))
+    reference = open_clip.create_model("tiny-rn")
+    reference.lock_image_tower(freeze_bn_stats=True)
+    model = CLIP(CLIPConfig.from_dict(TINY_RN))
+    model.lock_image_tower(freeze_bn_stats=True)
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    assert trainable == {name for name, param in reference.named_parameters() if param.requires_grad}
+    model.train()
+    assert all(not m.training for m in model.visual.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    images = torch.randn(2, 3, 64, 64)
+    before = {k: v.clone() for k, v in model.visual.state_dict().items()}
+    model.encode_image(images)
+    assert all(torch.equal(v, before[k]) for k, v in model.visual.state_dict().items())  # statistics fixed
+
+    plain = randomize(CLIP(CLIPConfig.from_dict(TINY_RN))).train()
+    checkpointed = CLIP(CLIPConfig.from_dict(TINY_RN))
+    checkpointed.load_state_dict(plain.state_dict())
+    checkpointed.train().set_grad_checkpointing(True)
+    for m in (plain, checkpointed):
+        m.encode_image(images).square().sum().backward()
+    for name, param in plain.visual.named_parameters():
+        if name != "attnpool.k_proj.bias":  # a true gradient of zero
+            assert relative_error(checkpointed.visual.get_parameter(name).grad, param.grad) <= 1e-5, name
+    assert torch.equal(checkpointed.visual.layer1[0].bn1.num_batches_tracked, plain.visual.layer1[0].bn1.num_batches_tracked)
