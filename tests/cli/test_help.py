@@ -74,7 +74,7 @@ def test_export_examples_are_one_per_line_and_dtype_has_its_default():
     assert "dtype of the written weights (default: fp32)" in text
     lines = _subparsers(build_parser())["export"].format_help().splitlines()
     commands = [line for line in lines if line.strip().startswith("ldmclip export")]
-    assert len(commands) == 4
+    assert len(commands) == 5
     assert all(line.count("ldmclip export") == 1 for line in commands)
 
 

@@ -1,4 +1,5 @@
-"""``ldmclip export``: a text encoder (or a whole model) in the transformers or diffusers layout."""
+"""``ldmclip export``: a text encoder (or a whole model) in the transformers or diffusers layout, or text
+towers written back into a single-file SD checkpoint."""
 
 from __future__ import annotations
 
@@ -11,12 +12,17 @@ from ..core.formats import carries_weights
 from ..core.precision import DTYPES
 from .common import TAG_HELP, add_dtype_option, add_model_options, add_out_option
 
-__all__ = ["HELP", "DESCRIPTION", "EPILOG", "add_arguments", "check_arguments", "run"]
+__all__ = ["HELP", "DESCRIPTION", "EPILOG", "FORMATS", "add_arguments", "check_arguments", "run"]
 
-HELP = "write a text encoder (or a whole model) in the transformers or diffusers layout"
+SD_SINGLE_FILE = "sd-single-file"
+FORMATS = ["transformers", "diffusers", SD_SINGLE_FILE]
+
+HELP = "write a text encoder (or a whole model) in the transformers or diffusers layout, or into an SD checkpoint"
 DESCRIPTION = ("Export a text tower as a transformers CLIPTextModel folder, as the text_encoder/ + tokenizer/ "
                "sub-folders of a diffusers pipeline (two of each for SDXL), or a whole model as a transformers "
-               "CLIPModel folder. Written atomically.")
+               "CLIPModel folder; or write text towers back into a copy of a single-file SD checkpoint "
+               "(--format sd-single-file: only its text-encoder tensors change, in its own layout and dtypes). "
+               "Written atomically.")
 # In this string "\\\\" prints one backslash, so each two-line example is one shell command.
 EPILOG = """examples:
   # an SD 1.x text encoder as a transformers CLIPTextModel folder (pads with end-of-text)
@@ -29,15 +35,27 @@ EPILOG = """examples:
       --pretrained-2 bigg.safetensors --out sdxl-te
   # a whole CLIP model as a transformers CLIPModel folder
   ldmclip export --format transformers --full --model local-dir:runs/my-run/final --out clip-hf
+  # a fine-tuned CLIP-L as the text encoder of an SD 1.x checkpoint (a new file; the input is only read)
+  ldmclip export --format sd-single-file --into sd15.safetensors --model local-dir:runs/my-run/final \\
+      --out sd15-new.safetensors
 """
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     # --format is the OUTPUT format here (what an input is would be --input-format).
-    parser.add_argument("--format", required=True, choices=["transformers", "diffusers"],
+    parser.add_argument("--format", required=True, choices=FORMATS,
                         help="transformers: one model folder (CLIPTextModel, or CLIPModel with --full); "
-                             "diffusers: text_encoder/ + tokenizer/ sub-folders (two of each for sdxl)")
-    add_out_option(parser, "output folder; must not exist yet (or be empty)", metavar="DIR")
+                             "diffusers: text_encoder/ + tokenizer/ sub-folders (two of each for sdxl); "
+                             "sd-single-file: a copy of --into with its text encoder(s) replaced")
+    add_out_option(parser, "output folder; must not exist yet (or be empty). sd-single-file: the new "
+                           ".safetensors file (must not exist yet)", metavar="PATH")
+    parser.add_argument("--into", metavar="FILE", default=None,
+                        help="sd-single-file: the single-file SD checkpoint (.safetensors) whose text encoder(s) "
+                             "--model/--pretrained (and --model-2/--pretrained-2) replace; it is only read")
+    parser.add_argument("--encoder", default=None, metavar="NAME",
+                        help="sd-single-file: the encoder of --into that --model/--pretrained replaces "
+                             "(text_encoder or text_encoder_2, as ldmclip info lists them; default: the file's "
+                             "first); --model-2/--pretrained-2 always replace text_encoder_2")
     parser.add_argument("--preset", choices=list(PRESETS),
                         help="the recipe the text encoder serves: sets the tokenizer's pad token (sd1 and sdxl's "
                              "first tokenizer pad with end-of-text, sd2 and sdxl's second with 0) and the default "
@@ -48,18 +66,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       pretrained_help=f"weights file or folder for --model, {TAG_HELP} (not needed when --model is "
                                       "'hf-hub:' or 'local-dir:', which carry their weights); a single-file SD "
                                       "checkpoint (sd1/sd2/sdxl/sd3 .safetensors or .ckpt) gives every tower of --preset",
-                      second="sdxl only: the second text encoder's model (default: ViT-bigG-14)")
+                      second="sdxl only, or sd-single-file: the second text encoder's model (default for sdxl: "
+                             "ViT-bigG-14)")
     parser.add_argument("--with-projection", action="store_true",
                         help="write CLIPTextModelWithProjection (text tower + text_projection) instead of "
                              "CLIPTextModel (--format transformers)")
     parser.add_argument("--full", action="store_true",
                         help="write the whole CLIP model as a transformers CLIPModel (--format transformers)")
-    add_dtype_option(parser, DTYPES, "fp32", "dtype of the written weights")
+    add_dtype_option(parser, DTYPES, None, "dtype of the written weights (default: fp32); sd-single-file keeps "
+                                           "each tensor's dtype of --into")
 
 
 def check_arguments(args: argparse.Namespace) -> None:
     """Every mistake that can be seen before loading gigabytes of weights."""
-
+    if args.format == SD_SINGLE_FILE:
+        _check_sd_single_file(args)
+        return
+    if args.into is not None or args.encoder is not None:
+        raise UserError(f"--into and --encoder are for --format {SD_SINGLE_FILE}")
+    args.dtype = args.dtype or "fp32"
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} already exists; choose a new folder or delete it first")
@@ -91,6 +116,40 @@ def check_arguments(args: argparse.Namespace) -> None:
                             f"randomly initialised model is almost never what you want")
 
 
+def _check_sd_single_file(args: argparse.Namespace) -> None:
+    """--into, --out and the towers of --format sd-single-file; sets ``args.encoders`` (the encoder of
+    --into each tower replaces)."""
+    from ..checkpoints.sd import find_text_encoders
+    from ..checkpoints.sd_write import check_write_paths
+
+    if args.into is None:
+        raise UserError(f"--format {SD_SINGLE_FILE} needs --into: the single-file SD checkpoint to write into")
+    for flag, given in (("--preset", args.preset), ("--full", args.full), ("--with-projection", args.with_projection),
+                        ("--dtype", args.dtype)):
+        if given:
+            raise UserError(f"{flag} is not for --format {SD_SINGLE_FILE}: the layout and each tensor's dtype are "
+                            f"those of --into")
+    check_write_paths(Path(args.into), Path(args.out))
+    if Path(args.out).exists():
+        raise UserError(f"--out {args.out} already exists; choose a new file name or delete it first")
+    if args.model is None and args.pretrained is None:
+        raise UserError("pass --model/--pretrained: the text tower to write (e.g. --model local-dir:runs/my-run/final)")
+    if args.pretrained is None and not carries_weights(args.model):
+        raise UserError(f"no weights for {args.model}: pass --pretrained, or a --model of the form 'hf-hub:org/repo' "
+                        f"or 'local-dir:/path'")
+    found = [f.encoder for f in find_text_encoders(args.into)]  # the file's key names only
+    second = args.model_2 is not None or args.pretrained_2 is not None
+    first = args.encoder or (found[0] if found else None)
+    if args.encoder is not None and args.encoder not in found:
+        raise UserError(f"--into {args.into} has no text encoder {args.encoder!r}; it has: {', '.join(found) or 'none'}")
+    if second and ("text_encoder_2" not in found or first == "text_encoder_2"):
+        raise UserError(f"--model-2/--pretrained-2 replace text_encoder_2, but --into {args.into} has "
+                        f"{', '.join(found) or 'no text encoder'} and --model replaces {first}")
+    if second and args.pretrained_2 is None and not carries_weights(args.model_2):
+        raise UserError(f"no weights for {args.model_2}: pass --pretrained-2")
+    args.encoders = [first] + (["text_encoder_2"] if second else [])
+
+
 def _single_file(args: argparse.Namespace) -> bool:
     """Whether --pretrained is a single-file SD checkpoint that gives every tower of --preset."""
     from ..checkpoints.sd import is_single_file_checkpoint
@@ -106,6 +165,8 @@ def run(args: argparse.Namespace) -> int:
     from ..registry import create_model, get_tokenizer
 
     check_arguments(args)
+    if args.format == SD_SINGLE_FILE:
+        return _run_sd_single_file(args)
     if args.format == "diffusers":
         weights = ({"checkpoint": args.pretrained} if _single_file(args) else
                    {"pretrained": args.pretrained, "pretrained_2": args.pretrained_2})
@@ -133,4 +194,19 @@ def run(args: argparse.Namespace) -> int:
     parameters = sum(p.numel() for p in model.parameters()) / 1e6
     print(f"wrote {out}: {kind}, {parameters:.1f}M parameters, {args.dtype}, pad token id {pad_id}")
     print(f"load with: transformers.{kind}.from_pretrained('{out}') and CLIPTokenizer.from_pretrained('{out}')")
+    return 0
+
+
+def _run_sd_single_file(args: argparse.Namespace) -> int:
+    """Load each tower, then write --into with them to --out (every shape checked before writing)."""
+    from ..checkpoints.sd_write import write_text_encoders
+    from ..registry import load_text_tower
+
+    towers = {args.encoders[0]: load_text_tower(args.model, args.pretrained)}
+    if len(args.encoders) == 2:
+        towers[args.encoders[1]] = load_text_tower(args.model_2, args.pretrained_2)
+    result = write_text_encoders(args.into, args.out, towers)
+    replaced = ", ".join(f"{encoder} ({count} tensors)" for encoder, count in result.replaced.items())
+    print(f"wrote {result.out}: {args.into} ({result.family}) with {replaced} replaced; its {result.copied} other "
+          f"tensors and its metadata copied unchanged")
     return 0

@@ -16,7 +16,7 @@ import torch
 from .errors import DiskFullError
 
 __all__ = ["temp_name", "atomic_write", "write_json_atomic", "save_torch", "fsync_dir", "write_safetensors",
-           "tensors_sha256", "is_disk_full", "DiskFullError", "human_bytes"]
+           "safetensors_dtype", "tensors_sha256", "is_disk_full", "DiskFullError", "human_bytes"]
 
 _DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
@@ -110,6 +110,15 @@ _SAFETENSORS_DTYPES = {
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
     torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
 }
+
+
+
+def safetensors_dtype(name: str) -> torch.dtype | None:
+    """The torch dtype of a safetensors dtype name (``"F16"`` -> ``torch.float16``); ``None`` if unknown."""
+    return _SAFETENSORS_DTYPE_NAMES.get(name)
+
+
+_SAFETENSORS_DTYPE_NAMES = {name: dtype for dtype, name in _SAFETENSORS_DTYPES.items()}
 
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
