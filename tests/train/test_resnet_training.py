@@ -88,16 +88,21 @@ def test_sync_bn_with_fsdp_is_refused():
         TrainConfig(sync_bn=True, fsdp=True).validate()
 
 
-@pytest.mark.slow
-def test_rn50_trains_a_few_steps_and_the_loss_falls(tmp_path):
-    # RN50 itself (the packaged tower and text tower) at the smallest image size its five halvings allow,
-    # with a short context, on a tiny table it can memorise
+def _rn50_at_32px(tmp_path) -> str:
+    """RN50 itself (the packaged tower and text tower) at the smallest image size its five halvings
+    allow, with a short context."""
     cfg = ldmclip.get_model_config("RN50").to_dict()
     cfg["vision_cfg"]["image_size"] = 32
     cfg["text_cfg"]["context_length"] = 16
     path = tmp_path / "rn50-32.json"
     path.write_text(json.dumps(cfg))
-    train(_config(tmp_path, str(path), steps=4, batch_size=4, lr=1e-4, val_size=4))
+    return str(path)
+
+
+@pytest.mark.slow
+def test_rn50_trains_a_few_steps_and_the_loss_falls(tmp_path):
+    # on a tiny table it can memorise
+    train(_config(tmp_path, _rn50_at_32px(tmp_path), steps=4, batch_size=4, lr=1e-4, val_size=4))
     losses = _losses(tmp_path / "run")
     assert len(losses) == 4 and losses[-1] < losses[0], losses
 
@@ -122,3 +127,18 @@ def test_a_resnet_trains_under_2_process_ddp_and_sync_bn_on_cpu_is_refused(tmp_p
     refused = subprocess.run(command, capture_output=True, text=True, timeout=120, env=_env())
     assert refused.returncode != 0
     assert "ldmclip train: error: --sync-bn needs CUDA devices" in refused.stderr + refused.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+def test_rn50_trains_under_2_process_ddp(tmp_path):
+    from tests.train.test_distributed import _torchrun_train
+
+    flags = ["--model", _rn50_at_32px(tmp_path), "--batch-size", "4", "--steps", "2", "--save-every", "0"]
+    done = _torchrun_train(tmp_path / "ddp", *flags)
+    assert "x 2 processes (DDP)" in done.stdout
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["samples"] == 2 * 4
+    assert all(loss == loss for loss in _losses(tmp_path / "ddp"))  # finite, not NaN
+    model = ldmclip.create_model(f"local-dir:{tmp_path / 'ddp' / 'final'}")
+    assert model.visual.layer4[2].bn3.num_batches_tracked.item() == 2  # one BatchNorm update a step
