@@ -199,3 +199,29 @@ def test_links_to_folders_are_not_followed_and_a_dangling_link_is_counted(tmp_pa
     (images / "gone.png").symlink_to("nowhere.png")
     result = build(model_name, images, tmp_path / "index")
     assert result.files == 9 and result.images == 8 and result.skipped == {"missing_file": 1}
+
+
+
+def test_a_resnet_model_indexes_and_searches(tmp_path):
+    """The search index runs on a ResNet image tower as on a ViT: ``ldmclip index`` with a ResNet
+    model, each row its image's embedding, and ``SearchEngine.open`` loads and checks the ResNet."""
+    from PIL import Image
+
+    from ldmclip.models import CLIP, CLIPConfig
+    from tests.models.test_resnet import TINY_RN, randomize
+
+    torch.manual_seed(0)
+    # randomised BatchNorm statistics and gains: a fresh ResNet starts every block as the identity
+    name = f"local-dir:{randomize(CLIP(CLIPConfig.from_dict(TINY_RN))).save_pretrained(tmp_path / 'rn')}"
+    images = make_images(tmp_path / "images")
+    assert main(["index", str(images), "--model", name, "--out", str(tmp_path / "index"), "--workers", "0",
+                 "--quiet"]) == 0
+    engine = SearchEngine.open(tmp_path / "index")  # the index's model (a ResNet) is loaded and checked
+    model, transform = load(name)
+    assert engine.index.paths and all(p.endswith((".png", ".jpg")) for p in engine.index.paths)
+    with torch.no_grad():
+        for row, path in enumerate(engine.index.paths):
+            expected = model.encode_image(transform(Image.open(images / path)).unsqueeze(0), normalize=True)
+            assert torch.allclose(engine.index.embeddings[row], expected[0], atol=2e-3), path  # stored fp16
+    hit = engine.search_image(str(images / "red/1.png"), k=1)[0]
+    assert hit.score == pytest.approx(1.0, abs=1e-3)
