@@ -227,7 +227,7 @@ def test_cli_exports_transformers_and_diffusers(saved_l, clip_l, tmp_path, capsy
     (["--format", "diffusers", "--model", "ViT-Tiny-64", "--pretrained", "w"], "needs --preset"),
     (["--format", "transformers", "--preset", "sdxl", "--pretrained", "w"], "two text encoders"),
     (["--format", "transformers", "--model", "ViT-Tiny-64"], "no weights for ViT-Tiny-64"),
-    (["--format", "transformers", "--preset", "sd2", "--pretrained", "w", "--model-2", "x"], "only for --preset sdxl"),
+    (["--format", "transformers", "--preset", "sd2", "--pretrained", "w", "--model-2", "x"], "only for the two-encoder presets (--preset sdxl or sd3)"),
     (["--format", "transformers", "--pretrained", "w"], "pass --model"),
     (["--format", "transformers", "--full", "--with-projection", "--model", "local-dir:x"], "already includes"),
     (["--format", "diffusers", "--preset", "sd1", "--full", "--pretrained", "w"], "for --format transformers"),

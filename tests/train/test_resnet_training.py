@@ -142,3 +142,19 @@ def test_rn50_trains_under_2_process_ddp(tmp_path):
     assert all(loss == loss for loss in _losses(tmp_path / "ddp"))  # finite, not NaN
     model = ldmclip.create_model(f"local-dir:{tmp_path / 'ddp' / 'final'}")
     assert model.visual.layer4[2].bn3.num_batches_tracked.item() == 2  # one BatchNorm update a step
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+def test_a_resnet_under_fsdp2_follows_its_ddp_loss_curve(tmp_path):
+    """FSDP2 shards the bottlenecks' parameters but not the BatchNorm buffers: each process normalises
+    with its own batch as under DDP (without --sync-bn), so the two runs give the same losses."""
+    from tests.train.test_distributed import _torchrun_train
+
+    flags = ["--model", _tiny_rn(tmp_path), "--batch-size", "16", "--steps", "3", "--save-every", "0"]
+    _torchrun_train(tmp_path / "ddp", *flags)
+    _torchrun_train(tmp_path / "fsdp", *flags, "--fsdp")
+    ddp, fsdp = _losses(tmp_path / "ddp"), _losses(tmp_path / "fsdp")
+    assert len(ddp) == len(fsdp) == 3
+    assert fsdp == pytest.approx(ddp, rel=1e-5)
+    model = ldmclip.create_model(f"local-dir:{tmp_path / 'fsdp' / 'final'}")
+    assert model.visual.bn1.num_batches_tracked.item() == 3

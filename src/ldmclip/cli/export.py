@@ -90,7 +90,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise UserError(f"--out {out} already exists; choose a new folder or delete it first")
     two_towers = args.preset is not None and len(get_preset(args.preset).models) == 2
     if args.format == "diffusers" and args.preset is None:
-        raise UserError("--format diffusers needs --preset (sd1, sd2 or sdxl): it decides the sub-folders "
+        raise UserError(f"--format diffusers needs --preset ({', '.join(PRESETS)}): it decides the sub-folders "
                         "and the pad tokens")
     if args.format == "diffusers" and (args.full or args.with_projection):
         raise UserError("--full and --with-projection are for --format transformers; the diffusers layout "
@@ -101,7 +101,8 @@ def check_arguments(args: argparse.Namespace) -> None:
     if args.full and args.with_projection:
         raise UserError("--full already includes the projection; drop --with-projection")
     if not two_towers and (args.model_2 or args.pretrained_2):
-        raise UserError("--model-2/--pretrained-2 are only for --preset sdxl")
+        raise UserError("--model-2/--pretrained-2 are only for the two-encoder presets (--preset "
+                        f"{' or '.join(n for n, p in PRESETS.items() if len(p.models) == 2)})")
     if args.model is None and args.preset is None:
         raise UserError("pass --model (a model name, 'hf-hub:org/repo' or 'local-dir:/path') or --preset")
     pairs = [(args.model, args.pretrained, "--model", "--pretrained")]
