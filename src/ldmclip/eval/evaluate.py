@@ -223,7 +223,18 @@ def _encode_table(model, tokenizer, source: RetrievalSource, batch_size, device,
     """Unique images once each, then the captions of the images that could be read."""
     loader = _loader(source.images, None, batch_size, workers, 0, device)
     index = {path: i for i, path in enumerate(source.images.paths)}
-    features, good = [], []
+    good: list[int] = []
+    features = _encode_images(model, loader, source, device, autocast, progress, stats,
+                              lambda batch: good.extend(index[key] for key in batch.keys))
+    return _encode_captions_of(model, tokenizer, features, [source.captions[i] for i in good],
+                               batch_size, device, autocast, progress, stats, caption_skips)
+
+
+def _encode_images(model, loader, source: RetrievalSource, device, autocast, progress, stats: SampleStats,
+                   on_batch) -> torch.Tensor:
+    """The unit image features of every readable image of ``loader``; ``on_batch(batch)`` sees each
+    non-empty batch (to note which images, and which captions, the rows are)."""
+    features = []
     bar = _progress(source.size, "images", progress)
     for batch in loader:
         stats.update(batch)
@@ -231,12 +242,11 @@ def _encode_table(model, tokenizer, source: RetrievalSource, batch_size, device,
         if len(batch):
             with autocast():
                 features.append(model.encode_image(batch.images.to(device), normalize=True).float())
-            good += [index[key] for key in batch.keys]
+            on_batch(batch)
     bar.close()
     if not features:
         raise ValueError(f"{source.description}: no readable image ({stats.summary()})")
-    return _encode_captions_of(model, tokenizer, torch.cat(features), [source.captions[i] for i in good],
-                               batch_size, device, autocast, progress, stats, caption_skips)
+    return torch.cat(features)
 
 
 def _encode_captions_of(model, tokenizer, image_features: torch.Tensor, captions_of: list[list[str]], batch_size,
@@ -266,19 +276,10 @@ def _encode_caption_lines(model, tokenizer, source: RetrievalSource, batch_size,
     """One image per sample and each line of its text one caption of it (CLIP_benchmark's retrieval
     shards, split as its reader does: ``str.splitlines``)."""
     loader = _loader(source.pairs, None, batch_size, workers, source.shards, device)
-    features, captions_of = [], []
-    bar = _progress(source.size, "images", progress)
-    for batch in loader:
-        stats.update(batch)
-        bar.update(len(batch) + sum(batch.skipped.values()))
-        if len(batch):
-            with autocast():
-                features.append(model.encode_image(batch.images.to(device), normalize=True).float())
-            captions_of += [text.splitlines() for text in batch.captions]
-    bar.close()
-    if not features:
-        raise ValueError(f"{source.description}: no readable image ({stats.summary()})")
-    return _encode_captions_of(model, tokenizer, torch.cat(features), captions_of, batch_size, device, autocast,
+    captions_of: list[list[str]] = []
+    features = _encode_images(model, loader, source, device, autocast, progress, stats,
+                              lambda batch: captions_of.extend(text.splitlines() for text in batch.captions))
+    return _encode_captions_of(model, tokenizer, features, captions_of, batch_size, device, autocast,
                                progress, stats, caption_skips)
 
 
