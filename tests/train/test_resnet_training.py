@@ -107,20 +107,28 @@ def test_rn50_trains_a_few_steps_and_the_loss_falls(tmp_path):
     assert len(losses) == 4 and losses[-1] < losses[0], losses
 
 
+def _train_under_ddp(tmp_path, model: str, batch_size: int, steps: int):
+    """``ldmclip train`` of ``model`` in 2 DDP processes; checks the run's size and that its losses are
+    finite, and returns its flags and its final model."""
+    from tests.train.test_distributed import _torchrun_train
+
+    flags = ["--model", model, "--batch-size", str(batch_size), "--steps", str(steps), "--save-every", "0"]
+    done = _torchrun_train(tmp_path / "ddp", *flags)
+    assert "x 2 processes (DDP)" in done.stdout
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["samples"] == steps * batch_size
+    assert all(loss == loss for loss in _losses(tmp_path / "ddp"))  # finite, not NaN
+    return flags, ldmclip.create_model(f"local-dir:{tmp_path / 'ddp' / 'final'}")
+
+
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
 def test_a_resnet_trains_under_2_process_ddp_and_sync_bn_on_cpu_is_refused(tmp_path):
     import subprocess
 
-    from tests.train.test_distributed import _env, _torchrun_command, _torchrun_train
+    from tests.train.test_distributed import _env, _torchrun_command
 
     # each process normalises with its own batch's statistics (OpenCLIP's default), as documented
-    flags = ["--model", _tiny_rn(tmp_path), "--batch-size", "16", "--steps", "3", "--save-every", "0"]
-    done = _torchrun_train(tmp_path / "ddp", *flags)
-    assert "x 2 processes (DDP)" in done.stdout
-    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["samples"] == 3 * 16
-    assert all(loss == loss for loss in _losses(tmp_path / "ddp"))  # finite, not NaN
-    model = ldmclip.create_model(f"local-dir:{tmp_path / 'ddp' / 'final'}")
+    flags, model = _train_under_ddp(tmp_path, _tiny_rn(tmp_path), batch_size=16, steps=3)
     assert model.visual.bn1.num_batches_tracked.item() == 3  # rank 0's statistics, one update a step
     command = _torchrun_command("-m", "ldmclip", "train", "--precision", "fp32", "--workers", "0", "--progress", "no",
                                 "--out", str(tmp_path / "sync"), *flags, "--sync-bn")
@@ -132,15 +140,7 @@ def test_a_resnet_trains_under_2_process_ddp_and_sync_bn_on_cpu_is_refused(tmp_p
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
 def test_rn50_trains_under_2_process_ddp(tmp_path):
-    from tests.train.test_distributed import _torchrun_train
-
-    flags = ["--model", _rn50_at_32px(tmp_path), "--batch-size", "4", "--steps", "2", "--save-every", "0"]
-    done = _torchrun_train(tmp_path / "ddp", *flags)
-    assert "x 2 processes (DDP)" in done.stdout
-    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["samples"] == 2 * 4
-    assert all(loss == loss for loss in _losses(tmp_path / "ddp"))  # finite, not NaN
-    model = ldmclip.create_model(f"local-dir:{tmp_path / 'ddp' / 'final'}")
+    _, model = _train_under_ddp(tmp_path, _rn50_at_32px(tmp_path), batch_size=4, steps=2)
     assert model.visual.layer4[2].bn3.num_batches_tracked.item() == 2  # one BatchNorm update a step
 
 
