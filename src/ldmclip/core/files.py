@@ -96,13 +96,18 @@ def write_json_atomic(path: str | os.PathLike, data: Mapping[str, Any], *, sort_
 
 def write_parquet_atomic(path: str | os.PathLike, table: Any) -> None:
     """Write a ``pyarrow.Table`` as a parquet file, atomically. pyarrow is imported here, not at the top:
-    it is an optional dependency (the ``parquet`` extra). The same table gives the same bytes on rerun."""
+    it is an optional dependency (the ``parquet`` extra). The same table gives the same bytes on rerun.
+    Written through a Python file object (as ``save_torch``), so that a full disk is a :class:`DiskFullError`."""
     try:
         import pyarrow.parquet as pq
     except ImportError as error:  # pragma: no cover - pyarrow ships with the parquet and test extras
         raise ImportError("writing parquet files needs pyarrow: pip install pyarrow") from error
 
-    atomic_write(path, lambda temp: pq.write_table(table, temp))
+    def write(temp: Path) -> None:
+        with open(temp, "wb") as f:
+            pq.write_table(table, f)
+
+    atomic_write(path, write)
 
 
 def save_torch(path: str | os.PathLike, obj: Any) -> None:
