@@ -305,3 +305,19 @@ def test_flickr8k_planted_copies_are_found_and_nothing_else(flickr8k, tmp_path):
     expected = sorted(sorted({keys[source], f"copy{copy:02d}"}) for copy, source in enumerate(sources))
     assert found == expected
     assert result.not_kept == 10 and result.groups == 10
+
+
+def test_embed_reuses_the_options_as_dedup_threshold(folder, capsys):
+    """``ldmclip embed --dedup THRESHOLD`` adds the same options under its own flag and calls run_dedup."""
+    import argparse
+
+    from ldmclip.cli.dedup import add_dedup_options, run_dedup
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quiet", action="store_true")
+    add_dedup_options(parser, threshold_flag="--dedup", required=False)
+    assert parser.parse_args([]).dedup_threshold is None  # embed without --dedup: no dedup step
+    args = parser.parse_args(["--dedup", str(THRESHOLD), "--keep-by", "aesthetic", "--quiet"])
+    summary = run_dedup(args, folder, command="embed")
+    assert summary["not_kept"] == 4 and summary["keep_by"] == "aesthetic"
+    assert capsys.readouterr().out.startswith("ldmclip embed: 3 group(s)")
