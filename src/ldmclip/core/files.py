@@ -16,7 +16,8 @@ import torch
 from .errors import DiskFullError
 
 __all__ = ["temp_name", "atomic_write", "write_json_atomic", "save_torch", "fsync_dir", "write_safetensors",
-           "safetensors_dtype", "tensors_sha256", "is_disk_full", "DiskFullError", "human_bytes"]
+           "safetensors_dtype", "tensors_sha256", "is_disk_full", "DiskFullError", "human_bytes",
+           "write_parquet_atomic"]
 
 _DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
@@ -89,6 +90,22 @@ def write_json_atomic(path: str | os.PathLike, data: Mapping[str, Any], *, sort_
     def write(temp: Path) -> None:
         with open(temp, "w", encoding="utf-8") as f:
             f.write(text)
+
+    atomic_write(path, write)
+
+
+def write_parquet_atomic(path: str | os.PathLike, table: Any) -> None:
+    """Write a ``pyarrow.Table`` as a parquet file, atomically. pyarrow is imported here, not at the top:
+    it is an optional dependency (the ``parquet`` extra). The same table gives the same bytes on rerun.
+    Written through a Python file object (as ``save_torch``), so that a full disk is a :class:`DiskFullError`."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as error:  # pragma: no cover - pyarrow ships with the parquet and test extras
+        raise ImportError("writing parquet files needs pyarrow: pip install pyarrow") from error
+
+    def write(temp: Path) -> None:
+        with open(temp, "wb") as f:
+            pq.write_table(table, f)
 
     atomic_write(path, write)
 

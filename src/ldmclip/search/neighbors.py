@@ -11,7 +11,6 @@ queries every time it is built, and reported.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 from dataclasses import dataclass
@@ -20,6 +19,8 @@ from typing import Protocol
 
 import numpy as np
 import torch
+
+from ..core.ann import faiss_available
 
 __all__ = ["ExactSearch", "HnswSearch", "Searcher", "SearchMode", "make_searcher", "recall_at_k",
            "measure_recall", "faiss_available", "DEFAULT_ANN_THRESHOLD"]
@@ -34,10 +35,6 @@ class Searcher(Protocol):
     note: str          # one line for people: what is used and why, with the measured recall
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-
-def faiss_available() -> bool:
-    return importlib.util.find_spec("faiss") is not None
 
 
 class ExactSearch:
