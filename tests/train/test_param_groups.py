@@ -109,7 +109,7 @@ def test_layer_decay_follows_the_formula_for_every_block_of_both_towers(tmp_path
     names = [g.name for g in groups]
     assert "image.embed.no_wd" in names and "image.block2" in names and "text.head" in names
     table = format_param_groups(groups)
-    assert "image.block0" in table and f"{LR * 0.75 ** 3:.3g}" in table
+    assert "image.block0" in table and f"{LR * 0.75 ** 3:.2e}" in table
 
 
 def test_param_groups_file_first_match_wins(tmp_path):

@@ -301,7 +301,7 @@ def format_param_groups(groups: list[ParamGroup]) -> str:
              f"  {'group':<{width}}  {'tensors':>7}  {'params':>10}  {'lr':>9}  {'wd':>6}"]
     for label, (tensors, params, lr, wds) in rows.items():
         wd = "/".join(f"{w:g}" for w in sorted(wds)) if wds else "0"
-        lines.append(f"  {label:<{width}}  {tensors:>7}  {params:>10,}  {lr:>9.3g}  {wd:>6}")
+        lines.append(f"  {label:<{width}}  {tensors:>7}  {params:>10,}  {lr:>9.2e}  {wd:>6}")
     return "\n".join(lines)
 
 
