@@ -296,6 +296,8 @@ def format_param_groups(groups: list[ParamGroup]) -> str:
         row[1] += group.num_params
         if not group.name.endswith(".no_wd"):
             row[3].add(group.weight_decay)
+    towers = list(dict.fromkeys(label.split(".")[0] for label in rows))
+    rows = dict(sorted(rows.items(), key=lambda item: (towers.index(item[0].split(".")[0]), _layer_rank(item[0]))))
     width = max(len("group"), *(len(label) for label in rows))
     lines = [f"parameter groups: {len(groups)} (gains, biases, embeddings, logit_scale: no weight decay)",
              f"  {'group':<{width}}  {'tensors':>7}  {'params':>10}  {'lr':>9}  {'wd':>6}"]
@@ -303,6 +305,16 @@ def format_param_groups(groups: list[ParamGroup]) -> str:
         wd = "/".join(f"{w:g}" for w in sorted(wds)) if wds else "0"
         lines.append(f"  {label:<{width}}  {tensors:>7}  {params:>10,}  {lr:>9.2e}  {wd:>6}")
     return "\n".join(lines)
+
+
+def _layer_rank(label: str) -> int:
+    """Where a group's layer sits in its tower (embeddings first, head last), for the table's order."""
+    parts = label.split(".")
+    layer = parts[1] if len(parts) > 1 else ""
+    if layer == "head":
+        return 1 << 30
+    number = re.search(r"\d+$", layer)
+    return int(number.group()) + 1 if number and layer.startswith(("block", "stage")) else 0
 
 
 def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
