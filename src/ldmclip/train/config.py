@@ -70,6 +70,28 @@ class TrainConfig:
     compile: bool = _opt(False, "torch.compile the model")
     lock_image: bool = _opt(False, "freeze the image tower (LiT)")
     lock_text: bool = _opt(False, "freeze the text tower")
+    # parameter groups (train/param_groups.py): per-tower lr, layer-wise lr decay, partial unlocking
+    lr_image: float | None = _opt(None, "peak learning rate of the image tower (default: --lr)")
+    lr_text: float | None = _opt(None, "peak learning rate of the text tower (default: --lr)")
+    layer_decay: float | None = _opt(None, "layer-wise lr decay D (e.g. 0.75; BEiT/MAE): in each tower, block k of L "
+                                           "trains at lr x D^(L-k), the embeddings at lr x D^(L+1), the final "
+                                           "LayerNorm and projection (and logit_scale) at lr; default: off")
+    param_groups: str | None = _opt(None, "YAML or JSON file: a list of rules, the first whose pattern matches a "
+                                          "parameter's name wins, e.g. [{pattern: 'visual.*', lr_scale: 0.1}, "
+                                          "{regex: 'resblocks\\.(0|1)\\.', lr: 1e-5, wd: 0}]. 'pattern' is a glob "
+                                          "over names such as visual.transformer.resblocks.0.attn.in_proj_weight, "
+                                          "'regex' a Python regular expression searched in the name; 'lr' / 'wd' "
+                                          "set the value outright, 'lr_scale' multiplies the tower's lr (after "
+                                          "--layer-decay), 'wd_scale' multiplies --wd (gains, biases, embeddings "
+                                          "and logit_scale never decay)")
+    lock_image_unlocked_groups: int = _opt(0, "with --lock-image (implied when above 0): leave the last N groups "
+                                              "of the image tower trainable, as OpenCLIP's option of that name "
+                                              "(ViT groups, last first: the projection, the last block with "
+                                              "ln_post, each block before it, the embeddings)")
+    lock_text_unlocked_layers: int = _opt(0, "with --lock-text (implied when above 0): leave the last N groups of "
+                                             "the text tower trainable, as OpenCLIP's option of that name (last "
+                                             "first: text_projection, the last block with ln_final, each block "
+                                             "before it, the embeddings)")
     patch_dropout: float = _opt(0.0, "fraction of image patches dropped during training (FLIP)")
     device: str = _opt("auto", "'auto' (cuda if available; cuda:LOCAL_RANK under torchrun/srun), 'cpu' or 'cuda[:N]'")
     # several processes (launched by torchrun or srun; see README "Training on many GPUs")
@@ -143,8 +165,10 @@ _RANGES: dict[str, str] = {
     "warmup": "[0,", "grad_clip": "[0,", "tile_size": "[1,", "patch_dropout": "[0, 1)", "dist_timeout": "(0,",
     "save_every": "[0,", "keep_checkpoints": "[0,", "eval_every": "[0,", "log_every": "[1,",
     "max_bad_fraction": "[0, 1]", "max_nonfinite_steps": "[1,",
+    "lr_image": "[0,", "lr_text": "[0,", "layer_decay": "(0, 1]", "lock_image_unlocked_groups": "[0,",
+    "lock_text_unlocked_layers": "[0,",
 }
-_OPTIONAL = frozenset({"steps", "epochs", "grad_clip", "tile_size"})  # None: the default / off
+_OPTIONAL = frozenset({"steps", "epochs", "grad_clip", "tile_size", "lr_image", "lr_text", "layer_decay"})  # None: default / off
 _HINTS = {"steps": " (leave it out for the default)", "epochs": " (leave it out to give --steps instead)"}
 
 

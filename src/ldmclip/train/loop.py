@@ -42,8 +42,9 @@ from .config import TrainConfig
 from .data import DataPosition, MapStyleData, StreamData, Validation, build_train_data, build_validation
 from .metrics import MetricsLog, plot_training_curves
 from .optim import build_optimizer, build_scheduler
+from .param_groups import ParamGroup, build_param_groups, format_param_groups, optimizer_groups
 from .parallelize import (apply_activation_checkpointing, apply_compile, apply_ddp, apply_fsdp, apply_sync_batchnorm,
-                          clip_gradients, is_fsdp, lock_text_tower, lock_tower, unwrap)
+                          clip_gradients, frozen_towers, is_fsdp, lock_towers, unwrap)
 from .step import contrastive_step
 
 
@@ -169,6 +170,7 @@ class Run:
     log: MetricsLog | None         # rank 0 only
     val_metrics: dict[str, float] = field(default_factory=dict)
     interrupted: bool = False
+    param_groups: list[ParamGroup] = field(default_factory=list)  # what the optimizer's groups are
 
     @property
     def device(self) -> torch.device:
@@ -261,14 +263,19 @@ def _set_up(cfg: TrainConfig, info: distributed.DistInfo, output: Path) -> Run:
 
     # ---- loss (over the global batch), optimizer, schedule, checkpoints
     loss_fn = losses.build_loss(cfg.loss, tile_size=cfg.tile_size, rank=info.rank, world_size=info.world_size)
-    optimizer = build_optimizer(clip_model, cfg.lr, cfg.wd, (cfg.beta1, cfg.beta2), cfg.eps)
+    # (built from the CLIP module's own names: DDP's and compile's prefixes play no part)
+    param_groups = build_param_groups(clip_model, cfg)
+    optimizer = build_optimizer(clip_model, cfg.lr, cfg.wd, (cfg.beta1, cfg.beta2), cfg.eps,
+                                groups=optimizer_groups(clip_model, param_groups))
     scheduler = build_scheduler(optimizer, cfg.warmup, total_steps)
     scaler = torch.amp.GradScaler(info.device.type, enabled=precision == "amp_fp16")
     checkpointer = Checkpointer(output / "checkpoints", model, optimizer, cfg.keep_checkpoints, info)
     run = Run(cfg, info, output, model, clip_model, precision, train_data, validation, total_steps, loss_fn,
-              optimizer, scheduler, scaler, checkpointer, Progress(), log=None)
+              optimizer, scheduler, scaler, checkpointer, Progress(), log=None, param_groups=param_groups)
     if main:
         print(_start_banner(run))
+        print(format_param_groups(param_groups))
+        write_json_atomic(output / "config.json", {**cfg.to_dict(), "param_groups": _group_dicts(param_groups)})
     _resume(run)
     run.log = MetricsLog(output) if main else None
     return run
@@ -283,10 +290,7 @@ def _build_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
             model.logit_scale.fill_(losses.SIGLIP_INIT_LOGIT_SCALE)
         model.logit_bias = torch.nn.Parameter(torch.tensor(losses.SIGLIP_INIT_LOGIT_BIAS, device=device))
         model.config.init_logit_bias = losses.SIGLIP_INIT_LOGIT_BIAS
-    if cfg.lock_image:
-        lock_tower(model.visual)
-    if cfg.lock_text:
-        lock_text_tower(model)
+    lock_towers(model, cfg.lock_image, cfg.lock_text, cfg.lock_image_unlocked_groups, cfg.lock_text_unlocked_layers)
     if cfg.grad_checkpointing:
         apply_activation_checkpointing(model)
     if cfg.compile:
@@ -319,10 +323,18 @@ def _millions(count: int) -> str:
 def _resume(run: Run) -> None:
     """Load the checkpoint ``--resume`` names (a .pt file, or a sharded folder written by an FSDP2
     run on any number of processes), if there is one."""
-    found = run.checkpointer.resume(run.cfg.resume)  # 'latest': the newest that can be read
+    try:
+        found = run.checkpointer.resume(run.cfg.resume)  # 'latest': the newest that can be read
+    except ValueError as error:  # torch's words for an optimizer state of other groups
+        if "parameter group" not in str(error):
+            raise
+        raise TrainingError(f"--resume: the checkpoint's optimizer has other parameter groups than this run "
+                            f"({error}); resume with the --lr-image, --lr-text, --layer-decay, --param-groups "
+                            f"and --lock-* options the run was started with") from error
     if found is None:
         return
     path, saved = found
+    _check_resumed_groups(run, saved.get("param_groups"))
     run.scheduler.load_state_dict(saved["scheduler"])
     run.scaler.load_state_dict(saved["scaler"])
     run.progress = Progress.from_dict(saved["progress"])
@@ -337,8 +349,29 @@ def _save(run: Run) -> Path:
     rngs = distributed.gather_objects(info, rng_state())  # every rank's, on rank 0
     trainer = {"scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
                "rng": rngs[0] if info.is_main else None, "rng_per_rank": rngs, "progress": run.progress.to_dict(),
-               "config": run.cfg.to_dict(), "world_size": info.world_size}
+               "config": run.cfg.to_dict(), "world_size": info.world_size,
+               "param_groups": _group_dicts(run.param_groups)}
     return run.checkpointer.save(run.progress.step, trainer)
+
+
+def _group_dicts(groups: list[ParamGroup]) -> list[dict[str, Any]]:
+    return [group.to_dict() for group in groups]
+
+
+def _check_resumed_groups(run: Run, saved: list[dict[str, Any]] | None) -> None:
+    """The checkpoint's parameter groups must be this run's (a checkpoint of an older ldmclip has none
+    stored); the saved lrs and weight decays are the ones that go on (the optimizer state holds them)."""
+    if saved is None:
+        return
+    shape = [(g["name"], g["tensors"], g["params"]) for g in saved]
+    if shape != [(g.name, len(g.param_names), g.num_params) for g in run.param_groups]:
+        raise TrainingError(f"--resume: the checkpoint was trained with other parameter groups "
+                            f"({', '.join(g['name'] for g in saved)}); resume with the --lr-image, --lr-text, "
+                            f"--layer-decay, --param-groups and --lock-* options the run was started with")
+    if run.info.is_main and [(g["lr"], g["weight_decay"]) for g in saved] != \
+            [(g.lr, g.weight_decay) for g in run.param_groups]:
+        print("--resume: the learning rates and weight decays the checkpoint was trained with go on "
+              "(the ones given now differ and are ignored)")
 
 
 def _loop(run: Run) -> None:
@@ -346,6 +379,7 @@ def _loop(run: Run) -> None:
     checkpointing on the way."""
     cfg, info, progress, main = run.cfg, run.info, run.progress, run.info.is_main
     bar = _progress_bar(cfg, run.total_steps, progress.step) if main else None
+    image_frozen, text_frozen = frozen_towers(run.clip_model)  # (no gradient into a frozen tower's features)
     window_start, window_samples = time.perf_counter(), 0
     with StopRequest() as stop, _closing(bar):
         run.model.train()
@@ -373,7 +407,7 @@ def _loop(run: Run) -> None:
                 continue  # a batch with no (or one) readable sample has no contrastive signal
 
             loss = contrastive_step(run.model, run.loss_fn, batch.images[:n], batch.tokens[:n], run.precision,
-                                    cfg.accum, cfg.lock_image, cfg.lock_text)
+                                    cfg.accum, image_frozen, text_frozen)
             loss = distributed.mean_over_ranks(info, loss)  # the global loss; NaN anywhere is NaN everywhere
             if not torch.isfinite(loss):
                 _skip_nonfinite_step(run.optimizer, progress, cfg)

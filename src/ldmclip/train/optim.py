@@ -28,8 +28,12 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
-                    eps: float) -> torch.optim.AdamW:
-    groups = [g for g in parameter_groups(model, weight_decay) if g["params"]]
+                    eps: float, groups: list[dict] | None = None) -> torch.optim.AdamW:
+    """AdamW over ``groups`` (``torch.optim`` parameter-group dicts, each with its own ``lr`` and
+    ``weight_decay``: ``param_groups.optimizer_groups``), by default the two of :func:`parameter_groups`."""
+    if groups is None:
+        groups = parameter_groups(model, weight_decay)
+    groups = [g for g in groups if g["params"]]
     if not groups:
         raise ValueError("nothing to train: every parameter is frozen (did you lock both towers?)")
     # The fused kernel (one pass over all parameters) exists for CPU and CUDA tensors; it is several

@@ -19,6 +19,7 @@ from torch import nn
 from ..core.errors import UserError
 from ..models.layers import ResidualAttentionBlock, Transformer, keep_in_eval_mode
 from ..models.resnet import Bottleneck, ModifiedResNet
+from ..models.text import is_text_key
 
 
 def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
@@ -63,6 +64,30 @@ def lock_text_tower(model: nn.Module) -> None:
     for name, child in model.named_children():
         if name != "visual":
             keep_in_eval_mode(child)
+
+
+def lock_towers(model: nn.Module, lock_image: bool = False, lock_text: bool = False, image_unlocked_groups: int = 0,
+                text_unlocked_layers: int = 0) -> None:
+    """``--lock-image`` / ``--lock-text`` with OpenCLIP's partial unlocking: a tower locked whole runs in
+    eval mode (:func:`lock_tower`, :func:`lock_text_tower`); with N unlocked groups (which implies the
+    lock) only ``requires_grad`` changes, through the model's own ``lock_image_tower(unlocked_groups)`` /
+    ``lock_text_tower(unlocked_layers)``, as OpenCLIP 3.3.0's trainer calls them."""
+    if image_unlocked_groups > 0:
+        model.lock_image_tower(unlocked_groups=image_unlocked_groups)
+    elif lock_image:
+        lock_tower(model.visual)
+    if text_unlocked_layers > 0:
+        model.lock_text_tower(unlocked_layers=text_unlocked_layers)
+    elif lock_text:
+        lock_text_tower(model)
+
+
+def frozen_towers(model: nn.Module) -> tuple[bool, bool]:
+    """(image tower frozen, text tower frozen): whether no parameter of the tower trains, so that the
+    step need not back-propagate into its features."""
+    image = not any(p.requires_grad for p in model.visual.parameters())
+    text = not any(p.requires_grad for n, p in model.named_parameters() if is_text_key(n))
+    return image, text
 
 
 def apply_compile(model: nn.Module) -> nn.Module:
