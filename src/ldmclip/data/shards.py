@@ -59,7 +59,7 @@ from .samples import (REASON_DUPLICATE_KEY, REASON_SHARD_ERROR, REASON_SHARD_UNR
                       Sample, SampleStats, clear_pending, exit_if_orphaned, exit_with_parent, has_pending, load_sample,
                       record_bad)
 
-__all__ = ["ShardDataset", "ShardStallError", "make_shard_pipeline", "expand_urls", "dataset_size",
+__all__ = ["ShardDataset", "ShardStallError", "ShardMembers", "make_shard_pipeline", "expand_urls", "dataset_size",
            "exit_with_parent", "IMAGE_EXTENSIONS", "STALL_ATTEMPTS", "STALL_SECONDS"]
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -70,6 +70,9 @@ STALL_ATTEMPTS = 100
 STALL_SECONDS = 300.0
 _STALL_EXAMPLES = 5  # shards named in the message
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")  # pipe:, http:, s3:, ... (2+ letters: not a drive letter)
+# The raw sample entry of every member in member order, when all members are listed (ShardMembers): upper
+# case, so no member suffix (lower-cased by _split_name) can be the same name.
+_MEMBERS = "__MEMBERS__"
 
 
 class ShardStallError(UserError):
@@ -244,7 +247,11 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self._node = (int(rank), int(world_size)) if rank is not None else None
         self.image_extensions = tuple(e.lower().lstrip(".") for e in image_extensions)
         self.caption_extension = caption_extension.lower().lstrip(".")
-        self._wanted = frozenset(self.image_extensions + (self.caption_extension,))
+        # The members whose bytes are read (None: every member); _list_members: raw samples also list every
+        # member as written, in order (ShardMembers).
+        self._wanted: frozenset[str] | None = frozenset(self.image_extensions + (self.caption_extension,))
+        self._list_members = False
+        self.cut_key: str | None = None  # the sample a truncated shard cut off (where members are listed)
         self.fast_decode = fast_decode
         self.stall_attempts, self.stall_seconds = max(1, int(stall_attempts)), float(stall_seconds)
         self.shard_problem: str | None = None  # what went wrong with the last shard read (None: nothing)
@@ -314,6 +321,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         from webdataset.gopen import gopen
 
         self.shard_problem = _local_problem(url)
+        self.cut_key = None
         if self.shard_problem is not None:  # a FIFO would block open() forever: only regular files
             record_bad(REASON_SHARD_UNREADABLE, self.stats, url, self.shard_problem)
             return
@@ -340,11 +348,13 @@ class ShardDataset(torch.utils.data.IterableDataset):
                         if current is not None and self._first_of_key(current, keys):
                             yield current
                         current = {"__key__": key, "__url__": url}
-                    if ext in self._wanted:
+                    if self._wanted is None or ext in self._wanted:
                         member = tar.extractfile(info)
                         current[ext] = member.read() if member is not None else None
                     else:
                         current[ext] = None
+                    if self._list_members:  # the suffix as written (not lower-cased), in member order
+                        current.setdefault(_MEMBERS, []).append((info.name[len(key) + 1:], current[ext]))
             if current is not None and self._first_of_key(current, keys):
                 yield current
             current = None
@@ -359,8 +369,11 @@ class ShardDataset(torch.utils.data.IterableDataset):
             raise
         finally:
             self._close(stream, url, abandoned)
-        # A sample interrupted by the error is kept only if its image and caption were read in full.
-        if current is not None and self._complete(current) and self._first_of_key(current, keys):
+        # A sample interrupted by the error is kept only if its image and caption were read in full; where
+        # every member is listed, it is never kept (its other members may be missing): cut_key names it.
+        if current is not None and self._list_members:
+            self.cut_key = current["__key__"]
+        elif current is not None and self._complete(current) and self._first_of_key(current, keys):
             yield current
 
     def _close(self, stream: Any, url: str, abandoned: bool) -> None:
@@ -433,6 +446,40 @@ class ShardDataset(torch.utils.data.IterableDataset):
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(shards={len(self.urls)}, shuffle_buffer={self.shuffle_buffer}, "
                 f"resampled={self.resampled}, seed={self.seed}, epoch={self.epoch})")
+
+
+class ShardMembers:
+    """Every sample of one shard with all its members, in the order they are stored: iterating yields
+    ``(key, [(suffix, data), ...])`` where ``suffix`` is the member's name after the key as written
+    (``"jpg"``, ``"JSON"``, ``"seg.png"``) and ``data`` its bytes (``None`` with ``read=False``, which only
+    lists the members: e.g. a first pass that needs the keys).
+
+    It is :class:`ShardDataset`'s reader, so bad data is handled the same way: problems are counted in
+    ``stats`` by reason, a key seen before in the shard is counted (``duplicate_key``) and skipped, and a
+    truncated shard yields the complete samples before the cut. After the iteration, ``problem`` says what
+    went wrong with the shard (``None``: nothing) and ``cut_key`` names the sample the cut interrupted,
+    which is never yielded (members after the cut may belong to it)."""
+
+    def __init__(self, url: str, stats: SampleStats | None = None, *, read: bool = True) -> None:
+        self.url = url
+        self._reader = ShardDataset([url], shuffle_buffer=0, split_by_node=False, image_extensions=())
+        self._reader._wanted = None if read else frozenset()
+        self._reader._list_members = True
+        if stats is not None:
+            self._reader.stats = stats
+        self.problem: str | None = None
+        self.cut_key: str | None = None
+
+    @property
+    def stats(self) -> SampleStats:
+        return self._reader.stats
+
+    def __iter__(self) -> Iterator[tuple[str, list[tuple[str, bytes | None]]]]:
+        try:
+            for raw in self._reader._read_shard(self.url):
+                yield raw["__key__"], raw[_MEMBERS]
+        finally:
+            self.problem, self.cut_key = self._reader.shard_problem, self._reader.cut_key
 
 
 def _local_problem(url: str) -> str | None:

@@ -183,26 +183,45 @@ def _format_key(key: Any, counter: int) -> str:
     return key
 
 
-def _write_shard(temp: Path, *, first: tuple[str, dict[str, bytes]], rest: Iterator[tuple[str, dict[str, bytes]]],
-                 limit: int, name: str, counts: dict[str, int]) -> None:
+def _write_shard(temp: Path, *, first: tuple[str, Any], rest: Iterator[tuple[str, Any]],
+                 limit: int, name: str, counts: dict[str, int], mtime: int | None = None) -> None:
     """Write ``first`` and up to ``limit - 1`` more samples of ``rest`` as the tar file ``temp`` of the
-    shard ``name``; ``counts[name]`` is then its number of samples."""
+    shard ``name``; ``counts[name]`` is then its number of samples.
+
+    A sample's members are a dict ``{suffix: bytes}`` (written in webdataset's order: sorted) or a list
+    ``[(suffix, bytes), ...]`` (written in that order: a copy of another shard's sample). ``mtime`` (the
+    members' time stamp; default now) set to a constant makes the bytes depend only on the samples."""
     from webdataset import TarWriter
 
     keys: set[str] = set()
     with open(temp, "wb") as f:
         # An integer mtime keeps the headers plain USTAR: a fractional one makes tarfile add a PAX
         # header to every member, which costs readers a second header parse per member.
-        tar = TarWriter(f, encoder=False, mtime=int(time.time()))
+        tar = TarWriter(f, encoder=False, mtime=int(time.time()) if mtime is None else int(mtime))
         try:
             for key, members in itertools.chain([first], itertools.islice(rest, limit - 1)):
                 if key in keys:
                     raise ValueError(f"duplicate sample key {key!r} in shard {name}")
                 keys.add(key)
-                tar.write({"__key__": key, **members})
+                if isinstance(members, dict):
+                    tar.write({"__key__": key, **members})
+                else:
+                    _write_in_order(tar, key, members)
         finally:
             tar.close()  # also on an error: the doomed temporary is then removed by atomic_write
     counts[name] = len(keys)
+
+
+def _write_in_order(tar: Any, key: str, members: Sequence[tuple[str, bytes]]) -> None:
+    """One sample's members in the given order, with the headers ``TarWriter.write`` gives them (which
+    sorts the members)."""
+    import tarfile
+
+    for suffix, data in members:
+        info = tarfile.TarInfo(f"{key}.{suffix}")
+        info.size, info.mtime, info.mode = len(data), tar.mtime, tar.mode
+        info.uname, info.gname = tar.user, tar.group
+        tar.tarstream.addfile(info, io.BytesIO(data))
 
 
 def _update_sizes(out_dir: Path, sizes: dict[str, int]) -> None:
