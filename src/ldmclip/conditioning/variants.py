@@ -272,3 +272,46 @@ def plan_variant_records(records: Iterable[tuple[str, dict[str, Any]]], names: S
               "variants": {name: {"keys": c["keys"], "skipped": dict(sorted(c["skipped"].items()))}
                            for name, c in per_variant.items()}}
     return VariantPlan(keys, rows, list(unique), counts, variant_rows)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading: which row each (key, variant) points to
+# ----------------------------------------------------------------------------------------------------
+
+class VariantIndex(dict):
+    """The reader's key index: ``key -> (shard number, row)`` of the row ``cache[key]`` reads.
+
+    A ``(key, variant name)`` pair resolves too, through ``__missing__``, to that variant's
+    ``(shard number, row)``, so that the reader reads a variant through its one ``__getitem__`` (whatever
+    that does with a stored row) while ``len``, iteration and ``in`` see only the keys (dict's own
+    ``__contains__`` and ``__iter__`` never call ``__missing__``). A cache made without variants has one,
+    :data:`DEFAULT_VARIANT`."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        super().__init__()
+        self.names: list[str] = list(names) or [DEFAULT_VARIANT]
+        self.rows: dict[str, tuple[int | None, ...]] = {}  # per key, a row per name (caches with variants)
+
+    def add_variants(self, number: int, meta: dict[str, Any]) -> None:
+        """Record the variant rows of shard ``number`` for the keys this shard resolves (the first shard of a
+        duplicate key wins, as for ``rows``)."""
+        by_name = meta.get("variants")
+        if not by_name:
+            return
+        columns = [by_name.get(name) or [None] * len(meta["keys"]) for name in self.names]
+        for position, key in enumerate(meta["keys"]):
+            if dict.get(self, key, (None,))[0] == number:
+                self.rows[key] = tuple(None if c[position] is None else int(c[position]) for c in columns)
+
+    def rows_of(self, key: str) -> tuple[int | None, ...]:
+        """The row of each variant of ``key`` (None: absent); ``KeyError`` for an unknown key."""
+        number, row = dict.__getitem__(self, key)
+        return self.rows.get(key, (row,) + (None,) * (len(self.names) - 1))
+
+    def __missing__(self, item: Any) -> tuple[int, int]:
+        if isinstance(item, tuple) and len(item) == 2 and item[1] in self.names:
+            key, name = item
+            row = self.rows_of(key)[self.names.index(name)]
+            if row is not None:
+                return dict.__getitem__(self, key)[0], row
+        raise KeyError(item)
