@@ -82,8 +82,8 @@ from ..core.launch import process_rank
 from ..core.precision import DTYPES
 from ..data.samples import REASON_DUPLICATE_KEY, REASON_SHARD_ERROR, REASON_SHARD_UNREADABLE, REASON_TRUNCATED_SHARD
 from ..data.store import ChunkStore, StoreError, StoreMismatchError, as_json_value, differing_fields
-from .cache_inputs import DEFAULT_SHARD_SIZE, InputChunk, open_inputs
 from .variants import CaptionVariant, open_variant_inputs, parse_variants, plan_variant_records
+from .cache_inputs import DEFAULT_SHARD_SIZE, InputChunk, open_inputs
 
 __all__ = ["CacheReport", "CacheError", "CacheMismatchError", "build_text_cache", "cache_store", "CACHE_DTYPES",
            "MAX_CAPTION_CHARS"]
@@ -342,7 +342,7 @@ def _default_barrier() -> None:
         dist.barrier()
 
 
-_CHECKED_FIELDS = ("format", "identity", "preset", "dtype", "precision", "hidden_shape", "pooled_dim", "variants")
+_CHECKED_FIELDS = ("format", "identity", "preset", "dtype", "precision", "hidden_shape", "pooled_dim")
 
 
 def _write_manifest(store: ChunkStore, header: dict[str, Any], shard_counts: dict[str, dict[str, Any]]) -> None:
@@ -442,9 +442,9 @@ def build_text_cache(
         "context_length": int(empty_hidden.shape[0]),
         "hidden_shape": list(empty_hidden.shape),
         "pooled_dim": None if empty_pooled is None else int(empty_pooled.shape[-1]),
+        # absent without variants: those caches stay byte for byte as they were
+        **({} if variants is None else {"variants": [v.as_manifest() for v in variants]}),
     }
-    if variants is not None:  # absent without variants: those caches stay byte for byte as they were
-        header["variants"] = [v.as_manifest() for v in variants]
     store = cache_store(out_dir)
     header = _prepare_folder(store, header, empty_hidden, empty_pooled, is_main, world_size, barrier)
 
@@ -547,7 +547,7 @@ def _prepare_folder(store: ChunkStore, header: dict[str, Any], empty_hidden: tor
 
 
 def _check_compatible(store: ChunkStore, existing: dict[str, Any], wanted: dict[str, Any]) -> None:
-    store.check_same(existing, wanted, _CHECKED_FIELDS, contents="embeddings")
+    store.check_same(existing, wanted, (*_CHECKED_FIELDS, "variants"), contents="embeddings")
 
 
 def _check_source(store: ChunkStore, path: Path, chunk: InputChunk) -> None:

@@ -13,7 +13,6 @@ import torch
 import torch.utils.data
 
 from .cache import CACHE_DTYPES, EMPTY_PROMPT_NAME, FORMAT_VERSION, CacheError, cache_store
-from .variants import VariantIndex
 
 __all__ = ["TextEmbeddingCache", "CachedTextDataset", "CacheJoin", "JOIN_MISSING"]
 
@@ -47,6 +46,8 @@ class TextEmbeddingCache(Mapping):
         self.manifest: dict[str, Any] = manifest
         self._files: list[Path] = store.chunk_files()
         self.shard_names: list[str] = [store.chunk_name(p) for p in self._files]
+        from .variants import VariantIndex  # key -> row, and (key, caption variant) -> row
+
         self._index = VariantIndex([v["name"] for v in manifest.get("variants") or []])
         self.duplicate_keys = 0
         for number, file in enumerate(self._files):
@@ -72,6 +73,27 @@ class TextEmbeddingCache(Mapping):
     @property
     def has_pooled(self) -> bool:
         return self.manifest.get("pooled_dim") is not None
+
+    # -- caption variants (variants.py) -------------------------------------------------------------------
+    @property
+    def variants(self) -> list[str]:
+        """The caption variant names, the default first (``["default"]`` for a cache made without variants)."""
+        return list(self._index.names)
+
+    def variants_of(self, key: str) -> list[str]:
+        """The variants ``key`` has (``KeyError`` if the key is not cached)."""
+        return [name for name, row in zip(self._index.names, self._index.rows_of(key)) if row is not None]
+
+    def variant(self, key: str, name: str) -> dict[str, torch.Tensor]:
+        """The embedding of ``key``'s caption variant ``name``, shaped like ``cache[key]`` (which gives the
+        default variant, or the key's first one in the listed order when it has no default)."""
+        if name not in self._index.names:
+            raise KeyError(f"unknown caption variant {name!r}; this cache has {', '.join(self._index.names)}")
+        if key not in self._index:
+            raise KeyError(key)
+        if name not in self.variants_of(key):
+            raise KeyError(f"key {key!r} has no caption variant {name!r} (it has {', '.join(self.variants_of(key))})")
+        return self[(key, name)]  # type: ignore[index] - VariantIndex resolves (key, name) pairs
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({str(self.path)!r}, keys={len(self)}, shards={len(self._files)}, "
@@ -115,27 +137,6 @@ class TextEmbeddingCache(Mapping):
         if self.has_pooled:
             item["pooled"] = handle.get_slice("pooled")[row]
         return item
-
-    # -- caption variants (variants.py) -------------------------------------------------------------------
-    @property
-    def variants(self) -> list[str]:
-        """The caption variant names, the default first (``["default"]`` for a cache made without variants)."""
-        return list(self._index.names)
-
-    def variants_of(self, key: str) -> list[str]:
-        """The variants ``key`` has (``KeyError`` if the key is not cached)."""
-        return [name for name, row in zip(self._index.names, self._index.rows_of(key)) if row is not None]
-
-    def variant(self, key: str, name: str) -> dict[str, torch.Tensor]:
-        """The embedding of ``key``'s caption variant ``name``, shaped like ``cache[key]`` (which gives the
-        default variant, or the key's first one in the listed order when it has no default)."""
-        if name not in self._index.names:
-            raise KeyError(f"unknown caption variant {name!r}; this cache has {', '.join(self._index.names)}")
-        if key not in self._index:
-            raise KeyError(key)
-        if name not in self.variants_of(key):
-            raise KeyError(f"key {key!r} has no caption variant {name!r} (it has {', '.join(self.variants_of(key))})")
-        return self[(key, name)]  # type: ignore[index] - VariantIndex resolves (key, name) pairs
 
     def get_batch(self, keys: Sequence[str]) -> dict[str, torch.Tensor]:
         """Embeddings of several keys stacked: ``{"hidden": [B, T, W], "pooled": [B, D]}``."""
