@@ -269,11 +269,13 @@ def test_same_draws_in_any_worker_or_rank_split_and_new_ones_each_epoch(table_ca
     single = _draws(table_cache.join(samples, **options))
     assert set(single) == set(keys)
     drawn = {v for v, _ in single.values()}
-    assert drawn == {"alt", "syn", None}
+    assert drawn == {"alt", "syn", ""}
     assert all(single[f"im{i}.jpg#{i}"][0] != "syn" for i in range(0, 40, 5))  # those have no synthetic caption
     # two DataLoader workers, two ranks (interleaved halves), two halves in another order: the same draws
     loader = torch.utils.data.DataLoader(table_cache.join(samples, **options), batch_size=None, num_workers=2)
     assert _draws(loader) == single
+    batched = torch.utils.data.DataLoader(table_cache.join(samples, **options), batch_size=8)  # default_collate
+    assert [v for batch in batched for v in batch["variant"]] == [single[k][0] for k in keys]
     ranks = {}
     for rank in range(2):
         ranks.update(_draws(table_cache.join(samples[rank::2], **options)))
@@ -299,11 +301,11 @@ def test_a_dropped_caption_is_the_empty_prompt_or_zeros(table_cache):
     samples = [{"key": k, "image": i} for i, k in enumerate(sorted(table_cache))]
     empty = table_cache.empty_prompt()
     items = list(table_cache.join(samples, variants={"alt": 1.0}, drop=1.0))
-    assert len(items) == 40 and all(item["variant"] is None for item in items)
+    assert len(items) == 40 and all(item["variant"] == "" for item in items)
     assert all(torch.equal(item["hidden"], empty["hidden"]) for item in items)
     assert all(item["image"] == i for i, item in enumerate(items))  # the sample's own entries are kept
     zeros = list(table_cache.join(samples, drop=1.0, drop_to="zeros"))
-    assert all(not item["hidden"].any() and item["variant"] is None for item in zeros)
+    assert all(not item["hidden"].any() and item["variant"] == "" for item in zeros)
     # never dropped: each item is the drawn variant's embedding
     joined = table_cache.join(samples, variants={"alt": 0.3, "syn": 0.7}, drop=0.0)
     for item in joined:
@@ -312,7 +314,7 @@ def test_a_dropped_caption_is_the_empty_prompt_or_zeros(table_cache):
     only_syn = table_cache.join(samples, variants={"syn": 1.0})
     assert len(list(only_syn)) == 32 and only_syn.stats["missing_variant"] == 8
     filled = list(table_cache.join(samples + [{"key": "unknown"}], variants={"syn": 1.0}, missing="empty"))
-    assert len(filled) == 41 and sum(item["variant"] is None for item in filled) == 9
+    assert len(filled) == 41 and sum(item["variant"] == "" for item in filled) == 9
     with pytest.raises(KeyError, match="any of the variants"):
         list(table_cache.join(samples, variants={"syn": 1.0}, missing="error"))
 

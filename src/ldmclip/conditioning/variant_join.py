@@ -19,7 +19,8 @@ ranks and nodes, and a resumed run draws what the interrupted one would have.
   ``"skip"`` (default), ``"empty"`` (the empty prompt) or ``"error"``.
 
 Each item is the sample's entries plus ``"hidden"`` (and ``"pooled"``) and ``"variant"``: the name of the
-variant used, or ``None`` when the caption was dropped (or missing with ``missing="empty"``).
+variant used, or ``""`` (:data:`NO_CAPTION`) when the caption was dropped (or missing with
+``missing="empty"``); a string either way, so that ``default_collate`` batches it (it refuses ``None``).
 """
 
 from __future__ import annotations
@@ -36,9 +37,10 @@ import torch
 from ..core.errors import UserError
 from .cache_reader import CacheJoin, TextEmbeddingCache
 
-__all__ = ["VariantJoin", "draw_caption", "DROP_TO"]
+__all__ = ["VariantJoin", "draw_caption", "DROP_TO", "NO_CAPTION"]
 
 DROP_TO = ("empty", "zeros")
+NO_CAPTION = ""  # the "variant" of an item whose caption was dropped
 _TWO_64 = float(2 ** 64)
 
 
@@ -157,11 +159,11 @@ class VariantJoin(CacheJoin):
                     raise KeyError(f"sample key {key!r} is not in the text-embedding cache {self.cache.path}"
                                    + (" with any of the variants asked for" if cached else ""))
                 empty = empty if empty is not None else self.cache.empty_prompt()
-                embedding = empty
+                embedding, name = empty, NO_CAPTION
                 self.stats["empty_prompt"] += 1
             elif dropped:
                 dropped_to = dropped_to if dropped_to is not None else self._dropped_embedding()
-                embedding, name = dropped_to, None
+                embedding, name = dropped_to, NO_CAPTION
                 self.stats["dropped"] += 1
             else:
                 embedding = self.cache.variant(key, name)
