@@ -9,6 +9,7 @@ from typing import Any
 
 from ..conditioning.cache import CACHE_DTYPES, build_text_cache
 from ..conditioning.cache_inputs import DEFAULT_SHARD_SIZE, INPUT_FORMATS, open_inputs
+from ..conditioning.variants import open_variant_inputs, parse_variants
 from ..core.errors import UserError
 from ..core.formats import carries_weights
 from ..core.launch import process_rank
@@ -28,9 +29,12 @@ EPILOG = """examples:
       --pretrained clip-l.safetensors --pretrained-2 clip-bigG.safetensors
   ldmclip cache-text captions.csv --out cache/ --preset sdxl --pretrained sd_xl_base_1.0.safetensors
   ldmclip cache-text prompts.txt --out /tmp/c --preset sd2 --model ViT-Tiny-64 --random-init     (a quick try)
+  ldmclip cache-text 'shards/{00000..00999}.tar' --out cache/ --preset sdxl --pretrained sd_xl_base_1.0.safetensors \
+      --caption-variant txt=txt --caption-variant synthetic=json:synthetic_caption     (two captions per image)
 
 read it back:
   cache = ldmclip.TextEmbeddingCache("cache/"); cache[key]["hidden"], cache.join(image_samples)
+  cache.variant(key, "synthetic"); cache.join(image_samples, variants={"txt": 0.5, "synthetic": 0.5}, drop=0.1)
 """
 
 
@@ -69,6 +73,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        key=(None, "table column of sample keys (default: IMAGE#ROW, the keys ldmclip's "
                                   "CaptionTable gives its samples; row numbers when the table has no image column)"),
                        image=("image", "table column of image names"))
+    source.add_argument("--caption-variant", action="append", metavar="NAME=SOURCE", dest="caption_variants",
+                        help="store several captions per key, each under its NAME (repeat the option; the first is "
+                             "the default that cache[key] gives): for shards SOURCE is a member (txt) or "
+                             "json:FIELD, a text field of the .json member (json:a.b for a nested one); for a table "
+                             "it is a column (then --caption-column is not used). Without it: the .txt member or "
+                             "--caption-column only")
     source.add_argument("--sep", default=None, help="delimiter of a text table whose suffix does not say it")
     source.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
                         help=f"table rows / text lines per cache shard (default: {DEFAULT_SHARD_SIZE}); "
@@ -131,9 +141,14 @@ def run(args: argparse.Namespace) -> int:
     single_file = args.pretrained_2 is None and is_single_file_checkpoint(args.pretrained)
     _check_weights(args, model, model_2, single_file)
     # Read the input first: a typo in a path fails before minutes of model loading.
-    chunks = open_inputs(args.input, args.input_format, caption_column=args.caption_column,
-                         key_column=args.key_column, image_column=args.image_column,
-                         shard_size=args.shard_size, sep=parse_sep(args.sep))
+    variants = parse_variants(args.caption_variants) if args.caption_variants else None
+    if variants is None:
+        chunks = open_inputs(args.input, args.input_format, caption_column=args.caption_column,
+                             key_column=args.key_column, image_column=args.image_column,
+                             shard_size=args.shard_size, sep=parse_sep(args.sep))
+    else:
+        chunks = open_variant_inputs(args.input, variants, args.input_format, key_column=args.key_column,
+                                     image_column=args.image_column, shard_size=args.shard_size, sep=parse_sep(args.sep))
     dist = _init_distributed()
     try:
         rank, world = process_rank()
@@ -151,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"caching {len(chunks)} input chunk(s) of {args.input} with preset {args.preset} ({encoders}, "
                   f"{device}) into {args.out}" + (f" on {world} ranks" if world > 1 else ""), file=sys.stderr)
         report = build_text_cache(conditioner, chunks, args.out, dtype=args.dtype, precision=args.precision,
-                                  batch_size=args.batch_size, rank=rank, world_size=world,
+                                  batch_size=args.batch_size, variants=variants, rank=rank, world_size=world,
                                   progress=not args.quiet and rank == 0)
     finally:
         if dist is not None and dist.is_initialized():

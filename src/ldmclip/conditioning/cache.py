@@ -19,7 +19,8 @@ the ldmclip version that created the cache, and the sorted list of finished shar
 counts (refreshed every ``MANIFEST_REFRESH_S`` seconds during a run and at its end; the shard files
 on disk are what the reader goes by). Adding to a cache made with another identity, preset, dtype or
 precision is refused (:class:`CacheMismatchError`, a ``UserError``: the command line prints one
-line). ``cache_reader.TextEmbeddingCache`` reads a cache.
+line). ``cache_reader.TextEmbeddingCache`` reads a cache. Several captions per key (``variants=``,
+``--caption-variant``) are described in ``variants.py``.
 
 Crash safety and resuming
 -------------------------
@@ -81,6 +82,7 @@ from ..core.launch import process_rank
 from ..core.precision import DTYPES
 from ..data.samples import REASON_DUPLICATE_KEY, REASON_SHARD_ERROR, REASON_SHARD_UNREADABLE, REASON_TRUNCATED_SHARD
 from ..data.store import ChunkStore, StoreError, StoreMismatchError, as_json_value, differing_fields
+from .variants import CaptionVariant, open_variant_inputs, parse_variants, plan_variant_records
 from .cache_inputs import DEFAULT_SHARD_SIZE, InputChunk, open_inputs
 
 __all__ = ["CacheReport", "CacheError", "CacheMismatchError", "build_text_cache", "cache_store", "CACHE_DTYPES",
@@ -139,6 +141,11 @@ def _add_counts(total: dict[str, Any], counts: dict[str, Any]) -> None:
     skipped = total.setdefault("skipped", {})
     for reason, n in counts.get("skipped", {}).items():
         skipped[reason] = skipped.get(reason, 0) + int(n)
+    for name, of_variant in counts.get("variants", {}).items():  # only in caches with caption variants
+        into = total.setdefault("variants", {}).setdefault(name, {"keys": 0, "skipped": {}})
+        into["keys"] += int(of_variant.get("keys", 0))
+        for reason, n in of_variant.get("skipped", {}).items():
+            into["skipped"][reason] = into["skipped"].get(reason, 0) + int(n)
 
 
 @dataclass
@@ -175,6 +182,9 @@ class CacheReport:
             lines.append(f"  skipped {sum(skipped.values()):,}: {reasons}")
         else:
             lines.append("  skipped 0")
+        for name, of_variant in c.get("variants", {}).items():
+            missed = ", ".join(f"{r} {n:,}" for r, n in sorted(of_variant.get("skipped", {}).items()))
+            lines.append(f"  variant {name}: {of_variant.get('keys', 0):,} keys" + (f", without it: {missed}" if missed else ""))
         if self.failed:
             shown = ", ".join(f"{name} ({why})" for name, why in list(self.failed.items())[:5])
             more = f" and {len(self.failed) - 5} more" if len(self.failed) > 5 else ""
@@ -289,6 +299,7 @@ class _Plan:
     rows: list[int]
     captions: list[str]
     counts: dict[str, Any]
+    variant_rows: dict[str, list[int | None]] | None = None  # per caption variant, the row of each key
 
 
 def _plan_chunk(records: Iterable[tuple[str, Any]]) -> _Plan:
@@ -355,6 +366,7 @@ def build_text_cache(
     dtype: str = "fp16",
     precision: str = "auto",
     batch_size: int = 256,
+    variants: Sequence[str | CaptionVariant] | None = None,
     rank: int | None = None,
     world_size: int | None = None,
     barrier: Callable[[], None] | None = None,
@@ -373,6 +385,10 @@ def build_text_cache(
         precision: ``auto`` (bf16 autocast on GPUs and AMX/AVX512-bf16 CPUs, else fp32), ``amp_bf16``,
             ``amp_fp16`` (CUDA) or ``fp32``.
         batch_size: captions per forward pass (part of what makes a shard's bytes reproducible).
+        variants: several captions per key, ``["txt=txt", "synthetic=json:caption"]`` (shards) or
+            ``["alt=alt_text", "long=long_caption"]`` (table columns); the first is the default (see
+            ``variants.py``). ``None``: the one caption of ``caption_column`` / the ``.txt`` member. Chunks
+            given as ``InputChunk`` must then yield ``(key, {name: raw})`` (``open_variant_inputs``).
         rank, world_size: this process's share of the chunks (default: torch.distributed, else the
             ``RANK``/``WORLD_SIZE`` variables, else 0 of 1).
         barrier: called when rank 0 has prepared the folder and when this rank is done, so that all
@@ -389,7 +405,12 @@ def build_text_cache(
     if int(batch_size) < 1:
         raise UserError(f"batch_size must be at least 1, got {batch_size}")
     batch_size = int(batch_size)
-    if isinstance(source, (str, os.PathLike)) or not all(isinstance(c, InputChunk) for c in source):
+    variants = None if variants is None else parse_variants(variants)
+    if variants is not None and (isinstance(source, (str, os.PathLike))
+                                 or not all(isinstance(c, InputChunk) for c in source)):
+        chunks = open_variant_inputs(source, variants, input_format, key_column=key_column, image_column=image_column,
+                                     shard_size=shard_size, sep=sep)
+    elif isinstance(source, (str, os.PathLike)) or not all(isinstance(c, InputChunk) for c in source):
         chunks = open_inputs(source, input_format, caption_column=caption_column, key_column=key_column,
                              image_column=image_column, shard_size=shard_size, sep=sep)
     else:
@@ -421,6 +442,8 @@ def build_text_cache(
         "context_length": int(empty_hidden.shape[0]),
         "hidden_shape": list(empty_hidden.shape),
         "pooled_dim": None if empty_pooled is None else int(empty_pooled.shape[-1]),
+        # absent without variants: those caches stay byte for byte as they were
+        **({} if variants is None else {"variants": [v.as_manifest() for v in variants]}),
     }
     store = cache_store(out_dir)
     header = _prepare_folder(store, header, empty_hidden, empty_pooled, is_main, world_size, barrier)
@@ -442,7 +465,7 @@ def build_text_cache(
     try:
         for chunk in todo:
             problems: collections.Counter = collections.Counter()
-            plan = _plan_chunk(chunk.read(problems))
+            plan = _plan_chunk(chunk.read(problems)) if variants is None else _plan_variants(chunk, problems, variants)
             retry = _failed_as_a_whole(problems, plan.counts["records"])
             if retry:  # not cached: a rerun tries this input shard again
                 report.failed[chunk.name] = retry
@@ -454,6 +477,8 @@ def build_text_cache(
             tensors = _encode_plan(plan, encoder, counter, batch_size, empty_hidden, empty_pooled, bar)
             meta = {"format_version": FORMAT_VERSION, "source": chunk.source, "keys": plan.keys,
                     "rows": plan.rows, "counts": plan.counts}
+            if plan.variant_rows is not None:
+                meta["variants"] = plan.variant_rows
             path = store.write_chunk(chunk.name, tensors, meta)
             report.written.append(chunk.name)
             report.bytes_written += path.stat().st_size
@@ -487,6 +512,11 @@ def build_text_cache(
     return report
 
 
+def _plan_variants(chunk: InputChunk, problems: collections.Counter, variants: Sequence[CaptionVariant]) -> _Plan:
+    planned = plan_variant_records(chunk.read(problems), [v.name for v in variants], MAX_CAPTION_CHARS)
+    return _Plan(planned.keys, planned.rows, planned.captions, planned.counts, planned.variant_rows)
+
+
 def _prepare_folder(store: ChunkStore, header: dict[str, Any], empty_hidden: torch.Tensor,
                     empty_pooled: torch.Tensor | None, is_main: bool, world_size: int,
                     barrier: Callable[[], None]) -> dict[str, Any]:
@@ -517,7 +547,7 @@ def _prepare_folder(store: ChunkStore, header: dict[str, Any], empty_hidden: tor
 
 
 def _check_compatible(store: ChunkStore, existing: dict[str, Any], wanted: dict[str, Any]) -> None:
-    store.check_same(existing, wanted, _CHECKED_FIELDS, contents="embeddings")
+    store.check_same(existing, wanted, (*_CHECKED_FIELDS, "variants"), contents="embeddings")
 
 
 def _check_source(store: ChunkStore, path: Path, chunk: InputChunk) -> None:

@@ -151,20 +151,27 @@ def _shard_sizes(urls: Sequence[str]) -> list[int | None]:
 
 def _shard_reader(url: str) -> Callable[[Any], Iterator[tuple[str, Any]]]:
     def read(problems: Any) -> Iterator[tuple[str, Any]]:
-        from ..data.samples import drain_pending
-        from ..data.shards import ShardDataset
-
-        # ShardDataset's streaming tar reader (only the .txt members are read; a truncated tar keeps
-        # the complete samples before the cut). No image extensions: images are not read at all.
-        reader = ShardDataset(url, image_extensions=(), caption_extension="txt", shuffle_buffer=0)
-        try:
-            for raw in reader._read_shard(url):
-                yield raw["__key__"], raw.get("txt")
-        finally:
-            problems.update(reader.stats.counts)
-            drain_pending()  # those reasons are reported by the cache writer, not by a collator
+        for raw in read_shard_members(url, ("txt",), problems):
+            yield raw["__key__"], raw.get("txt")
 
     return read
+
+
+def read_shard_members(url: str, members: Sequence[str], problems: Any) -> Iterator[dict[str, Any]]:
+    """The samples of one webdataset shard as ``{"__key__": key, member: bytes, ...}`` with only the
+    ``members`` (extensions such as ``txt``, ``json``) read; shard-level problems go to ``problems``."""
+    from ..data.samples import drain_pending
+    from ..data.shards import ShardDataset
+
+    # ShardDataset's streaming tar reader (only the wanted members are read; a truncated tar keeps
+    # the complete samples before the cut). Images are not read at all: the members after the first
+    # take the place of the image extensions (only which members are read depends on them).
+    reader = ShardDataset(url, image_extensions=tuple(members[1:]), caption_extension=members[0], shuffle_buffer=0)
+    try:
+        yield from reader._read_shard(url)
+    finally:
+        problems.update(reader.stats.counts)
+        drain_pending()  # those reasons are reported by the cache writer, not by a collator
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -46,7 +46,9 @@ class TextEmbeddingCache(Mapping):
         self.manifest: dict[str, Any] = manifest
         self._files: list[Path] = store.chunk_files()
         self.shard_names: list[str] = [store.chunk_name(p) for p in self._files]
-        self._index: dict[str, tuple[int, int]] = {}
+        from .variants import VariantIndex  # key -> row, and (key, caption variant) -> row
+
+        self._index = VariantIndex([v["name"] for v in manifest.get("variants") or []])
         self.duplicate_keys = 0
         for number, file in enumerate(self._files):
             meta = store.read_chunk_meta(file)
@@ -55,6 +57,7 @@ class TextEmbeddingCache(Mapping):
                     self.duplicate_keys += 1
                 else:
                     self._index[key] = (number, int(row))
+            self._index.add_variants(number, meta)
         self._handles: dict[int, Any] = {}
         self._pid = os.getpid()
 
@@ -70,6 +73,27 @@ class TextEmbeddingCache(Mapping):
     @property
     def has_pooled(self) -> bool:
         return self.manifest.get("pooled_dim") is not None
+
+    # -- caption variants (variants.py) -------------------------------------------------------------------
+    @property
+    def variants(self) -> list[str]:
+        """The caption variant names, the default first (``["default"]`` for a cache made without variants)."""
+        return list(self._index.names)
+
+    def variants_of(self, key: str) -> list[str]:
+        """The variants ``key`` has (``KeyError`` if the key is not cached)."""
+        return [name for name, row in zip(self._index.names, self._index.rows_of(key)) if row is not None]
+
+    def variant(self, key: str, name: str) -> dict[str, torch.Tensor]:
+        """The embedding of ``key``'s caption variant ``name``, shaped like ``cache[key]`` (which gives the
+        default variant, or the key's first one in the listed order when it has no default)."""
+        if name not in self._index.names:
+            raise KeyError(f"unknown caption variant {name!r}; this cache has {', '.join(self._index.names)}")
+        if key not in self._index:
+            raise KeyError(key)
+        if name not in self.variants_of(key):
+            raise KeyError(f"key {key!r} has no caption variant {name!r} (it has {', '.join(self.variants_of(key))})")
+        return self[(key, name)]  # type: ignore[index] - VariantIndex resolves (key, name) pairs
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({str(self.path)!r}, keys={len(self)}, shards={len(self._files)}, "
@@ -132,9 +156,20 @@ class TextEmbeddingCache(Mapping):
         ``{"key", "hidden", "pooled"}`` dicts that ``default_collate`` batches."""
         return CachedTextDataset(self, keys)
 
-    def join(self, samples: Any, *, missing: str = "skip") -> "CacheJoin":
-        """Add the cached embeddings to image samples by key; see :class:`CacheJoin`."""
-        return CacheJoin(self, samples, missing=missing)
+    def join(self, samples: Any, *, missing: str = "skip", variants: Mapping[str, float] | None = None,
+             drop: float = 0.0, seed: int = 0, epoch: int = 0, drop_to: str = "empty") -> "CacheJoin":
+        """Add the cached embeddings to image samples by key; see :class:`CacheJoin`.
+
+        With ``variants`` (probabilities per caption variant, e.g. ``{"txt": 0.5, "synthetic": 0.5}``) or
+        ``drop`` (the probability of caption dropout), a :class:`~ldmclip.conditioning.variant_join.VariantJoin`:
+        per sample and epoch (``set_epoch``), one variant drawn and the caption dropped to the empty prompt
+        (``drop_to="empty"``) or zeros (``"zeros"``), deterministically from ``(seed, epoch, key)``."""
+        if variants is None and not drop:
+            return CacheJoin(self, samples, missing=missing)
+        from .variant_join import VariantJoin
+
+        return VariantJoin(self, samples, missing=missing, variants=variants, drop=drop, seed=seed, epoch=epoch,
+                           drop_to=drop_to)
 
 
 class CachedTextDataset(torch.utils.data.Dataset):
@@ -192,22 +227,32 @@ class CacheJoin(torch.utils.data.IterableDataset):
         for index in range(worker, len(samples), workers):
             yield samples[index]
 
+    def set_epoch(self, epoch: int) -> None:
+        """Passed on to ``samples`` when it has ``set_epoch`` (e.g. a ``ShardDataset``'s shuffle)."""
+        if hasattr(self.samples, "set_epoch"):
+            self.samples.set_epoch(epoch)
+
+    @staticmethod
+    def _key_and_base(item: Any) -> tuple[str, dict[str, Any]]:
+        """The key of a sample and the entries it brings to the joined item."""
+        if isinstance(item, Mapping):
+            key = item.get("__key__", item.get("key"))
+            base = dict(item)
+        elif hasattr(item, "key") and hasattr(item, "image"):
+            key = item.key
+            base = {"key": item.key, "image": item.image, "caption": getattr(item, "caption", None)}
+        else:
+            raise TypeError(f"cannot find the key of a {type(item).__name__} sample; give Sample tuples "
+                            "or dicts with a '__key__' or 'key' entry")
+        return str(key), base
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         empty = None
         for item in self._items():
             if item is None:
                 self.stats["bad_sample"] += 1
                 continue
-            if isinstance(item, Mapping):
-                key = item.get("__key__", item.get("key"))
-                base = dict(item)
-            elif hasattr(item, "key") and hasattr(item, "image"):
-                key = item.key
-                base = {"key": item.key, "image": item.image, "caption": getattr(item, "caption", None)}
-            else:
-                raise TypeError(f"cannot find the key of a {type(item).__name__} sample; give Sample tuples "
-                                "or dicts with a '__key__' or 'key' entry")
-            key = str(key)
+            key, base = self._key_and_base(item)
             if key in self.cache:
                 embedding = self.cache[key]
             elif self.missing == "skip":
