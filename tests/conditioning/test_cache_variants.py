@@ -18,7 +18,7 @@ from ldmclip.cli import main
 from ldmclip.conditioning import TextConditioner, TextEmbeddingCache, build_text_cache
 from ldmclip.conditioning.cache import CacheMismatchError
 from ldmclip.conditioning.cache_reader import CacheJoin
-from ldmclip.conditioning.variant_join import VariantJoin, draw_caption
+from ldmclip.conditioning.cache_join import VariantJoin, draw_caption
 from ldmclip.core.errors import UserError
 from ldmclip.data.writer import write_shards
 

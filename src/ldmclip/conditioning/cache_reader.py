@@ -3,7 +3,6 @@ random access by key, a ``torch.utils.data.Dataset``, and a join with image samp
 
 from __future__ import annotations
 
-import collections
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -13,6 +12,7 @@ import torch
 import torch.utils.data
 
 from .cache import CACHE_DTYPES, EMPTY_PROMPT_NAME, FORMAT_VERSION, CacheError, cache_store
+from .cache_join import JOIN_MISSING, CacheJoin, VariantJoin
 
 __all__ = ["TextEmbeddingCache", "CachedTextDataset", "CacheJoin", "JOIN_MISSING"]
 
@@ -161,12 +161,11 @@ class TextEmbeddingCache(Mapping):
         """Add the cached embeddings to image samples by key; see :class:`CacheJoin`.
 
         With ``variants`` (probabilities per caption variant, e.g. ``{"txt": 0.5, "synthetic": 0.5}``) or
-        ``drop`` (the probability of caption dropout), a :class:`~ldmclip.conditioning.variant_join.VariantJoin`:
+        ``drop`` (the probability of caption dropout), a :class:`~ldmclip.conditioning.cache_join.VariantJoin`:
         per sample and epoch (``set_epoch``), one variant drawn and the caption dropped to the empty prompt
         (``drop_to="empty"``) or zeros (``"zeros"``), deterministically from ``(seed, epoch, key)``."""
         if variants is None and not drop:
             return CacheJoin(self, samples, missing=missing)
-        from .variant_join import VariantJoin
 
         return VariantJoin(self, samples, missing=missing, variants=variants, drop=drop, seed=seed, epoch=epoch,
                            drop_to=drop_to)
@@ -185,84 +184,3 @@ class CachedTextDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         key = self.keys[index]
         return {"key": key, **self.cache[key]}
-
-
-JOIN_MISSING = ("skip", "empty", "error")
-
-
-class CacheJoin(torch.utils.data.IterableDataset):
-    """Image samples with their cached text embeddings, for an LDM training loop.
-
-    ``samples`` is any ldmclip dataset (``ShardDataset``, ``CaptionTable``, ...) or iterable whose items
-    are :class:`~ldmclip.data.Sample` tuples (``image, caption, key``), dicts with a ``"__key__"`` or
-    ``"key"`` entry (webdataset style), or ``None`` (a bad sample). Each good item becomes a dict:
-    ``{"key", "image", "caption", "hidden", "pooled"}`` for a ``Sample``, the item's own entries plus
-    ``"hidden"``/``"pooled"`` for a dict. A map-style dataset is iterated in index order, split between
-    DataLoader workers (worker ``w`` of ``n`` takes the indices ``i % n == w``); an ``IterableDataset``
-    splits itself.
-
-    A key that is not in the cache is skipped (``missing="skip"``, default), given the empty-prompt
-    embedding (``"empty"``: the image trains unconditionally) or raises ``KeyError`` (``"error"``).
-    ``stats`` counts, per process, ``joined``, ``missing_key``, ``empty_prompt`` and ``bad_sample``.
-    """
-
-    def __init__(self, cache: TextEmbeddingCache, samples: Any, *, missing: str = "skip") -> None:
-        super().__init__()
-        if missing not in JOIN_MISSING:
-            raise ValueError(f"missing must be one of {', '.join(JOIN_MISSING)}, got {missing!r}")
-        self.cache = cache
-        self.samples = samples
-        self.missing = missing
-        self.stats: collections.Counter = collections.Counter()
-
-    def _items(self) -> Iterator[Any]:
-        samples = self.samples
-        map_style = (not isinstance(samples, torch.utils.data.IterableDataset)
-                     and hasattr(samples, "__len__") and hasattr(samples, "__getitem__"))
-        if not map_style:
-            yield from samples
-            return
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        for index in range(worker, len(samples), workers):
-            yield samples[index]
-
-    def set_epoch(self, epoch: int) -> None:
-        """Passed on to ``samples`` when it has ``set_epoch`` (e.g. a ``ShardDataset``'s shuffle)."""
-        if hasattr(self.samples, "set_epoch"):
-            self.samples.set_epoch(epoch)
-
-    @staticmethod
-    def _key_and_base(item: Any) -> tuple[str, dict[str, Any]]:
-        """The key of a sample and the entries it brings to the joined item."""
-        if isinstance(item, Mapping):
-            key = item.get("__key__", item.get("key"))
-            base = dict(item)
-        elif hasattr(item, "key") and hasattr(item, "image"):
-            key = item.key
-            base = {"key": item.key, "image": item.image, "caption": getattr(item, "caption", None)}
-        else:
-            raise TypeError(f"cannot find the key of a {type(item).__name__} sample; give Sample tuples "
-                            "or dicts with a '__key__' or 'key' entry")
-        return str(key), base
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        empty = None
-        for item in self._items():
-            if item is None:
-                self.stats["bad_sample"] += 1
-                continue
-            key, base = self._key_and_base(item)
-            if key in self.cache:
-                embedding = self.cache[key]
-            elif self.missing == "skip":
-                self.stats["missing_key"] += 1
-                continue
-            elif self.missing == "empty":
-                empty = empty if empty is not None else self.cache.empty_prompt()
-                embedding = empty
-                self.stats["empty_prompt"] += 1
-            else:
-                raise KeyError(f"sample key {key!r} is not in the text-embedding cache {self.cache.path}")
-            self.stats["joined"] += 1
-            yield {**base, **embedding}

@@ -1,4 +1,8 @@
-"""Caption variants and caption dropout while training: per sample and epoch, one caption variant of
+"""Image samples joined with their cached text embeddings by key (:class:`CacheJoin`), and the same with
+caption variants and caption dropout (:class:`VariantJoin`). ``TextEmbeddingCache.join`` builds them;
+this module does not import the reader (``cache`` is any ``TextEmbeddingCache``), so the two stay acyclic.
+
+Caption variants and caption dropout while training: per sample and epoch, one caption variant of
 the text-embedding cache is drawn, and with probability ``drop`` the caption is dropped (classifier-free
 guidance training), as kohya's ``caption_dropout_rate`` and SimpleTuner's ``caption_dropout_probability``
 do, but from cached embeddings.
@@ -25,6 +29,7 @@ variant used, or ``""`` (:data:`NO_CAPTION`) when the caption was dropped (or mi
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import math
@@ -35,9 +40,90 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 
 from ..core.errors import UserError
-from .cache_reader import CacheJoin, TextEmbeddingCache
 
-__all__ = ["VariantJoin", "draw_caption", "DROP_TO", "NO_CAPTION"]
+__all__ = ["CacheJoin", "JOIN_MISSING", "VariantJoin", "draw_caption", "DROP_TO", "NO_CAPTION"]
+
+
+JOIN_MISSING = ("skip", "empty", "error")
+
+
+class CacheJoin(torch.utils.data.IterableDataset):
+    """Image samples with their cached text embeddings, for an LDM training loop.
+
+    ``samples`` is any ldmclip dataset (``ShardDataset``, ``CaptionTable``, ...) or iterable whose items
+    are :class:`~ldmclip.data.Sample` tuples (``image, caption, key``), dicts with a ``"__key__"`` or
+    ``"key"`` entry (webdataset style), or ``None`` (a bad sample). Each good item becomes a dict:
+    ``{"key", "image", "caption", "hidden", "pooled"}`` for a ``Sample``, the item's own entries plus
+    ``"hidden"``/``"pooled"`` for a dict. A map-style dataset is iterated in index order, split between
+    DataLoader workers (worker ``w`` of ``n`` takes the indices ``i % n == w``); an ``IterableDataset``
+    splits itself.
+
+    A key that is not in the cache is skipped (``missing="skip"``, default), given the empty-prompt
+    embedding (``"empty"``: the image trains unconditionally) or raises ``KeyError`` (``"error"``).
+    ``stats`` counts, per process, ``joined``, ``missing_key``, ``empty_prompt`` and ``bad_sample``.
+    """
+
+    def __init__(self, cache: Any, samples: Any, *, missing: str = "skip") -> None:
+        super().__init__()
+        if missing not in JOIN_MISSING:
+            raise ValueError(f"missing must be one of {', '.join(JOIN_MISSING)}, got {missing!r}")
+        self.cache = cache
+        self.samples = samples
+        self.missing = missing
+        self.stats: collections.Counter = collections.Counter()
+
+    def _items(self) -> Iterator[Any]:
+        samples = self.samples
+        map_style = (not isinstance(samples, torch.utils.data.IterableDataset)
+                     and hasattr(samples, "__len__") and hasattr(samples, "__getitem__"))
+        if not map_style:
+            yield from samples
+            return
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for index in range(worker, len(samples), workers):
+            yield samples[index]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Passed on to ``samples`` when it has ``set_epoch`` (e.g. a ``ShardDataset``'s shuffle)."""
+        if hasattr(self.samples, "set_epoch"):
+            self.samples.set_epoch(epoch)
+
+    @staticmethod
+    def _key_and_base(item: Any) -> tuple[str, dict[str, Any]]:
+        """The key of a sample and the entries it brings to the joined item."""
+        if isinstance(item, Mapping):
+            key = item.get("__key__", item.get("key"))
+            base = dict(item)
+        elif hasattr(item, "key") and hasattr(item, "image"):
+            key = item.key
+            base = {"key": item.key, "image": item.image, "caption": getattr(item, "caption", None)}
+        else:
+            raise TypeError(f"cannot find the key of a {type(item).__name__} sample; give Sample tuples "
+                            "or dicts with a '__key__' or 'key' entry")
+        return str(key), base
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        empty = None
+        for item in self._items():
+            if item is None:
+                self.stats["bad_sample"] += 1
+                continue
+            key, base = self._key_and_base(item)
+            if key in self.cache:
+                embedding = self.cache[key]
+            elif self.missing == "skip":
+                self.stats["missing_key"] += 1
+                continue
+            elif self.missing == "empty":
+                empty = empty if empty is not None else self.cache.empty_prompt()
+                embedding = empty
+                self.stats["empty_prompt"] += 1
+            else:
+                raise KeyError(f"sample key {key!r} is not in the text-embedding cache {self.cache.path}")
+            self.stats["joined"] += 1
+            yield {**base, **embedding}
+
 
 DROP_TO = ("empty", "zeros")
 NO_CAPTION = ""  # the "variant" of an item whose caption was dropped
@@ -71,7 +157,7 @@ def draw_caption(key: str, available: Sequence[str], weights: Mapping[str, float
     return u_drop < drop, chosen
 
 
-def _checked_weights(cache: TextEmbeddingCache, variants: Mapping[str, float] | None) -> dict[str, float] | None:
+def _checked_weights(cache: Any, variants: Mapping[str, float] | None) -> dict[str, float] | None:
     if variants is None:
         return None
     if not isinstance(variants, Mapping) or not variants:
@@ -97,7 +183,7 @@ class VariantJoin(CacheJoin):
     ``iter(loader)``; DataLoader workers, persistent ones too, see it); it is passed on to ``samples``.
     ``stats`` also counts ``dropped`` and ``variant:NAME``."""
 
-    def __init__(self, cache: TextEmbeddingCache, samples: Any, *, variants: Mapping[str, float] | None = None,
+    def __init__(self, cache: Any, samples: Any, *, variants: Mapping[str, float] | None = None,
                  drop: float = 0.0, seed: int = 0, epoch: int = 0, drop_to: str = "empty",
                  missing: str = "skip") -> None:
         super().__init__(cache, samples, missing=missing)
