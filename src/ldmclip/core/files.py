@@ -16,7 +16,8 @@ import torch
 from .errors import DiskFullError
 
 __all__ = ["temp_name", "atomic_write", "write_json_atomic", "save_torch", "fsync_dir", "write_safetensors",
-           "safetensors_dtype", "tensors_sha256", "is_disk_full", "DiskFullError", "human_bytes"]
+           "safetensors_dtype", "tensors_sha256", "is_disk_full", "DiskFullError", "human_bytes", "write_npy",
+           "write_parquet"]
 
 _DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
@@ -175,3 +176,34 @@ def human_bytes(n: float) -> str:
             return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} TB"
+
+
+def write_npy(path: str | os.PathLike, array: Any) -> None:
+    """``numpy.save`` of ``array`` to ``path`` atomically (the ``.npy`` format: its header depends only on
+    dtype, shape and order, so the same array gives the same bytes)."""
+    import numpy as np
+
+    data = np.ascontiguousarray(array)
+
+    def write(temp: Path) -> None:
+        with open(temp, "wb") as f:
+            np.save(f, data, allow_pickle=False)
+
+    atomic_write(path, write)
+
+
+def write_parquet(path: str | os.PathLike, table: Any) -> None:
+    """A ``pyarrow.Table`` as a parquet file at ``path``, atomically. pyarrow stores no time or host in
+    the file, so the same table (and pyarrow version) gives the same bytes."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:  # an optional dependency (the ``parquet`` extra)
+        from .errors import UserError
+
+        raise UserError("writing parquet files needs pyarrow: pip install pyarrow") from None
+
+    def write(temp: Path) -> None:
+        with open(temp, "wb") as f:
+            pq.write_table(table, f)
+
+    atomic_write(path, write)
