@@ -10,7 +10,7 @@ import argparse
 import sys
 from types import ModuleType
 
-from . import cache_text, common, export, index, info, pack, search, serve, train
+from . import cache_text, common, embed, export, index, info, pack, search, serve, train
 from . import eval as eval_command  # (not shadowing the builtin eval)
 
 __all__ = ["main", "build_parser", "COMMANDS"]
@@ -18,6 +18,7 @@ __all__ = ["main", "build_parser", "COMMANDS"]
 # In the order `ldmclip --help` lists them.
 COMMANDS: dict[str, ModuleType] = {
     "info": info, "train": train, "pack": pack, "eval": eval_command, "export": export, "cache-text": cache_text,
+    "embed": embed,
     "index": index, "search": search, "serve": serve,
 }
 
