@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..core.devices import resolve_device
     from ..curate.embed import check_out_not_input, embed_shards
-    from ..curate.heads import parse_head_option
+    from ..curate.heads import load_head, parse_head_option
     from ..data.shards import expand_urls
     from ..registry import create_model_and_transforms, get_tokenizer
     from .cache_text import _init_distributed
@@ -97,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
     if not urls:
         raise UserError(f"no shards in {' '.join(args.shards)}")
     check_out_not_input(args.out, urls)  # before minutes of model loading
+    heads = {name: load_head(path) for name, path in heads.items()}  # an unreadable head file fails here too
     dist = _init_distributed()
     try:
         rank, world = process_rank()
