@@ -31,9 +31,9 @@ EPILOG = """examples:
       --pretrained laion2b_s32b_b82k --out emb/                      (one process per GPU, each its shards)
   ldmclip embed 'shards/{00000..00002}.tar' --model ViT-Tiny-64 --random-init --out /tmp/emb   (a quick try)
 
-read it back:
-  pandas.concat(pandas.read_parquet(f) for f in sorted(glob("emb/metadata/*.parquet")))  # row i ...
-  numpy.concatenate([numpy.load(f) for f in sorted(glob("emb/img_emb/*.npy"))])          # ... is row i here
+read it back (files sorted by name line up, row for row):
+  meta = pandas.concat(pandas.read_parquet(f) for f in sorted(glob("emb/metadata/*.parquet")))
+  emb = numpy.concatenate([numpy.load(f) for f in sorted(glob("emb/img_emb/*.npy"))])
 """
 
 EMBED_DTYPE_CHOICES = ("fp16", "fp32")
@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--random-init", action="store_true",
                        help="allow a model without weights (random initialisation with seed 0): for tests and "
                             "benchmarks only")
-    model.add_argument("--head", action="append", default=[], metavar="NAME=FILE",
+    model.add_argument("--head", action="append", default=None, metavar="NAME=FILE",
                        help="a score head applied to each normalised image embedding, stored as the float32 column "
                             "NAME: a single Linear (weight, bias; LAION's linear aesthetic head) or a stack keyed "
                             "layers.N.weight/bias (LAION's improved aesthetic predictor), in .safetensors or "
@@ -89,8 +89,9 @@ def run(args: argparse.Namespace) -> int:
     if args.workers < 0:
         raise UserError("--workers must be 0 or more")
     _check_weights(args)
-    heads = dict(parse_head_option(text) for text in args.head)
-    if len(heads) != len(args.head):
+    head_options = args.head or []
+    heads = dict(parse_head_option(text) for text in head_options)
+    if len(heads) != len(head_options):
         raise UserError("two --head options have the same NAME; give each head its own column name")
     source = args.shards[0] if len(args.shards) == 1 else list(args.shards)
     urls = expand_urls(source)

@@ -322,15 +322,15 @@ def _shards(source: str | os.PathLike | Sequence[str]) -> list[_Shard]:
 
 
 def check_out_not_input(out: str | os.PathLike, shards: Sequence[str]) -> None:
-    """Refuse an output folder that holds (or is inside the folder of) input shards."""
+    """Refuse an output folder that holds input shards: its files would be mixed with the dataset's. (A
+    folder of its own next to them or below them, such as ``data/emb``, is fine.)"""
     out_path = Path(out).resolve()
     for url in shards:
         if "://" in url or url.startswith("pipe:"):
             continue
-        folder = Path(url).resolve().parent
-        if out_path == folder or folder in out_path.parents or out_path in folder.parents:
-            raise UserError(f"--out {out} is the folder of the input shards or inside it ({url}); write the "
-                            "embeddings to a folder of their own")
+        if Path(url).resolve().parent == out_path:
+            raise UserError(f"--out {out} is the folder of the input shards ({url}); write the embeddings to a "
+                            "folder of their own (e.g. a new subfolder)")
 
 
 def _header(model: torch.nn.Module, dtype: str, precision: str, heads: Mapping[str, torch.nn.Module],
