@@ -126,6 +126,33 @@ def test_embeddings_equal_the_models_own_outputs_on_flickr8k(tiny, flickr_shards
     assert manifest["totals"]["embedded"] == 24 and manifest["dtype"] == "fp32"
 
 
+def test_a_caption_table_gives_the_same_rows_as_its_shards(tiny, flickr_shards, tmp_path):
+    import pandas as pd
+
+    from tests.conftest import shared_data_dir
+
+    model, preprocess, tokenizer = tiny
+    shards, captions = flickr_shards
+    table = tmp_path / "flickr.csv"
+    pd.DataFrame({"image": list(captions), "caption": list(captions.values())}).to_csv(table, index=False)
+    images = shared_data_dir() / "flickr8k" / "images"
+    options = dict(dtype="fp32", precision="fp32", batch_size=4)
+    embed_shards(model, preprocess, tokenizer, shards, tmp_path / "from_shards", **options)
+    report = embed_shards(model, preprocess, tokenizer, table, tmp_path / "from_table", images=images, shard_size=10,
+                          **options)
+    assert report.written == ["flickr-00000", "flickr-00001", "flickr-00002"]
+    a_img, a_text, a_meta = _rows(tmp_path / "from_shards")
+    b_img, b_text, b_meta = _rows(tmp_path / "from_table")
+    assert list(b_meta["key"]) == [f"{name}#{row}" for row, name in enumerate(captions)]  # CaptionTable's keys
+    np.testing.assert_allclose(b_img, a_img, atol=1e-6)  # write_shards stored the JPEG bytes as they were
+    np.testing.assert_allclose(b_text, a_text, atol=1e-6)
+    assert list(b_meta["caption"]) == list(a_meta["caption"])
+    # another --shard-size over the same folder would mix two cuttings of the table: refused
+    with pytest.raises(EmbedMismatchError, match="shard-size"):
+        embed_shards(model, preprocess, tokenizer, table, tmp_path / "from_table", images=images, shard_size=8,
+                     **options)
+
+
 def test_faiss_builds_an_index_from_the_output_as_it_is(tiny, flickr_shards, tmp_path):
     # autofaiss pins numpy<2 and cannot be installed beside this stack, so faiss is used directly the way
     # autofaiss reads an embedding folder: every img_emb/*.npy in sorted order, metadata in the same order.

@@ -11,8 +11,9 @@ from ..core.errors import UserError
 from ..core.formats import carries_weights
 from ..core.launch import process_rank
 from ..data.samples import default_workers
-from .common import (TAG_HELP, add_device_option, add_dtype_option, add_json_option, add_model_options, add_out_option,
-                     add_precision_option, add_quiet_option, add_workers_option, write_json_output)
+from .common import (TAG_HELP, add_column_options, add_device_option, add_dtype_option, add_image_root_option,
+                     add_json_option, add_model_options, add_out_option, add_precision_option, add_quiet_option,
+                     add_workers_option, parse_sep, write_json_output)
 
 __all__ = ["HELP", "DESCRIPTION", "EPILOG", "add_arguments", "run"]
 
@@ -41,7 +42,8 @@ EMBED_DTYPE_CHOICES = ("fp16", "fp32")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("shards", nargs="+", metavar="SHARDS",
-                        help="webdataset shards: a brace pattern ('data/{00000..00099}.tar') or a list of .tar files")
+                        help="webdataset shards: a brace pattern ('data/{00000..00099}.tar') or a list of .tar files; "
+                             "or one caption table (.csv, .tsv, .parquet) with --images")
     add_out_option(parser, "folder for the embeddings (created; an existing one is resumed); not the folder of "
                            "the input shards", metavar="DIR")
     model = parser.add_argument_group("model")
@@ -56,6 +58,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "NAME: a single Linear (weight, bias; LAION's linear aesthetic head) or a stack keyed "
                             "layers.N.weight/bias (LAION's improved aesthetic predictor), in .safetensors or "
                             ".pth/.pt. Repeat for several heads")
+    table = parser.add_argument_group("caption table input")
+    add_image_root_option(table, "folder the table's image paths are relative to (default: the table's folder)")
+    add_column_options(table, image=("image", "table column of image paths"),
+                       caption=("caption", "table column of captions"))
+    table.add_argument("--sep", default=None, help="delimiter of a text table whose suffix does not say it")
+    table.add_argument("--shard-size", type=int, default=10_000,
+                       help="table rows per output file (TABLE-00000, TABLE-00001, ...)")
     encode = parser.add_argument_group("encoding")
     encode.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     add_dtype_option(encode, EMBED_DTYPE_CHOICES, "fp16", "stored embedding type (clip-retrieval stores fp16)")
@@ -84,8 +93,10 @@ def run(args: argparse.Namespace) -> int:
     from ..registry import create_model_and_transforms, get_tokenizer
     from .cache_text import _init_distributed
 
-    if args.batch_size < 1:
-        raise UserError("--batch-size must be at least 1")
+    from ..core.formats import input_kind
+
+    if args.batch_size < 1 or args.shard_size < 1:
+        raise UserError("--batch-size and --shard-size must be at least 1")
     if args.workers < 0:
         raise UserError("--workers must be 0 or more")
     _check_weights(args)
@@ -94,10 +105,13 @@ def run(args: argparse.Namespace) -> int:
     if len(heads) != len(head_options):
         raise UserError("two --head options have the same NAME; give each head its own column name")
     source = args.shards[0] if len(args.shards) == 1 else list(args.shards)
-    urls = expand_urls(source)
+    is_table = isinstance(source, str) and input_kind(source) == "table"
+    if not is_table and any(input_kind(s) == "table" for s in args.shards):
+        raise UserError("give one caption table on its own (or webdataset shards), not several inputs")
+    urls = [source] if is_table else expand_urls(source)
     if not urls:
         raise UserError(f"no shards in {' '.join(args.shards)}")
-    check_out_not_input(args.out, urls)  # before minutes of model loading
+    check_out_not_input(args.out, urls, args.images)  # before minutes of model loading
     heads = {name: load_head(path) for name, path in heads.items()}  # an unreadable head file fails here too
     dist = _init_distributed()
     try:
@@ -109,9 +123,12 @@ def run(args: argparse.Namespace) -> int:
         model.eval()
         tokenizer = get_tokenizer(args.model)
         if rank == 0:
-            print(f"embedding {len(urls)} shard(s) with {args.model} ({device}) into {args.out}"
+            what = f"the table {source}" if is_table else f"{len(urls)} shard(s)"
+            print(f"embedding {what} with {args.model} ({device}) into {args.out}"
                   + (f" on {world} ranks" if world > 1 else ""), file=sys.stderr)
-        report = embed_shards(model, preprocess, tokenizer, urls, args.out, dtype=args.dtype, precision=args.precision,
+        report = embed_shards(model, preprocess, tokenizer, source if is_table else urls, args.out,
+                              images=args.images, image_column=args.image_column, caption_column=args.caption_column,
+                              shard_size=args.shard_size, sep=parse_sep(args.sep), dtype=args.dtype, precision=args.precision,
                               batch_size=args.batch_size, heads=heads, rank=rank, world_size=world,
                               progress=not args.quiet and rank == 0, workers=args.workers, model_name=args.model,
                               pretrained=args.pretrained)

@@ -147,10 +147,21 @@ class EmbedReport:
 
 @dataclass
 class _Shard:
+    """One unit of work, one output: a webdataset shard, or ``rows`` [start, stop) of a caption table."""
+
     index: int
     name: str
     url: str
     size: int | None
+    table: Any = None
+    rows: tuple[int, int] | None = None
+
+    @property
+    def source(self) -> dict[str, Any]:
+        """What the output was made from, checked when a rerun finds it done (another --shard-size...)."""
+        if self.table is None:
+            return {"shard": self.name}
+        return {"table": self.table.path.name, "rows": list(self.rows)}
 
 
 @dataclass
@@ -182,7 +193,17 @@ class _ShardBatches(torch.utils.data.IterableDataset):
         for shard in self.shards[worker::workers]:
             yield from self._shard_batches(shard)
 
+    def _decoded(self, key: str, image: Any, caption: Any, skipped: collections.Counter) -> tuple[str, Any] | None:
+        try:
+            return key, decode_sample(image, caption, self.transform)
+        except BadSample as bad:
+            skipped[bad.reason] += 1
+            return None
+
     def _shard_batches(self, shard: _Shard) -> Iterator[_Batch]:
+        if shard.table is not None:
+            yield from self._table_batches(shard)
+            return
         reader = ShardDataset(shard.url, shuffle_buffer=0)
         skipped: collections.Counter = collections.Counter()
         pending: list[tuple[str, Any]] = []
@@ -191,12 +212,10 @@ class _ShardBatches(torch.utils.data.IterableDataset):
             for raw in reader._read_shard(shard.url):
                 records += 1
                 image = next((raw[e] for e in reader.image_extensions if raw.get(e) is not None), None)
-                try:
-                    decoded = decode_sample(image, raw.get(reader.caption_extension), self.transform)
-                except BadSample as bad:
-                    skipped[bad.reason] += 1
+                item = self._decoded(str(raw["__key__"]), image, raw.get(reader.caption_extension), skipped)
+                if item is None:
                     continue
-                pending.append((str(raw["__key__"]), decoded))
+                pending.append(item)
                 if len(pending) == self.batch_size:
                     yield self._batch(shard, pending)
                     pending = []
@@ -205,6 +224,25 @@ class _ShardBatches(torch.utils.data.IterableDataset):
         skipped.update(reader.stats.counts)  # shard-level problems and duplicate keys
         last = self._batch(shard, pending)
         last.last, last.records, last.skipped = True, records, dict(sorted(skipped.items()))
+        yield last
+
+    def _table_batches(self, shard: _Shard) -> Iterator[_Batch]:
+        table, (start, stop) = shard.table, shard.rows
+        skipped: collections.Counter = collections.Counter()
+        pending: list[tuple[str, Any]] = []
+        for i in range(start, stop):
+            error = table.caption_error(i)
+            if error is not None:  # the table decoded its captions when it was read
+                skipped[error] += 1
+                continue
+            item = self._decoded(table.key(i), table.images[i] or None, table.captions[i], skipped)
+            if item is not None:
+                pending.append(item)
+            if len(pending) == self.batch_size:
+                yield self._batch(shard, pending)
+                pending = []
+        last = self._batch(shard, pending)
+        last.last, last.records, last.skipped = True, stop - start, dict(sorted(skipped.items()))
         yield last
 
     def _batch(self, shard: _Shard, items: list[tuple[str, Any]]) -> _Batch:
@@ -280,7 +318,7 @@ class _ShardResult:
 
 
 def _write_shard(store: ChunkStore, name: str, result: _ShardResult, dtype: Any, embed_dim: int,
-                 head_names: Sequence[str], counts: Mapping[str, Any]) -> None:
+                 head_names: Sequence[str], counts: Mapping[str, Any], source: Mapping[str, Any]) -> None:
     import pyarrow as pa
 
     files = shard_files(store.path, name)
@@ -297,7 +335,7 @@ def _write_shard(store: ChunkStore, name: str, result: _ShardResult, dtype: Any,
     for head in head_names:
         columns[head] = pa.array(result.column(head).astype(np.float32), pa.float32())
     write_parquet(files["metadata"], pa.table(columns))
-    store.write_chunk(name, {}, {"shard": name, "counts": dict(counts)})  # the done marker, last
+    store.write_chunk(name, {}, {"source": dict(source), "counts": dict(counts)})  # the done marker, last
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -321,15 +359,40 @@ def _shards(source: str | os.PathLike | Sequence[str]) -> list[_Shard]:
     return [_Shard(i, name, url, size) for i, (name, url, size) in enumerate(zip(names, urls, shard_sizes(urls)))]
 
 
-def check_out_not_input(out: str | os.PathLike, shards: Sequence[str]) -> None:
-    """Refuse an output folder that holds input shards: its files would be mixed with the dataset's. (A
-    folder of its own next to them or below them, such as ``data/emb``, is fine.)"""
+def _table_shards(path: str | os.PathLike, images: str | os.PathLike | None, image_column: str,
+                  caption_column: str, shard_size: int, sep: str | None) -> list[_Shard]:
+    from ..data.table import CaptionTable, table_chunk_names
+
+    if int(shard_size) < 1:
+        raise UserError(f"shard_size must be at least 1, got {shard_size}")
+    table = CaptionTable(path, images, None, image_column=image_column, caption_column=caption_column, sep=sep)
+    starts = range(0, len(table), int(shard_size))
+    names = table_chunk_names(Path(path).stem, len(starts))
+    return [_Shard(i, name, os.fspath(path), min(start + shard_size, len(table)) - start, table,
+                   (start, min(start + shard_size, len(table)))) for i, (name, start) in enumerate(zip(names, starts))]
+
+
+def _inputs(source: str | os.PathLike | Sequence[str], images: str | os.PathLike | None, image_column: str,
+            caption_column: str, shard_size: int, sep: str | None) -> list[_Shard]:
+    from ..core.formats import input_kind
+
+    if isinstance(source, (str, os.PathLike)) and input_kind(source) == "table":
+        return _table_shards(source, images, image_column, caption_column, shard_size, sep)
+    if images is not None:
+        raise UserError("--images is the image folder of a caption table; webdataset shards hold their images")
+    return _shards(source)
+
+
+def check_out_not_input(out: str | os.PathLike, shards: Sequence[str], images: str | os.PathLike | None = None) -> None:
+    """Refuse an output folder that holds input shards (or a table, or is its image folder): its files would
+    be mixed with the dataset's. (A folder of its own next to them or below them, such as ``data/emb``, is fine.)"""
     out_path = Path(out).resolve()
-    for url in shards:
-        if "://" in url or url.startswith("pipe:"):
-            continue
-        if Path(url).resolve().parent == out_path:
-            raise UserError(f"--out {out} is the folder of the input shards ({url}); write the embeddings to a "
+    folders = [(Path(url).resolve().parent, url) for url in shards if "://" not in url and not url.startswith("pipe:")]
+    if images is not None:
+        folders.append((Path(images).resolve(), os.fspath(images)))
+    for folder, what in folders:
+        if folder == out_path:
+            raise UserError(f"--out {out} is the folder of the input shards ({what}); write the embeddings to a "
                             "folder of their own (e.g. a new subfolder)")
 
 
@@ -418,6 +481,11 @@ def embed_shards(
     workers: int = 0,
     model_name: str | None = None,
     pretrained: str | None = None,
+    images: str | os.PathLike | None = None,
+    image_column: str = "image",
+    caption_column: str = "caption",
+    shard_size: int = 10_000,
+    sep: str | None = None,
 ) -> EmbedReport:
     """Embed every sample of the webdataset shards ``source`` into the folder ``out`` (created, or
     resumed: finished shards are skipped). See the module docs for the layout and the rules.
@@ -425,7 +493,10 @@ def embed_shards(
     Args:
         model: an ldmclip ``CLIP`` (on its device, in eval mode); preprocess: its image transform;
             tokenizer: its tokenizer (``list[str] -> LongTensor``).
-        source: a brace pattern (``'data/{00000..00099}.tar'``) or a list of shard paths/URLs.
+        source: a brace pattern (``'data/{00000..00099}.tar'``) or a list of shard paths/URLs; or a caption
+            table (``.csv``/``.tsv``/``.parquet``, read as ``data.table.CaptionTable`` with ``images`` as its
+            image root, ``image_column``, ``caption_column``, ``sep``), cut into outputs of ``shard_size``
+            rows named ``{table stem}-{00000}`` (the text cache's names), keys ``IMAGE#ROW``.
         dtype: stored embedding dtype, ``fp16`` (default, as clip-retrieval) or ``fp32``.
         precision: ``auto`` (bf16 autocast on GPUs and AVX512-bf16/AMX CPUs, else fp32), ``amp_bf16``,
             ``amp_fp16`` (CUDA) or ``fp32``.
@@ -446,8 +517,8 @@ def embed_shards(
         raise UserError(f"batch_size must be at least 1, got {batch_size}")
     if int(workers) < 0:
         raise UserError(f"workers must be 0 or more, got {workers}")
-    shards = _shards(source)
-    check_out_not_input(out, [s.url for s in shards])
+    shards = _inputs(source, images, image_column, caption_column, shard_size, sep)
+    check_out_not_input(out, [s.url for s in shards], images)
     if (rank is None) != (world_size is None):
         raise ValueError("pass both rank and world_size, or neither")
     rank, world_size = (int(rank), int(world_size)) if rank is not None else process_rank()
@@ -467,6 +538,9 @@ def embed_shards(
     mine = [s for s in shards if s.index % world_size == rank]
     report = EmbedReport(store.path, other_ranks=len(shards) - len(mine))
     done = set(store.chunk_names())
+    for shard in mine:
+        if shard.name in done:
+            _check_source(store, shard)
     report.already_done = [s.name for s in mine if s.name in done]
     todo = [s for s in mine if s.name not in done]
     report.counts = {"records": 0, "embedded": 0, "skipped": {}}
@@ -475,6 +549,7 @@ def embed_shards(
     bar = _progress_bar(todo, rank, world_size) if progress and todo else None
     results: dict[str, _ShardResult] = {}
     try:
+        sources = {s.name: s.source for s in todo}
         for batch in _batches(todo, preprocess, tokenizer, int(batch_size), int(workers)):
             result = results.setdefault(batch.shard, _ShardResult())
             if batch.keys:
@@ -483,7 +558,7 @@ def embed_shards(
                     bar.update(len(batch.keys))
             if batch.last:
                 del results[batch.shard]
-                _finish_shard(store, batch, result, dtype, embed_dim, list(encoder.heads), report)
+                _finish_shard(store, batch, result, dtype, embed_dim, list(encoder.heads), report, sources[batch.shard])
                 if bar is not None:
                     bar.update(batch.records - len(result.keys))
     finally:
@@ -502,14 +577,22 @@ def embed_shards(
     return report
 
 
+def _check_source(store: ChunkStore, shard: _Shard) -> None:
+    made_from = store.read_chunk_meta(shard.name).get("source")
+    if as_json_value(made_from) != as_json_value(shard.source):
+        raise EmbedMismatchError(f"{store.chunk_path(shard.name)} was made from {made_from}, but this run's "
+                                 f"{shard.name!r} is {shard.source} (another input with the same name, or another "
+                                 "--shard-size?); use another output folder")
+
+
 def _finish_shard(store: ChunkStore, batch: _Batch, result: _ShardResult, dtype: str, embed_dim: int,
-                  head_names: Sequence[str], report: EmbedReport) -> None:
+                  head_names: Sequence[str], report: EmbedReport, source: Mapping[str, Any]) -> None:
     counts = {"records": batch.records, "embedded": len(result.keys), "skipped": batch.skipped}
     retry = failed_as_a_whole(batch.skipped, batch.records)
     if retry:  # no files and no marker: a rerun tries this shard again
         report.failed[batch.shard] = retry
         return
-    _write_shard(store, batch.shard, result, EMBED_DTYPES[dtype], embed_dim, head_names, counts)
+    _write_shard(store, batch.shard, result, EMBED_DTYPES[dtype], embed_dim, head_names, counts, source)
     report.written.append(batch.shard)
     _add_counts(report.counts, counts)
 
