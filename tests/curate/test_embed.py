@@ -219,6 +219,18 @@ def test_bad_samples_are_counted_by_reason_and_a_truncated_shard_keeps_its_compl
     assert again.written == ["junk"] and again.already_done == ["bad", "cut"] and not again.failed
 
 
+def test_decoding_in_worker_processes_gives_the_same_bytes(tiny, tmp_path, capsys):
+    model, preprocess, tokenizer = tiny
+    shards = _synthetic_shards(tmp_path / "in", 7, 3)
+    options = dict(precision="fp32", batch_size=2)
+    embed_shards(model, preprocess, tokenizer, shards, tmp_path / "main", **options)
+    report = embed_shards(model, preprocess, tokenizer, shards, tmp_path / "workers", workers=2, progress=True,
+                          **options)
+    assert report.written == ["shard-00000", "shard-00001", "shard-00002"] and report.counts["embedded"] == 7
+    assert _tree(tmp_path / "workers") == _tree(tmp_path / "main")
+    assert "7/7" in capsys.readouterr().err  # the bar's total comes from the shards' sizes.json
+
+
 def test_a_rerun_with_another_setup_is_refused_naming_the_fields(tiny, tmp_path):
     model, preprocess, tokenizer = tiny
     shards = _synthetic_shards(tmp_path / "in", 4, 2)
