@@ -231,6 +231,24 @@ def test_decoding_in_worker_processes_gives_the_same_bytes(tiny, tmp_path, capsy
     assert "7/7" in capsys.readouterr().err  # the bar's total comes from the shards' sizes.json
 
 
+def test_a_rerun_removes_what_a_killed_run_left_and_redoes_an_unmarked_shard(tiny, tmp_path):
+    model, preprocess, tokenizer = tiny
+    shards = _synthetic_shards(tmp_path / "in", 4, 2)
+    out = tmp_path / "emb"
+    embed_shards(model, preprocess, tokenizer, shards, out, precision="fp32")
+    reference = _tree(out)
+    # a run killed after writing shard-00001's embeddings, before its marker, with temporaries in every folder
+    embed_store(out).chunk_path("shard-00001").unlink()
+    shard_files(out, "shard-00001")["metadata"].unlink()
+    leftovers = [out / "img_emb" / ".img_emb_shard-00001.npy.tmp", out / "metadata" / ".metadata_shard-00001.parquet.tmp",
+                 out / "done" / ".shard-00001.safetensors.tmp", out / ".manifest.json.tmp"]
+    for path in leftovers:
+        path.write_bytes(b"half written")
+    again = embed_shards(model, preprocess, tokenizer, shards, out, precision="fp32")
+    assert again.written == ["shard-00001"] and again.already_done == ["shard-00000"]
+    assert not any(p.exists() for p in leftovers) and _tree(out) == reference
+
+
 def test_a_rerun_with_another_setup_is_refused_naming_the_fields(tiny, tmp_path):
     model, preprocess, tokenizer = tiny
     shards = _synthetic_shards(tmp_path / "in", 4, 2)
