@@ -30,6 +30,7 @@ from . import checkpoints
 from .checkpoints import checkpoint_folder
 from .checkpoints.state_dict import resize_text_positional_embedding
 from .core.errors import UserError
+from .core.files import tensors_sha256
 from .core.formats import HF_HUB_PREFIX, LOCAL_DIR_PREFIX
 from .core.precision import precision_dtype
 from .models.clip import CLIP
@@ -565,3 +566,17 @@ def _tower_from_state(state: dict[str, torch.Tensor], text_cfg: TextConfig, embe
         tower = TextTransformer(text_cfg, embed_dim, activation)
     checkpoints.load_into_model(tower, state, source=source, assign=True, suggest=suggest)
     return tower
+
+
+def model_weights_sha256(model: torch.nn.Module) -> str:
+    """sha256 over every tensor of the model's state dict (names, dtypes, shapes and bytes): both towers,
+    since an index holds image embeddings and is searched with text ones. (The conditioner's
+    ``weights_sha256`` hashes the text tower alone.)"""
+    return tensors_sha256(model.state_dict())
+
+
+def model_identity(model: Any, name: str, pretrained: str | None) -> dict[str, Any]:
+    """What identifies the embeddings a model makes: its config, its image preprocessing and a hash of
+    its weights. ``name``/``pretrained`` are kept so search can load the same model again."""
+    return {"name": name, "pretrained": pretrained, "config": model.config.to_dict(),
+            "preprocess": dict(model.preprocess_cfg), "sha256": model_weights_sha256(model)}

@@ -10,7 +10,7 @@ import argparse
 import sys
 from types import ModuleType
 
-from . import cache_text, common, dedup, export, index, info, merge, pack, search, serve, train
+from . import cache_text, common, dedup, embed, export, index, info, merge, pack, search, serve, train
 from . import filter as filter_command  # (not shadowing the builtin filter)
 from . import eval as eval_command  # (not shadowing the builtin eval)
 
@@ -19,7 +19,8 @@ __all__ = ["main", "build_parser", "COMMANDS"]
 # In the order `ldmclip --help` lists them.
 COMMANDS: dict[str, ModuleType] = {
     "info": info, "train": train, "pack": pack, "eval": eval_command, "export": export, "cache-text": cache_text,
-    "merge": merge, "dedup": dedup, "filter": filter_command, "index": index, "search": search, "serve": serve,
+    "embed": embed, "dedup": dedup, "filter": filter_command, "merge": merge, "index": index, "search": search,
+    "serve": serve,
 }
 
 

@@ -34,7 +34,8 @@ EPILOG = """examples:
 
 read it back:
   cache = ldmclip.TextEmbeddingCache("cache/"); cache[key]["hidden"], cache.join(image_samples)
-  cache.variant(key, "synthetic"); cache.join(image_samples, variants={"txt": 0.5, "synthetic": 0.5}, drop=0.1)
+  cache.variant(key, "synthetic")
+  cache.join(image_samples, variants={"txt": 0.5, "synthetic": 0.5}, drop=0.1)
 """
 
 

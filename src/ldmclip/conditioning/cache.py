@@ -72,15 +72,17 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
 from ..core.errors import UserError
 from ..core.files import human_bytes
+from ..core.launch import default_barrier as _default_barrier
 from ..core.launch import process_rank
 from ..core.precision import DTYPES
-from ..data.samples import REASON_DUPLICATE_KEY, REASON_SHARD_ERROR, REASON_SHARD_UNREADABLE, REASON_TRUNCATED_SHARD
+from ..data.samples import REASON_DUPLICATE_KEY
+from ..data.shards import failed_as_a_whole as _failed_as_a_whole
 from ..data.store import ChunkStore, StoreError, StoreMismatchError, as_json_value, differing_fields
 from .variants import CaptionVariant, open_variant_inputs, parse_variants, plan_variant_records
 from .cache_inputs import DEFAULT_SHARD_SIZE, InputChunk, open_inputs
@@ -96,23 +98,6 @@ SHARD_SUFFIX = ".safetensors"
 CACHE_DTYPES = {name: DTYPES[name] for name in ("fp16", "bf16", "fp32")}  # the order is the help's
 MAX_CAPTION_CHARS = 20_000
 MANIFEST_REFRESH_S = 30.0  # how often rank 0 refreshes the manifest's shard list during a run
-
-# Shard-level problems after which the input shard is retried on the next run instead of cached.
-_RETRY_REASONS = (REASON_SHARD_UNREADABLE, REASON_SHARD_ERROR)
-
-
-def _failed_as_a_whole(problems: Mapping[str, int], records: int) -> str | None:
-    """Why an input shard gives no cache shard (None: it is cached). It failed as a whole when it could
-    not be opened, failed while being read, or gave not one record before a tar error: a zero-byte file,
-    random bytes, a copy cut inside its first member. Caching that as an empty shard would mark it done
-    and no rerun would look at it again; a tar cut later keeps the complete samples before the cut."""
-    retry = [r for r in _RETRY_REASONS if problems.get(r)]
-    if retry:
-        return ", ".join(retry)
-    if records == 0 and problems.get(REASON_TRUNCATED_SHARD):
-        return "empty, not a tar file, or cut before its first sample"
-    return None
-
 
 class CacheError(StoreError):
     """A cache folder that cannot be used (damaged, not a cache, an unrelated folder)."""
@@ -334,13 +319,6 @@ def _plan_chunk(records: Iterable[tuple[str, Any]]) -> _Plan:
 # ----------------------------------------------------------------------------------------------------
 # Writer
 # ----------------------------------------------------------------------------------------------------
-
-def _default_barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
 
 _CHECKED_FIELDS = ("format", "identity", "preset", "dtype", "precision", "hidden_shape", "pooled_dim")
 

@@ -30,12 +30,13 @@ from typing import Any, Callable, Iterator, Sequence
 
 from ..core.errors import UserError
 from ..core.formats import input_kind
+from ..data.shards import shard_name as _shard_name
+from ..data.shards import shard_sizes as _shard_sizes
 
 __all__ = ["InputChunk", "open_inputs", "INPUT_FORMATS"]
 
 INPUT_FORMATS = ("auto", "webdataset", "table", "text")
 DEFAULT_SHARD_SIZE = 10_000
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]*$")
 
 
 @dataclass
@@ -98,13 +99,6 @@ def open_inputs(
 # webdataset shards
 # ----------------------------------------------------------------------------------------------------
 
-def _shard_name(url: str, index: int) -> str:
-    # The last "name.tar" in the URL (also inside a `pipe:aws s3 cp s3://b/00042.tar -` command).
-    found = re.findall(r"([^/\s:'\"]+?)\.tar(?:\.gz)?(?=$|[\s'\"?#])", url)
-    name = found[-1] if found else ""
-    return name if _NAME_RE.match(name) else f"shard-{index:06d}"
-
-
 def _webdataset_chunks(pattern: str | list[str]) -> list[InputChunk]:
     from ..data.shards import expand_urls
 
@@ -125,28 +119,6 @@ def _webdataset_chunks(pattern: str | list[str]) -> list[InputChunk]:
     sizes = _shard_sizes(urls)
     return [InputChunk(name, {"shard": name}, size, _shard_reader(url))
             for name, url, size in zip(names, urls, sizes)]
-
-
-def _shard_sizes(urls: Sequence[str]) -> list[int | None]:
-    """Samples per local shard from the ``sizes.json`` next to it (what ``ldmclip pack`` and img2dataset
-    write), for the progress bar's ETA; ``None`` where unknown. Each ``sizes.json`` is read once."""
-    import json
-
-    tables: dict[Path, dict[str, Any]] = {}
-    sizes: list[int | None] = []
-    for url in urls:
-        if "://" in url or url.startswith("pipe:"):
-            sizes.append(None)
-            continue
-        path = Path(url)
-        if path.parent not in tables:
-            try:
-                tables[path.parent] = json.loads((path.parent / "sizes.json").read_text())
-            except (OSError, ValueError):
-                tables[path.parent] = {}
-        value = tables[path.parent].get(path.name)
-        sizes.append(int(value) if isinstance(value, int) else None)
-    return sizes
 
 
 def _shard_reader(url: str) -> Callable[[Any], Iterator[tuple[str, Any]]]:

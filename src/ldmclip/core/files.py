@@ -16,7 +16,7 @@ import torch
 from .errors import DiskFullError
 
 __all__ = ["temp_name", "atomic_write", "write_json_atomic", "save_torch", "fsync_dir", "write_safetensors",
-           "safetensors_dtype", "tensors_sha256", "is_disk_full", "DiskFullError", "human_bytes",
+           "safetensors_dtype", "tensors_sha256", "is_disk_full", "DiskFullError", "human_bytes", "write_npy",
            "write_parquet_atomic"]
 
 _DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
@@ -100,8 +100,10 @@ def write_parquet_atomic(path: str | os.PathLike, table: Any) -> None:
     Written through a Python file object (as ``save_torch``), so that a full disk is a :class:`DiskFullError`."""
     try:
         import pyarrow.parquet as pq
-    except ImportError as error:  # pragma: no cover - pyarrow ships with the parquet and test extras
-        raise ImportError("writing parquet files needs pyarrow: pip install pyarrow") from error
+    except ImportError:  # an optional dependency (the ``parquet`` extra)
+        from .errors import UserError
+
+        raise UserError("writing parquet files needs pyarrow: pip install pyarrow") from None
 
     def write(temp: Path) -> None:
         with open(temp, "wb") as f:
@@ -192,3 +194,17 @@ def human_bytes(n: float) -> str:
             return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} TB"
+
+
+def write_npy(path: str | os.PathLike, array: Any) -> None:
+    """``numpy.save`` of ``array`` to ``path`` atomically (the ``.npy`` format: its header depends only on
+    dtype, shape and order, so the same array gives the same bytes)."""
+    import numpy as np
+
+    data = np.ascontiguousarray(array)
+
+    def write(temp: Path) -> None:
+        with open(temp, "wb") as f:
+            np.save(f, data, allow_pickle=False)
+
+    atomic_write(path, write)

@@ -23,7 +23,7 @@ from typing import Mapping
 from .errors import UserError
 
 __all__ = ["DEFAULT_PORT", "Launch", "read_launch", "detect_launch", "local_process", "process_rank", "join_process_group",
-           "slurm_first_host"]
+           "slurm_first_host", "default_barrier"]
 
 DEFAULT_PORT = 29500
 
@@ -117,3 +117,12 @@ def slurm_first_host(nodelist: str) -> str:
     if ranges is None:
         return prefix
     return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def default_barrier() -> None:
+    """``torch.distributed.barrier()`` when a process group of several ranks is initialised, else nothing:
+    the barrier of the resumable passes (the text cache, ``ldmclip embed``) when none is given."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

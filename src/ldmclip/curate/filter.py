@@ -41,7 +41,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from ..core.errors import UserError
-from ..core.files import atomic_write, write_json_atomic
+from ..core.files import atomic_write, write_json_atomic, write_parquet_atomic
 from ..data.samples import REASON_DUPLICATE_KEY, REASON_TRUNCATED_SHARD, SampleStats
 from ..data.shards import ShardMembers, expand_urls
 from ..data.store import ChunkStore
@@ -410,7 +410,6 @@ def _write_decisions(path: Path, listing: _Listing, urls: Sequence[str], decisio
                      out_shard: np.ndarray) -> None:
     import pyarrow as pa
 
-    pq = _pyarrow_parquet()
     keys = list(listing.keys) + [key for _, key in listing.cut]
     shards = [urls[i] for i in listing.shard] + [urls[i] for i, _ in listing.cut]
     cut = len(listing.cut)
@@ -421,7 +420,7 @@ def _write_decisions(path: Path, listing: _Listing, urls: Sequence[str], decisio
         "reason": pa.array(list(decisions["reason"]) + [REASON_TRUNCATED_SHARD] * cut, pa.string()),
         "out_shard": pa.array([s or None for s in out_shard.tolist()] + [None] * cut, pa.string()),
     })
-    atomic_write(path, lambda temp: pq.write_table(table, temp))
+    write_parquet_atomic(path, table)
 
 
 def _write_histograms(path: Path, expression: Where, scores: _Scores, decisions: dict[str, np.ndarray]) -> None:

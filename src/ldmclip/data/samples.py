@@ -82,6 +82,8 @@ __all__ = [
     "decode_caption",
     "apply_transform",
     "load_sample",
+    "decode_sample",
+    "DecodedSample",
     "record_bad",
     "drain_pending",
     "make_dataloader",
@@ -347,24 +349,40 @@ def _target_size(transform: Any) -> int | None:
     return size if isinstance(size, int) else None
 
 
+class DecodedSample(NamedTuple):
+    """One decoded pair with the size of its image as decoded (before the transform)."""
+
+    image: Any
+    caption: str
+    width: int
+    height: int
+
+
+def decode_sample(image: Any, caption: Any, transform: Callable | None, *, fast: bool = False) -> DecodedSample:
+    """Decode one pair (see :func:`load_sample`); raises :class:`BadSample` with the reason."""
+    if image is None:
+        raise BadSample(REASON_MISSING_IMAGE)
+    text = decode_caption(caption)  # cheap: check before decoding the image
+    img = decode_image(image, target_size=_target_size(transform), fast=fast)
+    width, height = img.size
+    out = apply_transform(img, transform)
+    if out is not img:
+        img.close()
+    return DecodedSample(out, text, width, height)
+
+
 def load_sample(image: Any, caption: Any, key: str, transform: Callable | None,
                 stats: SampleStats | None = None, *, fast: bool = False) -> Sample | None:
     """Decode one pair: ``image`` (bytes or path, or ``None`` for a missing image) and ``caption``
     (bytes/str/``None``). Returns a :class:`Sample`, or ``None`` with the reason recorded."""
     try:
-        if image is None:
-            raise BadSample(REASON_MISSING_IMAGE)
-        text = decode_caption(caption)  # cheap: check before decoding the image
-        img = decode_image(image, target_size=_target_size(transform), fast=fast)
-        out = apply_transform(img, transform)
-        if out is not img:
-            img.close()
+        decoded = decode_sample(image, caption, transform, fast=fast)
     except BadSample as bad:
         record_bad(bad.reason, stats, key, bad.detail)
         return None
     if stats is not None:
         stats.seen += 1
-    return Sample(out, text, key)
+    return Sample(decoded.image, decoded.caption, key)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ import tarfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch.utils.data
 
@@ -60,7 +60,8 @@ from .samples import (REASON_DUPLICATE_KEY, REASON_SHARD_ERROR, REASON_SHARD_UNR
                       record_bad)
 
 __all__ = ["ShardDataset", "ShardStallError", "ShardMembers", "make_shard_pipeline", "expand_urls", "dataset_size",
-           "exit_with_parent", "IMAGE_EXTENSIONS", "STALL_ATTEMPTS", "STALL_SECONDS"]
+           "exit_with_parent", "IMAGE_EXTENSIONS", "STALL_ATTEMPTS", "STALL_SECONDS", "shard_name", "shard_sizes",
+           "failed_as_a_whole"]
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 _TAR_BUFSIZE = 64 * 1024  # larger buffers make tarfile slower (it slices its buffer per read)
@@ -164,6 +165,56 @@ def dataset_size(urls: str | Iterable[str]) -> int | None:
             return None
         total += int(n)
     return total
+
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]*$")
+
+
+def shard_name(url: str, index: int) -> str:
+    """The name of the output made from shard ``url`` (the ``index``-th of its list): the shard's file
+    stem (``data/00042.tar`` -> ``00042``), or ``shard-{index:06d}`` when the URL has no usable one.
+    The text cache and ``ldmclip embed`` name their per-shard files by it."""
+    # The last "name.tar" in the URL (also inside a `pipe:aws s3 cp s3://b/00042.tar -` command).
+    found = re.findall(r"([^/\s:'\"]+?)\.tar(?:\.gz)?(?=$|[\s'\"?#])", url)
+    name = found[-1] if found else ""
+    return name if _NAME_RE.match(name) else f"shard-{index:06d}"
+
+
+def shard_sizes(urls: Sequence[str]) -> list[int | None]:
+    """Samples per local shard from the ``sizes.json`` next to it (what ``ldmclip pack`` and img2dataset
+    write), for the progress bar's ETA; ``None`` where unknown. Each ``sizes.json`` is read once."""
+    tables: dict[Path, dict[str, Any]] = {}
+    sizes: list[int | None] = []
+    for url in urls:
+        if "://" in url or url.startswith("pipe:"):
+            sizes.append(None)
+            continue
+        path = Path(url)
+        if path.parent not in tables:
+            try:
+                tables[path.parent] = json.loads((path.parent / "sizes.json").read_text())
+            except (OSError, ValueError):
+                tables[path.parent] = {}
+        value = tables[path.parent].get(path.name)
+        sizes.append(int(value) if isinstance(value, int) else None)
+    return sizes
+
+
+# Shard-level problems after which an input shard is retried on the next run instead of marked done.
+_RETRY_REASONS = (REASON_SHARD_UNREADABLE, REASON_SHARD_ERROR)
+
+
+def failed_as_a_whole(problems: Mapping[str, int], records: int) -> str | None:
+    """Why an input shard gives no output (None: it gives one). It failed as a whole when it could not be
+    opened, failed while being read, or gave not one record before a tar error: a zero-byte file, random
+    bytes, a copy cut inside its first member. Storing that as an empty result would mark it done and no
+    rerun would look at it again; a tar cut later keeps the complete samples before the cut."""
+    retry = [r for r in _RETRY_REASONS if problems.get(r)]
+    if retry:
+        return ", ".join(retry)
+    if records == 0 and problems.get(REASON_TRUNCATED_SHARD):
+        return "empty, not a tar file, or cut before its first sample"
+    return None
 
 
 def _rng(*parts: Any) -> random.Random:

@@ -60,6 +60,10 @@ def differing_fields(existing: Mapping[str, Any], wanted: Mapping[str, Any], fie
     return [name for name in fields if as_json_value(existing.get(name)) != as_json_value(wanted.get(name))]
 
 
+def _visible_files(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if not p.name.startswith(".")]
+
+
 class ChunkStore:
     """One store folder (see the module docs).
 
@@ -73,11 +77,14 @@ class ChunkStore:
         canonical: sorted, compact JSON (byte-identical reruns) or insertion-ordered JSON; see above.
         error, mismatch: the exception classes raised for an unusable folder and a mismatched setup (the
             users' own subclasses of :class:`StoreError` / :class:`StoreMismatchError` or any ``UserError``).
+        data_dirs: subfolders of files the user writes itself (atomically, through ``core.files``) before a
+            chunk marks them finished (``ldmclip embed``'s ``img_emb``, ...): their temporaries are removed
+            with the store's, and empty ones do not make the folder look unrelated.
     """
 
     def __init__(self, path: str | os.PathLike, format_name: str, chunk_dir: str, suffix: str = ".safetensors", *,
                  kind: str = "store", canonical: bool = True, error: type[Exception] = StoreError,
-                 mismatch: type[Exception] = StoreMismatchError) -> None:
+                 mismatch: type[Exception] = StoreMismatchError, data_dirs: Iterable[str] = ()) -> None:
         self.path = Path(path)
         self.format_name = format_name
         self.chunks = self.path / chunk_dir
@@ -87,6 +94,7 @@ class ChunkStore:
         self.canonical = canonical
         self.error = error
         self.mismatch = mismatch
+        self.data_dirs = [self.path / name for name in data_dirs]
 
     @property
     def manifest_path(self) -> Path:
@@ -178,7 +186,8 @@ class ChunkStore:
         if not self.path.is_dir():
             raise self.error(f"{self.path} exists and is not a folder; choose a new folder for the {self.noun}")
         visible = [p.name for p in self.path.iterdir() if not p.name.startswith(".")
-                   and not (p == self.chunks and p.is_dir() and not self.chunk_files())]
+                   and not (p == self.chunks and p.is_dir() and not self.chunk_files())
+                   and not (p in self.data_dirs and p.is_dir() and not _visible_files(p))]
         if visible:
             raise self.error(f"{self.path} is not empty and holds no {MANIFEST_NAME}, so it is not an ldmclip "
                              f"{self.kind} ({', '.join(sorted(visible)[:5])}); choose an empty or new folder "
@@ -187,7 +196,7 @@ class ChunkStore:
     def remove_temporaries(self) -> None:
         """Delete what killed runs left: temporary files are never part of the store. Only one process
         may call this, before any other starts writing (it would delete their files in progress)."""
-        for folder in (self.path, self.chunks):
+        for folder in (self.path, self.chunks, *self.data_dirs):
             if folder.is_dir():
                 for p in folder.glob(_TEMP_GLOB):
                     p.unlink(missing_ok=True)

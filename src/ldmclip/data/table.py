@@ -26,7 +26,16 @@ from ..core.errors import UserError
 from ..core.formats import PARQUET_SUFFIXES, TABLE_DELIMITERS
 from .samples import BadSample, Sample, SampleStats, decode_caption, load_sample, record_bad
 
-__all__ = ["CaptionTable", "ImageList", "read_table", "read_split_file", "table_columns"]
+__all__ = ["CaptionTable", "ImageList", "read_table", "read_split_file", "table_columns", "table_chunk_names"]
+
+
+def table_chunk_names(stem: str, count: int) -> list[str]:
+    """Names of the ``count`` chunks of a table whose file stem is ``stem``: ``{stem}-{00000}``, ... (the
+    text cache's table chunks are named by the same rule)."""
+    import re
+
+    stem = re.sub(r"[^A-Za-z0-9._+=-]", "_", stem).lstrip("._-") or "input"
+    return [f"{stem}-{i:05d}" for i in range(count)]
 
 
 def _raise_csv_field_limit() -> None:

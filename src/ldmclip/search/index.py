@@ -38,10 +38,10 @@ import torch
 import torch.utils.data
 
 from ..core.formats import IMAGE_SUFFIXES, name_bytes, name_to_text, text_to_name
-from ..core.files import tensors_sha256
 from ..data.folders import list_images
 from ..data.samples import BadSample, apply_transform, decode_image
 from ..data.store import ChunkStore, StoreError, StoreMismatchError, differing_fields
+from ..registry import model_identity, model_weights_sha256
 
 __all__ = ["SearchIndexError", "IndexMismatchError", "ImageFile", "BuildResult", "SearchIndex",
            "build_index", "find_images", "model_identity", "model_weights_sha256", "check_same_model", "index_store"]
@@ -93,20 +93,6 @@ def find_images(root: str | os.PathLike) -> list[ImageFile]:
             st = None
         found.append(ImageFile(rel, st.st_size if st else -1, st.st_mtime_ns if st else -1))
     return found
-
-
-def model_weights_sha256(model: torch.nn.Module) -> str:
-    """sha256 over every tensor of the model's state dict (names, dtypes, shapes and bytes): both towers,
-    since an index holds image embeddings and is searched with text ones. (The conditioner's
-    ``weights_sha256`` hashes the text tower alone.)"""
-    return tensors_sha256(model.state_dict())
-
-
-def model_identity(model: Any, name: str, pretrained: str | None) -> dict[str, Any]:
-    """What identifies the embeddings a model makes: its config, its image preprocessing and a hash of
-    its weights. ``name``/``pretrained`` are kept so search can load the same model again."""
-    return {"name": name, "pretrained": pretrained, "config": model.config.to_dict(),
-            "preprocess": dict(model.preprocess_cfg), "sha256": model_weights_sha256(model)}
 
 
 def _describe(identity: dict[str, Any]) -> str:
