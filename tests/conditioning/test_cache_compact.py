@@ -274,3 +274,32 @@ def test_cli_dtype_int8(tmp_path, capsys):
         want = exact[key]["hidden"]
         scale = want.abs().amax(-1) / QMAX["int8"]
         _assert_within_format_bound(compact[key]["hidden"].float(), want, scale, "int8", extra_rel=2.0 ** -11)
+
+
+class _RecordingHandle:
+    """Wraps a safe_open handle and records which tensor rows are read."""
+
+    def __init__(self, handle, reads):
+        self.handle, self.reads = handle, reads
+
+    def get_slice(self, name):
+        handle, reads = self.handle, self.reads
+
+        class _Slice:
+            def __getitem__(self, index):
+                reads.append((name, index))
+                return handle.get_slice(name)[index]
+
+        return _Slice()
+
+
+def test_reading_a_key_reads_its_rows_and_scale_rows_only(tmp_path, sdxl, reference, monkeypatch):
+    src, _ = reference
+    _build(sdxl, src, tmp_path / "cache", dtype="int8", shard_size=4)
+    cache = TextEmbeddingCache(tmp_path / "cache")
+    reads: list = []
+    original = cache._handle
+    monkeypatch.setattr(cache, "_handle", lambda number: _RecordingHandle(original(number), reads))
+    _, row = cache.location("6")
+    cache["6"]
+    assert sorted(reads) == sorted((name, row) for name in ("hidden", "hidden_scale", "pooled", "pooled_scale"))
