@@ -86,7 +86,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "webdataset input keeps one cache shard per input shard")
     encode = parser.add_argument_group("encoding")
     encode.add_argument("--batch-size", type=int, default=256, help="captions per forward pass")
-    add_dtype_option(encode, CACHE_DTYPES, "fp16", "stored dtype of the embeddings")
+    add_dtype_option(encode, CACHE_DTYPES, "fp16",
+                     "stored dtype of the embeddings (default: fp16); int8 and fp8 (e4m3) take half of fp16's "
+                     "space, each with a scale per token, and are read back as float16 (BENCHMARKS.md gives "
+                     "their measured error)")
     add_precision_option(encode, "autocast while encoding: 'auto' is bf16 on GPUs and CPUs with AMX/AVX512-bf16")
     add_device_option(encode)
     add_quiet_option(encode)

@@ -7,6 +7,10 @@ Layout of a cache folder::
     empty_prompt.safetensors       hidden [T, W] (+ pooled [D]) of "" for classifier-free guidance
     shards/NAME.safetensors        one per input chunk (cache_inputs): hidden [U, T, W], pooled [U, D]
 
+Compact dtypes (``int8``, ``fp8``: ``quantize.py``): a shard also holds ``hidden_scale`` [U, T] and
+``pooled_scale`` [U] (float32; ``x = value * scale``), the manifest a ``scales`` entry, and the empty prompt
+is kept exact (float32: it is one row, and classifier-free guidance at inference uses the exact one).
+
 Each shard file also carries its index in the safetensors metadata (one ``"ldmclip"`` entry, JSON):
 the sample keys in input order, the row of ``hidden``/``pooled`` each key points to, the input it
 was made from and its counts. The cache's index (key -> shard, row) is the union of the shard
@@ -80,22 +84,28 @@ from ..core.errors import UserError
 from ..core.files import human_bytes
 from ..core.launch import default_barrier as _default_barrier
 from ..core.launch import process_rank
-from ..core.precision import DTYPES
+from ..core.precision import COMPACT_DTYPES, DTYPES
 from ..data.samples import REASON_DUPLICATE_KEY
 from ..data.shards import failed_as_a_whole as _failed_as_a_whole
 from ..data.store import ChunkStore, StoreError, StoreMismatchError, as_json_value, differing_fields
 from .variants import CaptionVariant, open_variant_inputs, parse_variants, plan_variant_records
 from .cache_inputs import DEFAULT_SHARD_SIZE, InputChunk, open_inputs
+from .quantize import QuantizedRows, is_compact, stored_tensors
 
 __all__ = ["CacheReport", "CacheError", "CacheMismatchError", "build_text_cache", "cache_store", "CACHE_DTYPES",
            "MAX_CAPTION_CHARS"]
 
 FORMAT = "ldmclip-text-embedding-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this ldmclip reads and writes
+# A cache is written with the oldest version that can read it: 1 for fp16/bf16/fp32 (what every ldmclip
+# reads), 2 for int8/fp8, whose scale tensors an ldmclip of version 1 would not apply (it then says to upgrade).
+_FIRST_VERSION_OF = {"int8": 2, "fp8": 2}
 EMPTY_PROMPT_NAME = "empty_prompt.safetensors"
 SHARDS_DIR = "shards"
 SHARD_SUFFIX = ".safetensors"
-CACHE_DTYPES = {name: DTYPES[name] for name in ("fp16", "bf16", "fp32")}  # the order is the help's
+# the order is the help's; int8/fp8 are stored with a scale per token (quantize.py)
+CACHE_DTYPES = {name: DTYPES[name] for name in ("fp16", "bf16", "fp32")} | COMPACT_DTYPES
+READ_DTYPE_OF_COMPACT = torch.float16  # what int8/fp8 caches read back as by default (cache_reader)
 MAX_CAPTION_CHARS = 20_000
 MANIFEST_REFRESH_S = 30.0  # how often rank 0 refreshes the manifest's shard list during a run
 
@@ -202,11 +212,13 @@ def _device_of(conditioner: Any) -> torch.device:
 class _Encoder:
     """Runs the conditioner on lists of captions and returns CPU tensors in the stored dtype."""
 
-    def __init__(self, conditioner: Any, dtype: torch.dtype, precision: str, device: torch.device) -> None:
+    def __init__(self, conditioner: Any, dtype: str, precision: str, device: torch.device) -> None:
         from ..core.precision import autocast
 
         self.conditioner = conditioner
-        self.dtype = dtype
+        # int8/fp8: the conditioner's float32 output, quantised by QuantizedRows; the empty prompt stays float32
+        self.compact = is_compact(dtype)
+        self.dtype = torch.float32 if self.compact else CACHE_DTYPES[dtype]
         self.precision = precision
         self.device = device
         self._autocast = lambda: autocast(precision, device)
@@ -218,6 +230,9 @@ class _Encoder:
         if not torch.isfinite(x).all():
             raise UserError(f"the {what} embeddings have values that are not finite in {self.dtype} "
                             "(fp16 overflows above 65504); store them as bf16 or fp32 (--dtype)")
+        if self.compact and x.numel() and float(x.abs().max()) > torch.finfo(READ_DTYPE_OF_COMPACT).max:
+            raise UserError(f"the {what} embeddings have values above 65504, which int8/fp8 caches cannot give "
+                            "back as float16 (what they are read as); store them as bf16 or fp32 (--dtype)")
         return x.contiguous()
 
     def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None, int | None]:
@@ -359,7 +374,8 @@ def build_text_cache(
         source: webdataset shards (a pattern or a list), a table or a text file (``cache_inputs.open_inputs``
             reads them with ``input_format``, ``caption_column``, ``key_column``, ``image_column``,
             ``shard_size``, ``sep``), or a list of ``InputChunk``.
-        dtype: stored dtype of ``hidden``/``pooled``: ``fp16`` (default), ``bf16`` or ``fp32``.
+        dtype: stored dtype of ``hidden``/``pooled``: ``fp16`` (default), ``bf16``, ``fp32``, or the compact
+            ``int8`` / ``fp8`` (e4m3), each with a float32 scale per token (``quantize.py``; read back as float16).
         precision: ``auto`` (bf16 autocast on GPUs and AMX/AVX512-bf16 CPUs, else fp32), ``amp_bf16``,
             ``amp_fp16`` (CUDA) or ``fp32``.
         batch_size: captions per forward pass (part of what makes a shard's bytes reproducible).
@@ -406,12 +422,12 @@ def build_text_cache(
 
     device = _device_of(conditioner)
     precision = resolve_precision(precision, device)
-    encoder = _Encoder(conditioner, CACHE_DTYPES[dtype], precision, device)
+    encoder = _Encoder(conditioner, dtype, precision, device)
     empty_hidden, empty_pooled = encoder.empty_prompt()
     identity = as_json_value(conditioner.identity())
     header = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": _FIRST_VERSION_OF.get(dtype, 1),
         "ldmclip_version": __version__,
         "identity": identity,
         "preset": identity.get("preset") if isinstance(identity, dict) else None,
@@ -423,6 +439,8 @@ def build_text_cache(
         # absent without variants: those caches stay byte for byte as they were
         **({} if variants is None else {"variants": [v.as_manifest() for v in variants]}),
     }
+    if is_compact(dtype):  # what the reader needs to know besides the dtype (see quantize.py)
+        header["scales"] = "float32 absmax scale per token (hidden_scale [U, T]) and per row (pooled_scale [U])"
     store = cache_store(out_dir)
     header = _prepare_folder(store, header, empty_hidden, empty_pooled, is_main, world_size, barrier)
 
@@ -452,8 +470,8 @@ def build_text_cache(
                 continue
             for reason, n in problems.items():
                 plan.counts["skipped"][reason] = plan.counts["skipped"].get(reason, 0) + int(n)
-            tensors = _encode_plan(plan, encoder, counter, batch_size, empty_hidden, empty_pooled, bar)
-            meta = {"format_version": FORMAT_VERSION, "source": chunk.source, "keys": plan.keys,
+            tensors = _encode_plan(plan, encoder, counter, batch_size, empty_hidden, empty_pooled, bar, dtype)
+            meta = {"format_version": header["format_version"], "source": chunk.source, "keys": plan.keys,
                     "rows": plan.rows, "counts": plan.counts}
             if plan.variant_rows is not None:
                 meta["variants"] = plan.variant_rows
@@ -547,11 +565,17 @@ def _progress_bar(todo: Sequence[InputChunk], rank: int, world_size: int) -> Any
                 desc="cache-text" if world_size == 1 else f"cache-text rank {rank}")
 
 
+def _rows(n: int, like: torch.Tensor, dtype: str) -> torch.Tensor | QuantizedRows:
+    """Room for ``n`` rows shaped like ``like``, in the stored dtype (int8/fp8: quantised as they come)."""
+    return QuantizedRows(n, like.shape, dtype) if is_compact(dtype) else torch.empty((n, *like.shape), dtype=like.dtype)
+
+
 def _encode_plan(plan: _Plan, encoder: _Encoder, counter: _TokenCounter, batch_size: int,
-                 empty_hidden: torch.Tensor, empty_pooled: torch.Tensor | None, bar: Any) -> dict[str, torch.Tensor]:
+                 empty_hidden: torch.Tensor, empty_pooled: torch.Tensor | None, bar: Any,
+                 dtype: str = "fp32") -> dict[str, torch.Tensor]:
     n = len(plan.captions)
-    hidden = torch.empty((n, *empty_hidden.shape), dtype=empty_hidden.dtype)
-    pooled = None if empty_pooled is None else torch.empty((n, *empty_pooled.shape), dtype=empty_pooled.dtype)
+    hidden = _rows(n, empty_hidden, dtype)
+    pooled = None if empty_pooled is None else _rows(n, empty_pooled, dtype)
     truncated = [False] * n
     special = [False] * n
     shown = 0
@@ -576,7 +600,7 @@ def _encode_plan(plan: _Plan, encoder: _Encoder, counter: _TokenCounter, batch_s
         bar.update(plan.counts["records"] - shown)
     plan.counts["truncated"] = sum(truncated[r] for r in plan.rows)
     plan.counts["special_token_text"] = sum(special[r] for r in plan.rows)
-    tensors = {"hidden": hidden}
+    tensors = stored_tensors("hidden", hidden)
     if pooled is not None:
-        tensors["pooled"] = pooled
+        tensors |= stored_tensors("pooled", pooled)
     return tensors

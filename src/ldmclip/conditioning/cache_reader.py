@@ -11,14 +11,21 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.utils.data
 
-from .cache import CACHE_DTYPES, EMPTY_PROMPT_NAME, FORMAT_VERSION, CacheError, cache_store
+from .cache import CACHE_DTYPES, EMPTY_PROMPT_NAME, FORMAT_VERSION, READ_DTYPE_OF_COMPACT, CacheError, cache_store
 from .cache_join import JOIN_MISSING, CacheJoin, VariantJoin
+from .quantize import SCALE_SUFFIX, dequantize, is_compact
 
 __all__ = ["TextEmbeddingCache", "CachedTextDataset", "CacheJoin", "JOIN_MISSING"]
 
 class TextEmbeddingCache(Mapping):
     """Read a text-embedding cache: ``cache[key]`` is ``{"hidden": [T, W], "pooled": [D]}``
-    (``pooled`` only when the preset has one), in the stored dtype.
+    (``pooled`` only when the preset has one), in the stored dtype, or ``dtype`` when given.
+
+    int8 / fp8 caches are read back transparently: every access (``cache[key]``, ``get_batch``,
+    ``empty_prompt()``, ``dataset()``, ``join()``) gives dequantised float tensors of the same shapes,
+    float16 by default (its rounding, 2**-11 relative, is far below int8's and fp8's error); pass
+    ``dtype=torch.bfloat16`` or ``torch.float32`` for another. Only the rows asked for, and their scales,
+    are read from the memory-mapped files.
 
     The shard files are memory-mapped (safetensors ``safe_open``) and opened on first use, per process,
     so the cache can be handed to DataLoader workers. The key index (key -> shard, row) is built from
@@ -31,7 +38,7 @@ class TextEmbeddingCache(Mapping):
         duplicate_keys: keys found in more than one shard (the first shard in name order wins).
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
         self.path = Path(path)
         store = cache_store(self.path)
         if not self.path.is_dir():
@@ -44,6 +51,14 @@ class TextEmbeddingCache(Mapping):
             raise CacheError(f"{self.path} was written by a newer ldmclip (cache format "
                              f"{manifest.get('format_version')}); upgrade ldmclip to read it")
         self.manifest: dict[str, Any] = manifest
+        stored = manifest.get("dtype")
+        if stored not in CACHE_DTYPES:
+            raise CacheError(f"{self.path} stores its embeddings as {stored!r}, which this ldmclip cannot read "
+                             f"(it knows {', '.join(CACHE_DTYPES)}); upgrade ldmclip to read it")
+        self._compact = is_compact(stored)
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype must be a floating torch dtype such as torch.float16, got {dtype!r}")
+        self._read_dtype = dtype if dtype is not None else (READ_DTYPE_OF_COMPACT if self._compact else None)
         self._files: list[Path] = store.chunk_files()
         self.shard_names: list[str] = [store.chunk_name(p) for p in self._files]
         from .variants import VariantIndex  # key -> row, and (key, caption variant) -> row
@@ -68,7 +83,13 @@ class TextEmbeddingCache(Mapping):
 
     @property
     def dtype(self) -> torch.dtype:
-        return CACHE_DTYPES[self.manifest["dtype"]]
+        """The dtype of the tensors this reader gives (int8/fp8 caches: the dequantised dtype)."""
+        return self._read_dtype or CACHE_DTYPES[self.manifest["dtype"]]
+
+    @property
+    def stored_dtype(self) -> str:
+        """The dtype name the embeddings are stored as (``manifest["dtype"]``: fp16, bf16, fp32, int8, fp8)."""
+        return self.manifest["dtype"]
 
     @property
     def has_pooled(self) -> bool:
@@ -133,10 +154,17 @@ class TextEmbeddingCache(Mapping):
     def __getitem__(self, key: str) -> dict[str, torch.Tensor]:
         number, row = self._index[key]
         handle = self._handle(number)
-        item = {"hidden": handle.get_slice("hidden")[row]}
+        item = {"hidden": self._row(handle, "hidden", row)}
         if self.has_pooled:
-            item["pooled"] = handle.get_slice("pooled")[row]
+            item["pooled"] = self._row(handle, "pooled", row)
         return item
+
+    def _row(self, handle: Any, name: str, row: int) -> torch.Tensor:
+        """One row of tensor ``name`` (and of its scale, for int8/fp8), in the reader's dtype."""
+        values = handle.get_slice(name)[row]
+        if self._compact:
+            return dequantize(values, handle.get_slice(name + SCALE_SUFFIX)[row], self.dtype)
+        return values if self._read_dtype is None else values.to(self._read_dtype)
 
     def get_batch(self, keys: Sequence[str]) -> dict[str, torch.Tensor]:
         """Embeddings of several keys stacked: ``{"hidden": [B, T, W], "pooled": [B, D]}``."""
@@ -149,7 +177,8 @@ class TextEmbeddingCache(Mapping):
         """Embedding of ``""`` (classifier-free guidance), same shapes as ``cache[key]``."""
         from safetensors.torch import load_file
 
-        return load_file(str(self.path / EMPTY_PROMPT_NAME))
+        empty = load_file(str(self.path / EMPTY_PROMPT_NAME))  # int8/fp8 caches keep it exact (float32)
+        return empty if self._read_dtype is None else {k: v.to(self._read_dtype) for k, v in empty.items()}
 
     def dataset(self, keys: Sequence[str] | None = None) -> "CachedTextDataset":
         """A map-style ``Dataset`` over ``keys`` (default: all, in index order) giving

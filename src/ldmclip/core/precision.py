@@ -11,7 +11,7 @@ import torch
 
 from .errors import UserError
 
-__all__ = ["PRECISIONS", "DTYPES", "MODEL_PRECISIONS", "cpu_has_fast_bf16", "resolve_precision", "autocast",
+__all__ = ["PRECISIONS", "DTYPES", "COMPACT_DTYPES", "MODEL_PRECISIONS", "cpu_has_fast_bf16", "resolve_precision", "autocast",
            "canonical_dtype_name", "dtype_from_name", "dtype_name", "precision_dtype", "get_cast_dtype",
            "get_input_dtype"]
 
@@ -21,6 +21,10 @@ PRECISIONS = ("auto", "amp_bf16", "amp_fp16", "fp32")
 # Stored dtypes (``--dtype``): the short names are the spelling; torch's long names are accepted too.
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _LONG_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+# Compact stored dtypes of the text-embedding cache (``cache-text --dtype``), kept with a float32 scale
+# per token (``ldmclip.conditioning.quantize``); not weight dtypes, so not in DTYPES.
+COMPACT_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 
 # ``create_model(precision=...)``: the weight dtype. Mixed precision keeps fp32 weights; autocast is
 # applied by whoever runs the model.
