@@ -11,6 +11,7 @@ from ..core.errors import UserError
 from ..core.formats import carries_weights
 from ..core.launch import process_rank
 from ..data.samples import default_workers
+from .dedup import add_dedup_options, run_dedup
 from .common import (TAG_HELP, add_column_options, add_device_option, add_dtype_option, add_image_root_option,
                      add_json_option, add_model_options, add_out_option, add_precision_option, add_quiet_option,
                      add_workers_option, parse_sep, write_json_output)
@@ -65,6 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     table.add_argument("--sep", default=None, help="delimiter of a text table whose suffix does not say it")
     table.add_argument("--shard-size", type=int, default=10_000,
                        help="table rows per output file (TABLE-00000, TABLE-00001, ...)")
+    dedup = parser.add_argument_group("near-duplicates (after every shard is embedded; the same as `ldmclip dedup DIR`)")
+    add_dedup_options(dedup, threshold_flag="--dedup", required=False)
     encode = parser.add_argument_group("encoding")
     encode.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     add_dtype_option(encode, EMBED_DTYPE_CHOICES, "fp16", "stored embedding type (clip-retrieval stores fp16)")
@@ -139,4 +142,17 @@ def run(args: argparse.Namespace) -> int:
     print("\n".join(prefix + line for line in report.summary().splitlines()))
     if args.json is not None:
         write_json_output(args.json if world == 1 or args.json == "-" else f"{args.json}.rank{rank}", report.as_dict())
+    if args.dedup_threshold is not None and rank == 0:
+        _dedup_when_complete(args, report)
     return 1 if report.failed else 0
+
+
+def _dedup_when_complete(args: argparse.Namespace, report) -> None:
+    """Near-duplicates need every shard's embeddings: with a shard still missing (failed here or on another
+    rank) the groups would be wrong, so the step waits for the rerun that completes the folder."""
+    shards = len(report.written) + len(report.already_done) + len(report.failed) + report.other_ranks
+    if report.folder_shards != shards:
+        print(f"near-duplicates not searched yet: {report.folder_shards or 0} of {shards} shard(s) are embedded; "
+              "rerun the same command to finish the others (it then runs --dedup)")
+        return
+    run_dedup(args, args.out, command="embed")
