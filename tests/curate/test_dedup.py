@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ldmclip.curate.embed import embed_store
+
 from ldmclip.cli import main
 from ldmclip.core.errors import UserError
 from ldmclip.curate.dedup import LOW_RECALL, dedup_folder, find_near_duplicates
@@ -164,6 +166,7 @@ def write_embedding_folder(path: Path, shards: dict[str, tuple[np.ndarray, list[
                    "height": pa.array(np.full(n, 64, np.int32)), "shard": pa.array([name] * n, pa.string())}
         columns.update({column: pa.array(values.astype(np.float32)) for column, values in extra.items()})
         pq.write_table(pa.table(columns), path / "metadata" / f"metadata_{name}.parquet")
+        embed_store(path).write_chunk(name, {}, {"counts": {"embedded": n}})  # the shard's done marker, last
     return path
 
 

@@ -17,6 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from ldmclip.curate.embed import embed_store
+
 from ldmclip.cli import main
 from ldmclip.core.errors import UserError
 from ldmclip.curate.filter import filter_shards
@@ -80,6 +82,7 @@ def _write_scores(scores, shards, keys, clip, aesthetic, missing, dedup=None):
                           "aesthetic": pa.array(aesthetic[rows])})
         pq.write_table(table, scores / "metadata" / f"metadata_{name}.parquet")
         np.save(scores / "img_emb" / f"img_emb_{name}.npy", np.random.default_rng(0).normal(size=(len(rows), 8)))
+        embed_store(scores).write_chunk(name, {}, {"counts": {"embedded": len(rows)}})  # the done marker, last
     if dedup is not None:
         (scores / "dedup").mkdir()
         pq.write_table(pa.table(dedup), scores / "dedup" / "dedup.parquet")

@@ -104,3 +104,31 @@ def _member_names(path: Path) -> list[str]:
 
     with tarfile.open(path) as tar:
         return tar.getnames()
+
+
+def test_dedup_and_filter_refuse_a_shard_without_its_done_marker(tmp_path):
+    """A run killed after a shard's data files but before its marker: the shard is not finished, so dedup and
+    filter must not read it as if it were (the rerun of embed redoes it)."""
+    from ldmclip.core.errors import UserError
+    from ldmclip.curate.dedup import dedup_folder
+    from ldmclip.curate.filter import filter_shards
+    from ldmclip.data.synthetic import SyntheticScenes
+
+    scenes = SyntheticScenes("train", image_size=32, length=6, seed=0)
+    items = []
+    for i in range(6):
+        buf = io.BytesIO()
+        scenes[i][0].save(buf, "PNG")
+        items.append((i, buf.getvalue(), scenes[i][1], None))
+    paths = [str(p) for p in write_shards(iter(items), tmp_path / "shards", max_per_shard=3)]
+    emb = tmp_path / "emb"
+    assert main(["embed", *paths, "--model", MODEL, "--random-init", "--out", str(emb), "--workers", "0", "--quiet"]) == 0
+    markers = sorted((emb / "done").glob("*.safetensors"))
+    assert len(markers) == 2
+    dedup_folder(emb, 0.99)  # finished: read
+    markers[1].unlink()
+    with pytest.raises(UserError, match=f"shard\\(s\\) {markers[1].stem} are not finished"):
+        dedup_folder(emb, 0.99)
+    with pytest.raises(UserError, match="not finished"):
+        filter_shards(paths, emb, "clip_score > -1", tmp_path / "kept")
+    assert not (tmp_path / "kept").exists()

@@ -35,6 +35,10 @@ import numpy as np
 from ..core.ann import import_faiss
 from ..core.errors import UserError
 from ..core.files import write_json_atomic, write_parquet_atomic
+from .embed import FORMAT as EMBEDDINGS_FORMAT
+from .embed import IMG_DIR as IMG_EMB_DIR
+from .embed import META_DIR as METADATA_DIR
+from .embed import check_finished
 
 __all__ = ["DedupResult", "find_near_duplicates", "dedup_folder", "read_embedding_folder", "EmbeddingFolder",
            "DEFAULT_EXACT_LIMIT", "DEFAULT_NPROBE", "RECALL_QUERIES", "LOW_RECALL", "DEDUP_DIR"]
@@ -51,8 +55,6 @@ QUERY_BLOCK = 8192               # queries per range search: bounds the memory o
 # exactly at the threshold is then found whatever FAISS's float32 sums round to.
 SEARCH_MARGIN = 1e-4
 DEDUP_DIR = "dedup"
-IMG_EMB_DIR, METADATA_DIR = "img_emb", "metadata"
-EMBEDDINGS_FORMAT = "ldmclip-embeddings"  # the manifest "format" of an embedding folder (data.store)
 
 
 @dataclass
@@ -330,6 +332,7 @@ def read_embedding_folder(path: str | os.PathLike) -> EmbeddingFolder:
     if not path.is_dir():
         raise _not_an_embedding_folder(path, "no such folder")
     _check_manifest(path)
+    check_finished(path)
     embeddings = _shard_files(path / IMG_EMB_DIR, "img_emb_", ".npy")
     metadata = _shard_files(path / METADATA_DIR, "metadata_", ".parquet")
     if not embeddings or not metadata:

@@ -51,7 +51,7 @@ from ..data.store import ChunkStore, StoreError, StoreMismatchError, as_json_val
 from ..registry import model_weights_sha256
 from .heads import check_head, head_identity, load_head
 
-__all__ = ["EmbedReport", "EmbedError", "EmbedMismatchError", "embed_shards", "embed_store", "shard_files",
+__all__ = ["EmbedReport", "EmbedError", "EmbedMismatchError", "embed_shards", "embed_store", "shard_files", "check_finished",
            "EMBED_DTYPES", "FORMAT"]
 
 FORMAT = "ldmclip-embeddings"
@@ -74,6 +74,23 @@ def embed_store(path: str | os.PathLike) -> ChunkStore:
     """The store of the embedding folder ``path`` (dedup and filter open it the same way)."""
     return ChunkStore(path, FORMAT, DONE_DIR, ".safetensors", kind="embedding folder", canonical=True,
                       error=EmbedError, mismatch=EmbedMismatchError, data_dirs=(IMG_DIR, TEXT_DIR, META_DIR))
+
+
+def check_finished(path: str | os.PathLike) -> None:
+    """Refuse an embedding folder that holds a shard's files without its done marker: a run killed between
+    them, or one still running. dedup and filter read the folder only when every shard in it is finished. A
+    folder without an ldmclip manifest (clip-retrieval's own output) has no markers and is read as it is."""
+    store = embed_store(path)
+    if store.read_manifest() is None:  # also refuses a manifest of another kind of folder
+        return
+    prefix, suffix = "metadata_", ".parquet"
+    written = {p.name[len(prefix):-len(suffix)] for p in (store.path / META_DIR).glob(f"{prefix}*{suffix}")
+               if not p.name.startswith(".")}
+    unfinished = sorted(written - set(store.chunk_names()))
+    if unfinished:
+        shown = ", ".join(unfinished[:5]) + (f" and {len(unfinished) - 5} more" if len(unfinished) > 5 else "")
+        raise EmbedError(f"{store.path}: shard(s) {shown} are not finished (an 'ldmclip embed' run was stopped or is "
+                         "still running); rerun the same embed command to finish them, then this one")
 
 
 def shard_files(root: str | os.PathLike, name: str) -> dict[str, Path]:

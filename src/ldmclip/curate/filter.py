@@ -46,6 +46,7 @@ from ..data.samples import REASON_DUPLICATE_KEY, REASON_TRUNCATED_SHARD, SampleS
 from ..data.shards import ShardMembers, expand_urls
 from ..data.store import ChunkStore
 from ..data.writer import _write_shard
+from .embed import check_finished
 from .where import Where, column_kind, column_values, parse_where
 
 __all__ = ["filter_shards", "FilterReport", "FORMAT", "NOT_SCORED", "read_score_columns"]
@@ -190,6 +191,7 @@ def _pyarrow_parquet() -> Any:
 def _score_files(scores_dir: Path) -> tuple[list[Path], Path | None]:
     if not scores_dir.is_dir():
         raise UserError(f"--scores {scores_dir} is not a folder; pass the folder 'ldmclip embed --out' wrote")
+    check_finished(scores_dir)
     metadata = sorted(p for p in (scores_dir / "metadata").glob("*.parquet") if not p.name.startswith("."))
     if not metadata:
         raise UserError(f"--scores {scores_dir} holds no metadata/*.parquet; pass the folder 'ldmclip embed --out' "
