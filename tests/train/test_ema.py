@@ -213,3 +213,55 @@ def test_fsdp_sharded_ema_equals_the_single_process_ema_and_resumes_from_its_sha
     _train_here(tmp_path / "one", *FSDP_EMA, "--resume", str(checkpoint))
     for name in ("two", "one"):
         _assert_close_weights(tmp_path / name, tmp_path / "fsdp", "final", "final_raw")
+
+
+# ---------------------------------------------------------------------------------------------
+# The Checkpointer with an EMA (a .pt file; the sharded folder is the FSDP2 test's)
+
+
+def _model_with_ema(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer, EMA]:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(3, 4)).sum().backward()
+    optimizer.step()
+    ema = EMA(model, 0.9)
+    ema.update(model)
+    optimizer.step()
+    ema.update(model)
+    return model, optimizer, ema
+
+
+def test_checkpointer_saves_and_loads_the_ema(tmp_path):
+    from ldmclip.train.checkpointer import Checkpointer
+    from ldmclip.train.distributed import DistInfo
+
+    model, optimizer, ema = _model_with_ema(0)
+    path = Checkpointer(tmp_path, model, optimizer, 0, DistInfo(), ema=ema).save(2, {})
+    other_model, other_optimizer, other_ema = _model_with_ema(1)
+    Checkpointer(tmp_path, other_model, other_optimizer, 0, DistInfo(), ema=other_ema).load(path)
+    assert other_ema.updates == 2
+    for key, value in ema.weights.items():
+        assert torch.equal(other_ema.weights[key], value), key
+
+
+def test_resuming_a_run_without_ema_with_ema_starts_the_ema_from_its_weights(tmp_path, capsys):
+    from ldmclip.train.checkpointer import Checkpointer
+    from ldmclip.train.distributed import DistInfo
+
+    model, optimizer, _ = _model_with_ema(0)
+    path = Checkpointer(tmp_path, model, optimizer, 0, DistInfo()).save(2, {})
+    assert "ema" not in torch.load(path, weights_only=True)
+    other_model, other_optimizer, other_ema = _model_with_ema(1)
+    Checkpointer(tmp_path, other_model, other_optimizer, 0, DistInfo(), ema=other_ema).load(path)
+    assert other_ema.updates == 0
+    for key, value in model.state_dict().items():
+        assert torch.equal(other_ema.weights[key], value), key
+    assert "holds no EMA" in capsys.readouterr().err
+
+
+def test_an_ema_of_other_parameters_is_a_user_error():
+    model, _, ema = _model_with_ema(0)
+    model[0].weight.requires_grad_(False)
+    with pytest.raises(UserError, match="other parameters"):
+        EMA(model, 0.9).load_state_dict(ema.state_dict())

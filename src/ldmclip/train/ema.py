@@ -27,6 +27,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from ..core.errors import UserError
+
 UPDATES = "updates"
 WEIGHTS = "weights"
 
@@ -113,8 +115,9 @@ class EMA:
         weights = state[WEIGHTS]
         if sorted(weights) != sorted(self.names):
             extra, missing = sorted(set(weights) - set(self.names)), sorted(set(self.names) - set(weights))
-            raise ValueError(f"the saved EMA keeps other parameters than this run trains (saved only: "
-                             f"{', '.join(extra[:3]) or '-'}; here only: {', '.join(missing[:3]) or '-'})")
+            raise UserError(f"--resume: the checkpoint's EMA keeps other parameters than this run trains (saved "
+                            f"only: {', '.join(extra[:3]) or '-'}; here only: {', '.join(missing[:3]) or '-'}); "
+                            f"resume with the --lock-* options the run was started with")
         with torch.no_grad():
             for name in self.names:
                 if weights[name] is not self.weights[name]:  # (DCP loads in place: then it is the same)
