@@ -265,3 +265,15 @@ def test_an_ema_of_other_parameters_is_a_user_error():
     model[0].weight.requires_grad_(False)
     with pytest.raises(UserError, match="other parameters"):
         EMA(model, 0.9).load_state_dict(ema.state_dict())
+
+
+def test_resuming_an_ema_checkpoint_without_ema_says_the_ema_is_dropped(tmp_path, capsys):
+    from ldmclip.train.checkpointer import Checkpointer
+    from ldmclip.train.distributed import DistInfo
+
+    model, optimizer, ema = _model_with_ema(0)
+    path = Checkpointer(tmp_path, model, optimizer, 0, DistInfo(), ema=ema).save(2, {"progress": {"step": 2}})
+    other_model, other_optimizer, _ = _model_with_ema(1)
+    rest = Checkpointer(tmp_path, other_model, other_optimizer, 0, DistInfo()).load(path)
+    assert rest == {"progress": {"step": 2}}  # the EMA is not handed on as trainer state
+    assert "does not keep; add --ema" in capsys.readouterr().err

@@ -205,7 +205,9 @@ class Checkpointer:
 
     def _apply(self, path: Path, saved: dict[str, Any]) -> dict[str, Any]:
         if is_sharded_checkpoint(path):
-            with_ema = self.ema is not None and bool(saved.pop(HAS_EMA, False))
+            saved_ema = bool(saved.pop(HAS_EMA, False))
+            with_ema = self.ema is not None and saved_ema
+            self._note_dropped_ema(path, saved_ema)
             self._load_sharded(path, with_ema)
             if self.ema is not None and not with_ema:
                 self._start_ema_here(path)
@@ -213,12 +215,18 @@ class Checkpointer:
         unwrap(self.model).load_state_dict(saved.pop("model"))
         self.optimizer.load_state_dict(saved.pop("optimizer"))
         ema_state = saved.pop(EMA_KEY, None)
+        self._note_dropped_ema(path, ema_state is not None)
         if self.ema is not None:
             if ema_state is None:
                 self._start_ema_here(path)
             else:
                 self.ema.load_state_dict(ema_state)
         return saved
+
+    def _note_dropped_ema(self, path: Path, saved_ema: bool) -> None:
+        if saved_ema and self.ema is None and self.info.is_main:
+            print(f"--resume: {path} holds an EMA of the weights, which this run (without --ema) does not "
+                  f"keep; add --ema to continue it", file=sys.stderr, flush=True)
 
     def _start_ema_here(self, path: Path) -> None:
         """A checkpoint of a run without --ema, resumed with it: the EMA starts from its weights."""
