@@ -27,7 +27,8 @@ EPILOG = """examples:
 
 # Fields whose flag is not the field name (DESIGN.md's conventions): (flag, old spellings kept as aliases).
 _FLAGS = {"output": ("--out", ("--output",), "DIR"), "images": ("--images", ("--image-root",), "DIR"),
-          "split": ("--split", ("--split-file",), "FILE"), "param_groups": ("--param-groups", (), "FILE")}
+          "split": ("--split", ("--split-file",), "FILE"), "param_groups": ("--param-groups", (), "FILE"),
+          "ema": ("--ema", (), "DECAY")}
 
 
 def _optional(kind: type) -> Callable[[str], Any]:

@@ -13,6 +13,9 @@ leaves a partial checkpoint that ``--resume latest`` would pick up:
   FSDP2 runs: every process writes its own shards of the model and optimizer state (``*.distcp`` +
   ``.metadata``, from ``get_state_dict``), and rank 0 adds ``trainer_state.pt`` with the rest.
   DCP reshards on load, so it resumes on any number of processes — FSDP2, DDP or a single one.
+
+An :class:`~ldmclip.train.ema.EMA` given to the Checkpointer is saved and loaded with the model, as
+``ema`` beside ``model`` and ``optimizer`` (in the DCP folder as shards, like the model's).
 """
 
 from __future__ import annotations
@@ -33,11 +36,14 @@ from ..checkpoints.state_dict import read_pickle
 from ..core.errors import UserError
 from ..core.files import save_torch
 from . import distributed
+from .ema import EMA
 from .parallelize import is_fsdp, unwrap
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)(\.pt)?$")
 TRAINER_STATE = "trainer_state.pt"
 LATEST = "latest"
+EMA_KEY = "ema"
+HAS_EMA = "has_ema"  # in a sharded checkpoint's trainer_state.pt: whether its DCP shards hold an EMA
 
 
 def rng_state() -> dict[str, Any]:
@@ -83,9 +89,9 @@ class Checkpointer:
     into an unsharded one). ``keep`` > 0 keeps only the newest ``keep`` checkpoints."""
 
     def __init__(self, directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, keep: int,
-                 info: distributed.DistInfo):
+                 info: distributed.DistInfo, ema: EMA | None = None):
         self.directory, self.model, self.optimizer = Path(directory), model, optimizer
-        self.keep, self.info = keep, info
+        self.keep, self.info, self.ema = keep, info, ema
         self.sharded = is_fsdp(model)
 
     # ---- save
@@ -98,7 +104,7 @@ class Checkpointer:
             path = self.directory / f"step_{step:08d}.pt"
             if self.info.is_main:
                 payload = {"model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
-                           **trainer_state}
+                           **self._ema_state(), **trainer_state}
                 save_torch(path, payload)
                 self._prune()
         distributed.barrier(self.info)
@@ -117,13 +123,16 @@ class Checkpointer:
             tmp.mkdir(parents=True)
         distributed.barrier(self.info)
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
-        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp))
+        dcp.save({"model": model_state, "optimizer": optim_state, **self._ema_state()}, checkpoint_id=str(tmp))
         if self.info.is_main:
-            save_torch(tmp / TRAINER_STATE, trainer_state)
+            save_torch(tmp / TRAINER_STATE, {**trainer_state, HAS_EMA: self.ema is not None})
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
             self._prune()
         return final
+
+    def _ema_state(self) -> dict[str, Any]:
+        return {EMA_KEY: self.ema.state_dict()} if self.ema is not None else {}
 
     def _prune(self) -> None:
         for old in list_checkpoints(self.directory)[:-self.keep] if self.keep > 0 else []:
@@ -196,13 +205,37 @@ class Checkpointer:
 
     def _apply(self, path: Path, saved: dict[str, Any]) -> dict[str, Any]:
         if is_sharded_checkpoint(path):
-            self._load_sharded(path)
+            saved_ema = bool(saved.pop(HAS_EMA, False))
+            with_ema = self.ema is not None and saved_ema
+            self._note_dropped_ema(path, saved_ema)
+            self._load_sharded(path, with_ema)
+            if self.ema is not None and not with_ema:
+                self._start_ema_here(path)
             return saved
         unwrap(self.model).load_state_dict(saved.pop("model"))
         self.optimizer.load_state_dict(saved.pop("optimizer"))
+        ema_state = saved.pop(EMA_KEY, None)
+        self._note_dropped_ema(path, ema_state is not None)
+        if self.ema is not None:
+            if ema_state is None:
+                self._start_ema_here(path)
+            else:
+                self.ema.load_state_dict(ema_state)
         return saved
 
-    def _load_sharded(self, path: Path) -> None:
+    def _note_dropped_ema(self, path: Path, saved_ema: bool) -> None:
+        if saved_ema and self.ema is None and self.info.is_main:
+            print(f"--resume: {path} holds an EMA of the weights, which this run (without --ema) does not "
+                  f"keep; add --ema to continue it", file=sys.stderr, flush=True)
+
+    def _start_ema_here(self, path: Path) -> None:
+        """A checkpoint of a run without --ema, resumed with it: the EMA starts from its weights."""
+        self.ema.reset(unwrap(self.model))
+        if self.info.is_main:
+            print(f"--ema: {path} holds no EMA (its run had no --ema); the EMA starts from its weights",
+                  file=sys.stderr, flush=True)
+
+    def _load_sharded(self, path: Path, with_ema: bool = False) -> None:
         """DCP reshards into the model and optimizer as they are sharded now (FSDP2 on any number of
         processes, DDP or a single process)."""
         import torch.distributed as dist
@@ -212,8 +245,12 @@ class Checkpointer:
         model = unwrap(self.model)
         model_state, optim_state = get_state_dict(model, self.optimizer)
         state = {"model": model_state, "optimizer": optim_state}
+        if with_ema:  # loaded in place into the EMA's own tensors (DTensor shards under FSDP2)
+            state[EMA_KEY] = self.ema.state_dict()
         single = not (dist.is_available() and dist.is_initialized())
         with warnings.catch_warnings():  # loading a sharded checkpoint into one process is intended here
             warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
             dcp.load(state, checkpoint_id=str(path), no_dist=single)
         set_state_dict(model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        if with_ema:
+            self.ema.load_state_dict(state[EMA_KEY])

@@ -92,6 +92,13 @@ class TrainConfig:
                                              "the text tower trainable, as OpenCLIP's option of that name (last "
                                              "first: text_projection, the last block with ln_final, each block "
                                              "before it, the embeddings)")
+    # exponential moving average of the weights (train/ema.py)
+    ema: float | None = _opt(None, "keep an exponential moving average (EMA) of the weights with this decay, e.g. "
+                                   "0.9999 (0.999 for runs of a few thousand steps), updated after every "
+                                   "optimizer step and checkpointed; validation then uses the EMA weights, "
+                                   "final/ holds the EMA model and final_raw/ the trained weights; default: off")
+    ema_warmup: bool = _opt(True, "with --ema: decay min(D, (1+n)/(10+n)) at update n (TensorFlow's and "
+                                  "latent-diffusion's warm-up), so early weights fade fast; no: D from the start")
     patch_dropout: float = _opt(0.0, "fraction of image patches dropped during training (FLIP)")
     device: str = _opt("auto", "'auto' (cuda if available; cuda:LOCAL_RANK under torchrun/srun), 'cpu' or 'cuda[:N]'")
     # several processes (launched by torchrun or srun; see README "Training on many GPUs")
@@ -166,9 +173,10 @@ _RANGES: dict[str, str] = {
     "save_every": "[0,", "keep_checkpoints": "[0,", "eval_every": "[0,", "log_every": "[1,",
     "max_bad_fraction": "[0, 1]", "max_nonfinite_steps": "[1,",
     "lr_image": "[0,", "lr_text": "[0,", "layer_decay": "(0, 1]", "lock_image_unlocked_groups": "[0,",
-    "lock_text_unlocked_layers": "[0,",
+    "lock_text_unlocked_layers": "[0,", "ema": "(0, 1)",
 }
-_OPTIONAL = frozenset({"steps", "epochs", "grad_clip", "tile_size", "lr_image", "lr_text", "layer_decay"})  # None: default / off
+_OPTIONAL = frozenset({"steps", "epochs", "grad_clip", "tile_size", "lr_image", "lr_text", "layer_decay",
+                       "ema"})  # None: default / off
 _HINTS = {"steps": " (leave it out for the default)", "epochs": " (leave it out to give --steps instead)"}
 
 

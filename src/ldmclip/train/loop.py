@@ -39,6 +39,7 @@ from ..transforms import PreprocessConfig
 from . import distributed
 from .checkpointer import Checkpointer, list_checkpoints, rng_state, set_rng_state
 from .config import TrainConfig
+from .ema import EMA
 from .data import DataPosition, MapStyleData, StreamData, Validation, build_train_data, build_validation
 from .metrics import MetricsLog, plot_training_curves
 from .optim import build_optimizer, build_scheduler
@@ -171,6 +172,7 @@ class Run:
     val_metrics: dict[str, float] = field(default_factory=dict)
     interrupted: bool = False
     param_groups: list[ParamGroup] = field(default_factory=list)  # what the optimizer's groups are
+    ema: EMA | None = None         # --ema: the moving average of the weights (validated, saved as final/)
 
     @property
     def device(self) -> torch.device:
@@ -269,13 +271,17 @@ def _set_up(cfg: TrainConfig, info: distributed.DistInfo, output: Path) -> Run:
                                 groups=optimizer_groups(clip_model, param_groups))
     scheduler = build_scheduler(optimizer, cfg.warmup, total_steps)
     scaler = torch.amp.GradScaler(info.device.type, enabled=precision == "amp_fp16")
-    checkpointer = Checkpointer(output / "checkpoints", model, optimizer, cfg.keep_checkpoints, info)
+    # (of the CLIP module after sharding and locking: FSDP2's DTensor shards, the trainable parameters)
+    ema = EMA(clip_model, cfg.ema, cfg.ema_warmup) if cfg.ema else None
+    checkpointer = Checkpointer(output / "checkpoints", model, optimizer, cfg.keep_checkpoints, info, ema=ema)
     run = Run(cfg, info, output, model, clip_model, precision, train_data, validation, total_steps, loss_fn,
-              optimizer, scheduler, scaler, checkpointer, Progress(), log=None, param_groups=param_groups)
+              optimizer, scheduler, scaler, checkpointer, Progress(), log=None, param_groups=param_groups, ema=ema)
     if main:
         print(_start_banner(run))
         print(format_param_groups(param_groups))
-        write_json_atomic(output / "config.json", {**cfg.to_dict(), "param_groups": _group_dicts(param_groups)})
+        ema_settings = {"ema_settings": ema.settings()} if ema is not None else {}
+        write_json_atomic(output / "config.json", {**cfg.to_dict(), "param_groups": _group_dicts(param_groups),
+                                                   **ema_settings})
     _resume(run)
     run.log = MetricsLog(output) if main else None
     return run
@@ -313,6 +319,9 @@ def _start_banner(run: Run) -> str:
              f"precision:   {run.precision}",
              f"data:        {run.train_data.description}; global batch {cfg.batch_size}, {run.total_steps:,} steps",
              f"validation:  {run.validation.description if run.validation is not None else 'none (no --val-data)'}"]
+    if run.ema is not None:
+        lines.append(f"EMA:         decay {cfg.ema:g}{' with warm-up' if cfg.ema_warmup else ''}; validation and "
+                     f"final/ use the EMA weights, final_raw/ gets the trained ones")
     return "\n".join(lines)
 
 
@@ -420,6 +429,8 @@ def _loop(run: Run) -> None:
             run.optimizer.zero_grad(set_to_none=True)
             run.scheduler.step()
             losses.clamp_logit_scale_(run.clip_model)
+            if run.ema is not None:  # once per optimizer step (after all --accum micro-batches)
+                run.ema.update(run.clip_model)
             progress.step += 1
             progress.samples += n * info.world_size
             window_samples += n * info.world_size
@@ -455,13 +466,16 @@ def _finish(run: Run) -> TrainResult:
         _save(run)
         run.val_metrics = _validate(run)
     final = run.output / "final"
-    _save_final_model(run.model, final, info.is_main)
+    with _ema_weights(run):  # --ema: final/ is the EMA model, final_raw/ the trained weights
+        _save_final_model(run.model, final, info.is_main)
+    if run.ema is not None:
+        _save_final_model(run.model, run.output / "final_raw", info.is_main)
     if info.is_main:
         run.log.close()
         plot_training_curves(run.output / "metrics.jsonl", run.output / "training_curves.png")
         summary = {"steps": progress.step, "samples": progress.samples, "skipped": dict(progress.skipped),
                    "nonfinite_steps": progress.nonfinite_steps, "validation": run.val_metrics,
-                   "world_size": info.world_size}
+                   "world_size": info.world_size, **_weights_field(run)}
         write_json_atomic(run.output / "summary.json", summary)
     distributed.barrier(info)
     return TrainResult(run.output, final, progress.step, run.val_metrics, dict(progress.skipped),
@@ -550,16 +564,26 @@ def _validate(run: Run) -> dict[str, float]:
         return {}
     target = run.clip_model  # DDP: the replica itself, no collectives
     target.eval()
-    with autocast(run.precision, run.device):
+    with _ema_weights(run), autocast(run.precision, run.device):
         metrics = run.validation.evaluate(target, run.device)
+        if is_fsdp(run.model):  # (before the raw weights are swapped back into the shards)
+            run.model.reshard()
     target.train()
-    if is_fsdp(run.model):
-        run.model.reshard()
     if run.log is not None:
-        run.log.log(run.progress.step, "val", metrics)
+        run.log.log(run.progress.step, "val", {**metrics, **_weights_field(run)})
         shown = "  ".join(format_metric(k, v) for k, v in metrics.items() if not k.endswith("rank"))
         print(f"\nvalidation at step {run.progress.step}: {shown}")
     return metrics
+
+
+def _ema_weights(run: Run):
+    """With --ema, a block in which the model holds the EMA weights (every rank enters it)."""
+    return run.ema.swap_into(run.clip_model) if run.ema is not None else contextlib.nullcontext()
+
+
+def _weights_field(run: Run) -> dict[str, str]:
+    """What metrics.jsonl and summary.json say the validation was computed with."""
+    return {"weights": "ema"} if run.ema is not None else {}
 
 
 def format_metric(key: str, value: float) -> str:
@@ -573,6 +597,9 @@ def format_summary(result: TrainResult) -> str:
     lines = [f"finished {result.steps} steps; run folder: {result.output}",
              f"final model (OpenCLIP hub layout): {result.final_model}",
              f"  load it with ldmclip.create_model('local-dir:{result.final_model}')"]
+    raw = result.final_model.with_name("final_raw")
+    if raw.is_dir():
+        lines[1] += " (the EMA of the weights; the trained weights are in final_raw/)"
     if result.skipped:
         lines.append("skipped samples: " + ", ".join(f"{k} {v}" for k, v in sorted(result.skipped.items())))
     for key, value in result.metrics.items():

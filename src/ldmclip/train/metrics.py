@@ -57,7 +57,9 @@ def plot_training_curves(metrics_path: Path, out_path: Path) -> Path | None:
     train = [r for r in records if r["kind"] == "train"]
     val = [r for r in records if r["kind"] == "val"]
     panels = [("loss", "training loss"), ("lr", "learning rate"), ("logit_scale", "logit scale (1/temperature)")]
-    val_keys = [k for k in (val[-1] if val else {}) if k not in ("step", "kind") and not k.endswith("rank")]
+    last_val = val[-1] if val else {}  # (text fields such as "weights": "ema" are no curves)
+    val_keys = [k for k, v in last_val.items() if k not in ("step", "kind") and not k.endswith("rank")
+                and isinstance(v, (int, float))]
     width = 4.2 * (len(panels) + 1) + (2.5 if val_keys else 0)  # room for the legend on the right
     fig, axes = plt.subplots(1, len(panels) + (1 if val_keys else 0), figsize=(width, 3.4))
     for ax, (key, title) in zip(axes, panels):
