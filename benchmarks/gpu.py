@@ -279,9 +279,11 @@ def bench_cache_text(sizes: Sizes) -> list[Row]:
     tokenizer = ldmclip.get_tokenizer(name)
     cond = TextConditioner.from_preset("sd1", tower, tokenizer).eval()
     context = tower.context_length
+    shard_size = max(16, len(texts) // 4)
     row = Row("cache_text", f"cache-text {len(texts):,} captions, {name} text tower (sd1), bf16", "captions/s",
               "transformers CLIPTextModel script (unique captions, fp16, numpy.save)",
               config={"model": name, "captions": len(texts), "unique": len(set(texts)), "batch": size,
+                      "shard_size": shard_size,
                       "source": "Flickr8k" if flickr else "synthetic", "device": str(device),
                       "repeats": sizes.repeats, "stored": "fp16 hidden states"})
     with tempfile.TemporaryDirectory(prefix="gpu-cache-text-") as tmp:
@@ -300,13 +302,15 @@ def bench_cache_text(sizes: Sizes) -> list[Row]:
         def ours() -> int:
             out = work / f"cache-{next(runs)}"
             build_text_cache(cond, table, out, key_column="key", batch_size=size, precision="amp_bf16",
-                             shard_size=max(16, len(texts) // 4))
+                             shard_size=shard_size)
             _sync(device)
             kept["cache"] = out
             return len(texts)
 
         def theirs() -> int:
-            unique = list(dict.fromkeys(texts))
+            # the same work as the cache: identical captions encoded once per shard-sized chunk (the cache's
+            # deduplication does not cross shards, so that shards stay independent)
+            unique = [t for chunk in _batches(texts, shard_size) for t in dict.fromkeys(chunk)]
             hidden = []
             with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16):
                 for batch in _batches(unique, size):
@@ -316,7 +320,7 @@ def bench_cache_text(sizes: Sizes) -> list[Row]:
             out = work / f"numpy-{next(runs)}"
             out.mkdir()
             array = torch.cat(hidden).numpy()
-            row_of = {text: i for i, text in enumerate(unique)}
+            row_of = {text: i for i, text in reversed(list(enumerate(unique)))}  # a caption's first row
             np.save(out / "hidden.npy", array)
             np.save(out / "rows.npy", np.array([row_of[t] for t in texts]))
             kept["hidden"], kept["row_of"] = array, row_of
@@ -390,7 +394,7 @@ def bench_torchrun(fsdp: bool) -> Callable[[Sizes], list[Row]]:
                        "--model", sizes.torchrun_model, "--data", "synthetic", "--steps", str(sizes.torchrun_steps),
                        "--batch-size", str(sizes.torchrun_batch), "--workers", "0", "--val-size", "16",
                        "--eval-every", "0", "--save-every", "0", "--log-every", "1", "--warmup", "1",
-                       "--progress", "no", "--device", "cuda" if cuda else "cpu",
+                       "--progress", "no", "--device", "auto" if cuda else "cpu",  # auto: cuda:LOCAL_RANK
                        "--precision", "amp_bf16" if cuda else "fp32", "--output", str(output),
                        "--dist-timeout", "120", *(["--fsdp"] if fsdp else [])]
             row.config["command"] = " ".join(command[1:]).replace(str(output), "RUN")
