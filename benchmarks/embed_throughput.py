@@ -85,7 +85,7 @@ def run_clip_retrieval(python: str, pattern: str, weights: Path, out: Path, args
             "command": " ".join(cmd)}
 
 
-def run_openclip_loop(shards: list[Path], weights: Path, out: Path, args: argparse.Namespace) -> dict:
+def run_openclip_loop(shards: list[Path], weights_dir: Path, out: Path, args: argparse.Namespace) -> dict:
     """What clip_inference does, with OpenCLIP 3.3.0 + webdataset here (when clip-retrieval is not installed)."""
     import numpy as np
     import open_clip
@@ -95,8 +95,9 @@ def run_openclip_loop(shards: list[Path], weights: Path, out: Path, args: argpar
     import webdataset as wds
 
     started = time.perf_counter()
-    model, _, preprocess = open_clip.create_model_and_transforms(args.model, pretrained=str(weights))
-    tokenizer = open_clip.get_tokenizer(args.model)
+    # local-dir: reads the config saved beside the weights, so ldmclip-only configs (the smoke test's) load too
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{weights_dir}")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{weights_dir}")
     model.eval()
     dataset = (wds.WebDataset([str(s) for s in shards], shardshuffle=False).decode("pilrgb")
                .to_tuple("jpg", "txt", "__key__").map_tuple(preprocess, tokenizer, lambda k: k))
@@ -146,7 +147,7 @@ def agreement(a: Path, b: Path) -> dict:
     return {"keys_a": len(ea), "keys_b": len(eb), "keys_common": len(common), "min_cosine": float(cos.min())}
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--per-shard", type=int, default=250)
@@ -156,7 +157,7 @@ def main() -> int:
     parser.add_argument("--clip-retrieval-python", default=None,
                         help="python of a virtual environment with clip-retrieval installed (see the module docs)")
     parser.add_argument("--json", default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     flickr = find_flickr8k()
     if flickr is None:
         print("Flickr8k not found (../shared/data/flickr8k or $LDMCLIP_DATA): nothing to measure", file=sys.stderr)
@@ -175,7 +176,7 @@ def main() -> int:
             rows["baseline"] = run_clip_retrieval(args.clip_retrieval_python, pattern, weights_file,
                                                   work / "baseline", args)
         else:
-            rows["baseline"] = run_openclip_loop(shards, weights_file, work / "baseline", args)
+            rows["baseline"] = run_openclip_loop(shards, weights, work / "baseline", args)
         for row in rows.values():
             row["images_per_s"] = args.images / row["seconds"]
         check = agreement(work / "ldmclip_fp32", work / "baseline")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -70,9 +70,11 @@ def _openclip_param_groups(model: torch.nn.Module, wd: float) -> list[dict]:
             {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": wd}]
 
 
-def build_pair(name: str, device: torch.device, precision: str = PRECISION, image_size: int | None = None):
+def build_pair(name: str, device: torch.device, precision: str = PRECISION, image_size: int | None = None,
+               tile_size: int | None = None):
     """(ldmclip step, OpenCLIP step, ldmclip model, OpenCLIP model): same initial weights (at
-    ``image_size`` when given: OpenCLIP's ``force_image_size``)."""
+    ``image_size`` when given: OpenCLIP's ``force_image_size``). ``tile_size``: ldmclip's loss is the
+    exact tiled one (OpenCLIP's stays dense, as ``open_clip_train`` has no other)."""
     import open_clip
     from open_clip.loss import ClipLoss as OpenClipLoss
 
@@ -91,7 +93,7 @@ def build_pair(name: str, device: torch.device, precision: str = PRECISION, imag
     hyper = {"lr": 5e-4, "betas": (0.9, 0.98), "eps": 1e-6}
     our_opt = build_optimizer(ours, weight_decay=0.2, **hyper)
     their_opt = torch.optim.AdamW(_openclip_param_groups(theirs, 0.2), **hyper)  # as open_clip_train
-    our_loss, their_loss = ClipLoss(), OpenClipLoss()
+    our_loss, their_loss = ClipLoss(tile_size=tile_size), OpenClipLoss()
 
     def our_step(images, tokens):
         loss = contrastive_step(ours, our_loss, images, tokens, precision)
@@ -176,7 +178,11 @@ def matmul_rate(shapes: list[tuple[int, int, int]], device: torch.device, repeat
 
 
 def _train_row(row_id: str, title: str, name: str, batch: int, steps: int, target: float | None, profile: Profile,
-               with_mfu: bool, precision: str = PRECISION, image_size: int | None = None) -> list[Row]:
+               with_mfu: bool, precision: str = PRECISION, image_size: int | None = None,
+               tile_size: int | None = None, prepare: Callable[[Any, Any], None] | None = None) -> list[Row]:
+    """One training-step row (and the MFU row when ``with_mfu``). ``prepare(ours, theirs)`` changes both
+    models after the fp32 parity checks and before any timed step (``benchmarks/gpu.py``: compile,
+    activation checkpointing). On CUDA each side's peak memory goes to ``extra["peak_memory_mb"]``."""
     import ldmclip
 
     device = _device()
@@ -187,16 +193,24 @@ def _train_row(row_id: str, title: str, name: str, batch: int, steps: int, targe
     row = Row(row_id, title, "samples/s", "OpenCLIP model + ClipLoss + AdamW", target=target,
               config={"model": name, "batch": batch, "steps_per_repeat": steps,
                       "precision": "fp32" if precision == "fp32" else "bf16 autocast", "image_size": image_size,
-                      "device": str(device), "captions": source, "repeats": profile.repeats})
-    our_step, their_step, ours, theirs = build_pair(name, device, precision, image_size)
+                      "device": str(device), "captions": source, "repeats": profile.repeats,
+                      **({"tile_size": tile_size} if tile_size else {})})
+    our_step, their_step, ours, theirs = build_pair(name, device, precision, image_size, tile_size)
     row.checks.update(parity_checks(ours, theirs, images[:4], tokens[:4]))
+    if prepare is not None:
+        prepare(ours, theirs)
     del ours, theirs  # the step closures keep them
+    peaks: dict[str, float] = {}
 
-    def run(step):
+    def run(step, side: str):
         def go():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
             for _ in range(steps):
                 loss = step(images, tokens)
             _sync(device)
+            if device.type == "cuda":  # both models are resident: the difference is the step's own memory
+                peaks[side] = max(peaks.get(side, 0.0), torch.cuda.max_memory_allocated(device) / 2**20)
             if not torch.isfinite(loss):
                 raise FloatingPointError("non-finite loss")
             return batch * steps
@@ -204,7 +218,10 @@ def _train_row(row_id: str, title: str, name: str, batch: int, steps: int, targe
 
     from .common import interleaved
 
-    rates = interleaved({"ours": run(our_step), "theirs": run(their_step)}, profile.repeats, profile.warmup)
+    rates = interleaved({"ours": run(our_step, "ours"), "theirs": run(their_step, "theirs")}, profile.repeats,
+                        profile.warmup)
+    if peaks:
+        row.extra["peak_memory_mb"] = peaks
     row.ours_all, row.theirs_all = rates["ours"], rates["theirs"]
     row.finish()
     rows = [row]
