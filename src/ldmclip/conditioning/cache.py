@@ -412,11 +412,7 @@ def build_text_cache(
     names = [c.name for c in chunks]
     if len(set(names)) != len(names):
         raise ValueError("input chunks must have distinct names")
-    if (rank is None) != (world_size is None):
-        raise ValueError("pass both rank and world_size, or neither")
-    rank, world_size = (int(rank), int(world_size)) if rank is not None else process_rank()
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} outside a world of {world_size}")
+    rank, world_size = process_rank(rank, world_size)
     barrier = barrier or _default_barrier
     is_main = rank == 0
 

@@ -30,7 +30,6 @@ from typing import Any, Callable, Iterator, Sequence
 
 from ..core.errors import UserError
 from ..core.formats import input_kind
-from ..data.shards import shard_name as _shard_name
 from ..data.shards import shard_sizes as _shard_sizes
 
 __all__ = ["InputChunk", "open_inputs", "INPUT_FORMATS"]
@@ -100,25 +99,11 @@ def open_inputs(
 # ----------------------------------------------------------------------------------------------------
 
 def _webdataset_chunks(pattern: str | list[str]) -> list[InputChunk]:
-    from ..data.shards import expand_urls
+    from ..data.shards import named_shards
 
-    urls = expand_urls(pattern)
-    if not urls:
-        raise UserError(f"no shards in {pattern!r}")
-    names = [_shard_name(url, i) for i, url in enumerate(urls)]
-    if len(set(names)) != len(names):
-        seen: dict[str, str] = {}
-        for name, url in zip(names, urls):
-            if name in seen:
-                raise UserError(f"input shards {seen[name]!r} and {url!r} have the same file name {name!r}; "
-                                "cache them into separate folders")
-            seen[name] = url
-    for url in urls:
-        if "://" not in url and not url.startswith("pipe:") and not Path(url).exists():
-            raise FileNotFoundError(f"input shard not found: {url}")
-    sizes = _shard_sizes(urls)
-    return [InputChunk(name, {"shard": name}, size, _shard_reader(url))
-            for name, url, size in zip(names, urls, sizes)]
+    shards = named_shards(pattern, "cache")
+    sizes = _shard_sizes([url for _, url in shards])
+    return [InputChunk(name, {"shard": name}, size, _shard_reader(url)) for (name, url), size in zip(shards, sizes)]
 
 
 def _shard_reader(url: str) -> Callable[[Any], Iterator[tuple[str, Any]]]:

@@ -77,9 +77,18 @@ def local_process(env: Mapping[str, str] | None = None) -> tuple[int, int]:
     return launch.local_rank, launch.world_size
 
 
-def process_rank() -> tuple[int, int]:
-    """``(rank, world_size)``: the process group's when one is initialised, else the launcher's."""
+def process_rank(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """``(rank, world_size)``: the given pair when a caller passes one (both or neither; checked), else the
+    process group's when one is initialised, else the launcher's."""
     import torch.distributed as dist
+
+    if (rank is None) != (world_size is None):
+        raise ValueError("pass both rank and world_size, or neither")
+    if rank is not None:
+        rank, world_size = int(rank), int(world_size)
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside a world of {world_size}")
+        return rank, world_size
 
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()

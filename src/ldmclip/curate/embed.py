@@ -46,7 +46,7 @@ from ..core.files import write_npy, write_parquet_atomic
 from ..core.launch import default_barrier, process_rank
 from ..core.precision import autocast, resolve_precision
 from ..data.samples import BadSample, decode_sample, drain_pending, exit_with_parent
-from ..data.shards import ShardDataset, expand_urls, failed_as_a_whole, shard_name, shard_sizes
+from ..data.shards import ShardDataset, failed_as_a_whole, named_shards, shard_sizes
 from ..data.store import ChunkStore, StoreError, StoreMismatchError, as_json_value
 from ..registry import model_weights_sha256
 from .heads import check_head, head_identity, load_head
@@ -360,20 +360,9 @@ def _write_shard(store: ChunkStore, name: str, result: _ShardResult, dtype: Any,
 # ----------------------------------------------------------------------------------------------------
 
 def _shards(source: str | os.PathLike | Sequence[str]) -> list[_Shard]:
-    urls = expand_urls(source)
-    if not urls:
-        raise UserError(f"no shards in {source!r}")
-    names = [shard_name(url, i) for i, url in enumerate(urls)]
-    seen: dict[str, str] = {}
-    for name, url in zip(names, urls):
-        if name in seen:
-            raise UserError(f"input shards {seen[name]!r} and {url!r} have the same file name {name!r}; "
-                            "embed them into separate folders")
-        seen[name] = url
-    for url in urls:
-        if "://" not in url and not url.startswith("pipe:") and not Path(url).exists():
-            raise FileNotFoundError(f"input shard not found: {url}")
-    return [_Shard(i, name, url, size) for i, (name, url, size) in enumerate(zip(names, urls, shard_sizes(urls)))]
+    shards = named_shards(source, "embed")
+    sizes = shard_sizes([url for _, url in shards])
+    return [_Shard(i, name, url, size) for i, ((name, url), size) in enumerate(zip(shards, sizes))]
 
 
 def _table_shards(path: str | os.PathLike, images: str | os.PathLike | None, image_column: str,
@@ -536,11 +525,7 @@ def embed_shards(
         raise UserError(f"workers must be 0 or more, got {workers}")
     shards = _inputs(source, images, image_column, caption_column, shard_size, sep)
     check_out_not_input(out, [s.url for s in shards], images)
-    if (rank is None) != (world_size is None):
-        raise ValueError("pass both rank and world_size, or neither")
-    rank, world_size = (int(rank), int(world_size)) if rank is not None else process_rank()
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} outside a world of {world_size}")
+    rank, world_size = process_rank(rank, world_size)
     barrier = barrier or default_barrier
     is_main = rank == 0
 

@@ -60,7 +60,7 @@ from .samples import (REASON_DUPLICATE_KEY, REASON_SHARD_ERROR, REASON_SHARD_UNR
                       record_bad)
 
 __all__ = ["ShardDataset", "ShardStallError", "ShardMembers", "make_shard_pipeline", "expand_urls", "dataset_size",
-           "exit_with_parent", "IMAGE_EXTENSIONS", "STALL_ATTEMPTS", "STALL_SECONDS", "shard_name", "shard_sizes",
+           "exit_with_parent", "IMAGE_EXTENSIONS", "STALL_ATTEMPTS", "STALL_SECONDS", "shard_name", "named_shards", "shard_sizes",
            "failed_as_a_whole"]
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -178,6 +178,27 @@ def shard_name(url: str, index: int) -> str:
     found = re.findall(r"([^/\s:'\"]+?)\.tar(?:\.gz)?(?=$|[\s'\"?#])", url)
     name = found[-1] if found else ""
     return name if _NAME_RE.match(name) else f"shard-{index:06d}"
+
+
+def named_shards(source: str | os.PathLike | Iterable[str | os.PathLike], verb: str) -> list[tuple[str, str]]:
+    """``(name, url)`` of every shard of ``source`` (a brace pattern or a list), named by :func:`shard_name`,
+    for commands that write one output per input shard. No shard, two shards with one name (their outputs
+    would collide) and a local shard that does not exist are errors; ``verb`` says what the command does
+    with them, for the message ("cache", "embed")."""
+    urls = expand_urls(source)
+    if not urls:
+        raise UserError(f"no shards in {source!r}")
+    seen: dict[str, str] = {}
+    for index, url in enumerate(urls):
+        name = shard_name(url, index)
+        if name in seen:
+            raise UserError(f"input shards {seen[name]!r} and {url!r} have the same file name {name!r}; "
+                            f"{verb} them into separate folders")
+        seen[name] = url
+    for url in urls:
+        if "://" not in url and not url.startswith("pipe:") and not Path(url).exists():
+            raise FileNotFoundError(f"input shard not found: {url}")
+    return list(seen.items())
 
 
 def shard_sizes(urls: Sequence[str]) -> list[int | None]:
