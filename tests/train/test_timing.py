@@ -99,6 +99,31 @@ def test_peak_memory_reports_the_process_rss_in_mib_on_cpu():
     assert values["peak_rss_mib"] == pytest.approx(hwm / 1024, rel=0.05)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_cuda_timer_reads_its_events_at_the_window_and_reports_the_window_peak():
+    device = torch.device("cuda")
+    timer = StepTimer(device)
+    timer.restart()
+    weights = torch.randn(2048, 2048, device=device, requires_grad=True)
+    timer.data_ready()
+    loss = (weights @ weights).square().mean()
+    timer.forward_done()
+    loss.backward()
+    timer.backward_done()
+    with torch.no_grad():
+        weights -= 0.1 * weights.grad
+    timer.step_done()
+    values = timer.window(samples=8)
+    assert values["forward_s"] > 0 and values["backward_s"] > 0 and values["optimizer_s"] > 0
+    assert values["peak_cuda_mib"] >= 3 * 2048 * 2048 * 4 / 2 ** 20  # the weights, a product, the gradient
+    del loss
+    timer.restart()
+    timer.data_ready()
+    timer.backward_done()
+    timer.step_done()
+    assert timer.window(samples=8)["peak_cuda_mib"] < values["peak_cuda_mib"]  # (reset each window)
+
+
 def test_the_data_wait_warning_comes_first_when_it_happens_then_at_most_every_n_windows():
     warning = DataWaitWarning(workers=3, every=4)
     said = [warning.check(fraction) is not None for fraction in (0.1, 0.2, 0.5, 0.9, 0.9, 0.9, 0.05, 0.9, 0.9)]
@@ -160,7 +185,8 @@ def _train_with(monkeypatch, tmp_path, wrap, **overrides):
 
 
 def test_a_slow_dataset_shows_in_metrics_and_the_curves_and_warns_to_raise_workers(monkeypatch, tmp_path, capsys):
-    records, figures = _train_with(monkeypatch, tmp_path, lambda dataset: SlowDataset(dataset, 0.04), steps=3)
+    records, figures = _train_with(monkeypatch, tmp_path, lambda dataset: SlowDataset(dataset, 0.04), steps=3,
+                                   progress=True)
     assert [r["step"] for r in records] == [1, 2, 3]
     for record in records:
         for key in ("data_wait_s", "forward_s", "backward_s", "optimizer_s", "compute_s", "step_s",
@@ -170,9 +196,11 @@ def test_a_slow_dataset_shows_in_metrics_and_the_curves_and_warns_to_raise_worke
         assert record["data_samples_per_s"] <= 1 / 0.04
     # (the first step also warms the model up: its compute can outweigh the data there)
     assert all(record["data_wait_fraction"] > 0.2 for record in records[1:])
-    warnings = [line for line in capsys.readouterr().out.splitlines() if "waited for data" in line]
+    printed = capsys.readouterr()
+    warnings = [line for line in printed.out.splitlines() if "waited for data" in line]
     assert len(warnings) == 1  # once, not every window
     assert "raise --workers (now 0;" in warnings[0]
+    assert f"data={records[-1]['data_wait_fraction']:.0%}" in printed.err  # the progress bar's postfix
 
     # the curves PNG has the panel, drawn from the logged numbers
     (figure,) = figures
@@ -182,11 +210,21 @@ def test_a_slow_dataset_shows_in_metrics_and_the_curves_and_warns_to_raise_worke
     (step_axis,) = [ax for ax in figure.axes if ax.get_ylabel() == "step time (s)"]
     assert list(step_axis.lines[0].get_ydata()) == [r["step_s"] for r in records]
     assert (tmp_path / "run" / "training_curves.png").stat().st_size > 0
+    # TensorBoard has the same numbers as scalars
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    events = accumulator.EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    scalars = events.Scalars("train/data_wait_fraction")
+    assert [s.step for s in scalars] == [1, 2, 3]
+    assert [s.value for s in scalars] == pytest.approx([r["data_wait_fraction"] for r in records])
+    assert "train/peak_rss_mib" in events.Tags()["scalars"]
 
 
 def test_a_fast_dataset_with_compute_dominating_waits_little_and_does_not_warn(monkeypatch, tmp_path, capsys):
-    records, _ = _train_with(monkeypatch, tmp_path, PreloadedDataset, steps=4, log_every=2)
+    # (with accumulation the passes interleave: forward and backward are timed as one phase)
+    records, _ = _train_with(monkeypatch, tmp_path, PreloadedDataset, steps=4, log_every=2, accum=2)
     assert [r["step"] for r in records] == [2, 4]
+    assert all("forward_backward_s" in r and "forward_s" not in r for r in records)
     data = sum(r["data_wait_s"] for r in records)
     compute = sum(r["compute_s"] for r in records)
     assert data / (data + compute) < 0.2

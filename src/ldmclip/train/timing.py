@@ -24,6 +24,10 @@ How it measures without slowing training:
   queued on the same stream before the data mark): zero when the loader keeps ahead and the host
   queues work faster than the GPU runs it.
 
+With several processes the data mark comes after the processes agree on the batch (a collective),
+so waiting for the slowest process's batch counts as waiting for data too; the gradient all-reduce
+counts in backward (DDP) and the loss's all-reduce in optimizer.
+
 Validation, checkpoints and logging happen between :meth:`StepTimer.step_done` and the next
 :meth:`StepTimer.restart`, so they count in no phase.
 """
