@@ -132,6 +132,9 @@ def test_the_data_wait_warning_comes_first_when_it_happens_then_at_most_every_n_
     assert "35%" in message and "--workers (now 3;" in message and "\n" not in message
 
 
+SLEEP = 0.08  # seconds per sample of the slow dataset: 0.64 s per batch of 8, several ViT-Tiny steps on a CPU
+
+
 class SlowDataset(Dataset):
     """The table's samples, each after a short sleep: a data loader that cannot keep up."""
 
@@ -185,17 +188,20 @@ def _train_with(monkeypatch, tmp_path, wrap, **overrides):
 
 
 def test_a_slow_dataset_shows_in_metrics_and_the_curves_and_warns_to_raise_workers(monkeypatch, tmp_path, capsys):
-    records, figures = _train_with(monkeypatch, tmp_path, lambda dataset: SlowDataset(dataset, 0.04), steps=3,
+    records, figures = _train_with(monkeypatch, tmp_path, lambda dataset: SlowDataset(dataset, SLEEP), steps=3,
                                    progress=True)
     assert [r["step"] for r in records] == [1, 2, 3]
     for record in records:
         for key in ("data_wait_s", "forward_s", "backward_s", "optimizer_s", "compute_s", "step_s",
                     "data_wait_fraction", "data_samples_per_s", "peak_rss_mib"):
             assert key in record, key
-        assert record["data_wait_s"] >= 8 * 0.04  # every sample of the batch slept
-        assert record["data_samples_per_s"] <= 1 / 0.04
-    # (the first step also warms the model up: its compute can outweigh the data there)
-    assert all(record["data_wait_fraction"] > 0.2 for record in records[1:])
+        assert record["data_wait_s"] >= 8 * SLEEP  # every sample of the batch slept
+        assert record["data_samples_per_s"] <= 1 / SLEEP
+    # (the first step also warms the model up, and a shared CPU makes any one step's compute erratic:
+    # the fraction over the steps after the first)
+    later = records[1:]
+    assert sum(r["data_wait_s"] for r in later) / sum(r["data_wait_s"] + r["compute_s"] for r in later) > 0.2
+    assert max(r["data_wait_fraction"] for r in records) > 0.2
     printed = capsys.readouterr()
     warnings = [line for line in printed.out.splitlines() if "waited for data" in line]
     assert len(warnings) == 1  # once, not every window
