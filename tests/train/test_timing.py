@@ -4,7 +4,11 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -97,6 +101,20 @@ def test_peak_memory_reports_the_process_rss_in_mib_on_cpu():
     with open("/proc/self/status") as status:  # (Linux: the same peak, in KiB)
         hwm = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
     assert values["peak_rss_mib"] == pytest.approx(hwm / 1024, rel=0.05)
+
+
+def test_peak_memory_adds_up_the_live_child_processes():
+    if not Path(f"/proc/self/task/{os.getpid()}/children").exists():
+        pytest.skip("no /proc/<pid>/task/<tid>/children here")
+    before = peak_memory(None).get("workers_peak_rss_mib", 0.0)
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        while (after := peak_memory(None).get("workers_peak_rss_mib", 0.0)) <= before + 1 and time.monotonic() < deadline:
+            time.sleep(0.05)  # (until the child has its memory: a Python interpreter, several MiB)
+        assert after > before + 1
+    finally:
+        child.communicate(b"")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
