@@ -165,15 +165,16 @@ class StepTimer:
 
 
 def peak_memory(device: torch.device | None) -> dict[str, float]:
-    """Peak memory in MiB: ``peak_cuda_mib`` (``torch.cuda.max_memory_allocated`` since the last call,
-    which resets it: the window's peak) on CUDA; ``peak_rss_mib``, this process's peak resident memory
-    since it started (``getrusage``); ``workers_peak_rss_mib``, the sum of the peaks of its live child
-    processes (the DataLoader workers; memory they share with this process counts in each), where
-    ``/proc`` tells it."""
+    """Peak memory in MiB so far: ``peak_cuda_mib`` (``torch.cuda.max_memory_allocated``) on CUDA;
+    ``peak_rss_mib``, this process's peak resident memory (``getrusage``); ``workers_peak_rss_mib``,
+    the sum of the peaks of its live child processes (the DataLoader workers; memory they share with
+    this process counts in each), where ``/proc`` tells it.
+
+    The CUDA peak is not reset here: whoever measures around a whole run (a benchmark row) keeps
+    its own peak, so the numbers are the peak since the process started or since its last reset."""
     values: dict[str, float] = {}
     if device is not None and device.type == "cuda":
         values["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated(device) / _MIB, 1)
-        torch.cuda.reset_peak_memory_stats(device)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     values["peak_rss_mib"] = round(rss / (_MIB if sys.platform == "darwin" else 1024), 1)  # bytes on macOS, KiB else
     workers = _children_peak_rss_kib()
