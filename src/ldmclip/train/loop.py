@@ -47,6 +47,7 @@ from .param_groups import ParamGroup, build_param_groups, format_param_groups, o
 from .parallelize import (apply_activation_checkpointing, apply_compile, apply_ddp, apply_fsdp, apply_sync_batchnorm,
                           clip_gradients, frozen_towers, is_fsdp, lock_towers, unwrap)
 from .step import contrastive_step
+from .timing import DataWaitWarning, StepTimer
 
 
 class TrainingError(UserError):
@@ -390,9 +391,11 @@ def _loop(run: Run) -> None:
     bar = _progress_bar(cfg, run.total_steps, progress.step) if main else None
     image_frozen, text_frozen = frozen_towers(run.clip_model)  # (no gradient into a frozen tower's features)
     window_start, window_samples = time.perf_counter(), 0
+    timer, data_warning = StepTimer(run.device, enabled=main), DataWaitWarning(cfg.workers)  # where the time goes
     with StopRequest() as stop, _closing(bar):
         run.model.train()
         batches = run.train_data.batches(progress.position, run.device)
+        timer.restart()
         while progress.step < run.total_steps:
             batch = stop.next_or_none(batches)  # None: a signal came while waiting for data
             bad_data = None if batch is None else _bad_fraction_message(progress, batch, cfg)
@@ -415,8 +418,10 @@ def _loop(run: Run) -> None:
             if n < 2:
                 continue  # a batch with no (or one) readable sample has no contrastive signal
 
+            timer.data_ready()
             loss = contrastive_step(run.model, run.loss_fn, batch.images[:n], batch.tokens[:n], run.precision,
-                                    cfg.accum, image_frozen, text_frozen)
+                                    cfg.accum, image_frozen, text_frozen, on_forward_done=timer.forward_done)
+            timer.backward_done()
             loss = distributed.mean_over_ranks(info, loss)  # the global loss; NaN anywhere is NaN everywhere
             if not torch.isfinite(loss):
                 _skip_nonfinite_step(run.optimizer, progress, cfg)
@@ -431,12 +436,16 @@ def _loop(run: Run) -> None:
             losses.clamp_logit_scale_(run.clip_model)
             if run.ema is not None:  # once per optimizer step (after all --accum micro-batches)
                 run.ema.update(run.clip_model)
+            timer.step_done()
             progress.step += 1
             progress.samples += n * info.world_size
             window_samples += n * info.world_size
 
             if main and (progress.step % cfg.log_every == 0 or progress.step == run.total_steps):
-                _log_train(run, bar, loss, grad_norm, window_samples / max(time.perf_counter() - window_start, 1e-9))
+                timing = timer.window(window_samples)
+                _log_train(run, bar, loss, grad_norm, window_samples / max(time.perf_counter() - window_start, 1e-9),
+                           timing)
+                _warn(bar, data_warning.check(timing["data_wait_fraction"]))
                 window_start, window_samples = time.perf_counter(), 0
             if bar is not None:
                 bar.update(1)
@@ -445,17 +454,26 @@ def _loop(run: Run) -> None:
                 run.val_metrics = _validate(run)
             if cfg.save_every and progress.step % cfg.save_every == 0 and before_end:
                 _save(run)
+            timer.restart()  # (logging, validation and checkpoints count in no phase of a step)
 
 
-def _log_train(run: Run, bar, loss: torch.Tensor, grad_norm: float, samples_per_s: float) -> None:
+def _log_train(run: Run, bar, loss: torch.Tensor, grad_norm: float, samples_per_s: float,
+               timing: dict[str, float]) -> None:
     values = {"loss": loss.item(), "lr": run.scheduler.get_last_lr()[0],
               "logit_scale": run.clip_model.logit_scale.exp().item(), "grad_norm": grad_norm,
               "samples_per_s": samples_per_s, "samples": run.progress.samples,
-              "skipped": sum(run.progress.skipped.values())}
+              "skipped": sum(run.progress.skipped.values()), **timing}
     run.log.log(run.progress.step, "train", values)
     if bar is not None:
         bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{values['lr']:.2e}",
-                        scale=f"{values['logit_scale']:.1f}", sps=f"{values['samples_per_s']:.0f}")
+                        scale=f"{values['logit_scale']:.1f}", sps=f"{values['samples_per_s']:.0f}",
+                        data=f"{timing['data_wait_fraction']:.0%}")
+
+
+def _warn(bar, message: str | None) -> None:
+    """One line for the person watching, above the progress bar if there is one."""
+    if message is not None:
+        (bar.write if bar is not None else print)(message)
 
 
 def _finish(run: Run) -> TrainResult:

@@ -44,8 +44,24 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def _plot_timing(ax, records: list[dict[str, Any]]) -> None:
+    """The data-wait fraction (left axis, 0 to 1) and the mean step time (right axis) per window."""
+    steps = [r["step"] for r in records]
+    ax.plot(steps, [r["data_wait_fraction"] for r in records], color="tab:red", label="waiting for data")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("data-wait fraction", color="tab:red")
+    ax.set_title("where the time goes")
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    step_time = ax.twinx()
+    step_time.plot(steps, [r["step_s"] for r in records], color="tab:blue", label="step time")
+    step_time.set_ylabel("step time (s)", color="tab:blue")
+    step_time.set_ylim(bottom=0)
+
+
 def plot_training_curves(metrics_path: Path, out_path: Path) -> Path | None:
-    """Loss, learning rate, logit scale and validation metrics against step, in one PNG."""
+    """Loss, learning rate, logit scale, where the time goes (data-wait fraction and step time) and
+    validation metrics against step, in one PNG."""
     try:
         import matplotlib
 
@@ -60,8 +76,10 @@ def plot_training_curves(metrics_path: Path, out_path: Path) -> Path | None:
     last_val = val[-1] if val else {}  # (text fields such as "weights": "ema" are no curves)
     val_keys = [k for k, v in last_val.items() if k not in ("step", "kind") and not k.endswith("rank")
                 and isinstance(v, (int, float))]
-    width = 4.2 * (len(panels) + 1) + (2.5 if val_keys else 0)  # room for the legend on the right
-    fig, axes = plt.subplots(1, len(panels) + (1 if val_keys else 0), figsize=(width, 3.4))
+    timing = [r for r in train if "data_wait_fraction" in r]  # (runs of older ldmclip versions have none)
+    count = len(panels) + (1 if timing else 0) + (1 if val_keys else 0)
+    width = 4.2 * max(count, len(panels) + 1) + (2.5 if val_keys else 0)  # room for the legend on the right
+    fig, axes = plt.subplots(1, count, figsize=(width, 3.4))
     for ax, (key, title) in zip(axes, panels):
         points = [(r["step"], r[key]) for r in train if key in r]
         if points:
@@ -69,6 +87,8 @@ def plot_training_curves(metrics_path: Path, out_path: Path) -> Path | None:
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
+    if timing:
+        _plot_timing(axes[len(panels)], timing)
     if val_keys:
         ax = axes[-1]
         for key in val_keys:

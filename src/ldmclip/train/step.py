@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -19,7 +21,8 @@ def _forward(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor):
 
 
 def contrastive_step(model: nn.Module, loss_fn: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
-                     precision: str, accum: int = 1, lock_image: bool = False, lock_text: bool = False) -> torch.Tensor:
+                     precision: str, accum: int = 1, lock_image: bool = False, lock_text: bool = False,
+                     on_forward_done: Callable[[], None] | None = None) -> torch.Tensor:
     """Forward and backward for one batch; returns the (detached) loss. Gradients accumulate in
     ``.grad``; the caller clips, steps and zeroes them.
 
@@ -33,12 +36,17 @@ def contrastive_step(model: nn.Module, loss_fn: nn.Module, images: torch.Tensor,
     graph and back-propagated from those gradients (the scale's with the last one, when the
     gradients are also reduced across processes). The random state is replayed, so patch dropout
     draws the same patches in both passes. The gradients equal those of one big batch.
+
+    ``on_forward_done`` is called between the forward and the backward pass (to time them apart);
+    with ``accum > 1`` the passes interleave and it is not called.
     """
     device = images.device
     if accum <= 1:
         with autocast(precision, device):
             image_features, text_features, scale_and_bias = _forward(model, images, tokens)
             loss = loss_fn(image_features.float(), text_features.float(), *scale_and_bias)
+        if on_forward_done is not None:
+            on_forward_done()
         loss.backward()
         return loss.detach()
 
