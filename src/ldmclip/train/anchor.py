@@ -8,9 +8,12 @@ was at the start (the pretrained weights) and
 * measures the **drift** of the layer, reported in the validation metrics as ``anchor_drift``:
   ``||h - h0|| / ||h0||`` per token (``h`` the fine-tuned hidden state, ``h0`` the frozen one), averaged
   over each validation caption's tokens, then over the captions; 0 at the start;
-* with ``--anchor-weight W`` adds ``W * loss_anchor`` to the contrastive loss, where ``loss_anchor`` is the
-  mean over the batch's caption tokens of ``||h - h0||^2 / ||h0||^2``. Relative, so the weight means the
-  same for towers of any width and for layers of any scale (CLIP's hidden states grow with depth).
+* with ``--anchor-weight W`` adds ``W * loss_anchor`` to the contrastive loss, where ``loss_anchor`` is
+  ``||h - h0||^2 / ||h0||^2`` per token, averaged over each caption's tokens, then over the batch's
+  captions. Relative, so the weight means the same for towers of any width and for layers of any scale
+  (CLIP's hidden states grow with depth); per caption first, so short and long captions count alike and
+  the mean over the global batch is the mean of equal-sized local (and micro-batch) parts: under DDP
+  and with ``--accum`` the gradient is exactly the one-process, one-batch gradient, with no collective.
 
 Which tokens: each caption's start-of-text through its end-of-text token; the padding after it is left
 out. SD reads all 77 positions, but under the causal mask a padding position sees only the caption
@@ -50,15 +53,16 @@ def relative_squared_distance(hidden: torch.Tensor, reference: torch.Tensor) -> 
     return (hidden - reference).pow(2).sum(-1) / reference.pow(2).sum(-1).clamp_min(1e-12)
 
 
+def per_caption_mean(per_token: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """``[B]``: the mean of ``per_token`` ``[B, L]`` over each caption's tokens (SOT through EOT)."""
+    mask = caption_mask(tokens.to(per_token.device), per_token.shape[1])
+    return (per_token * mask).sum(-1) / mask.sum(-1)
+
+
 def anchor_loss(hidden: torch.Tensor, reference: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """The mean of :func:`relative_squared_distance` over the caption tokens (``tokens`` ``[B, >= L]``)."""
-    mask = caption_mask(tokens, hidden.shape[1])
-    return relative_squared_distance(hidden, reference)[mask].mean()
-
-
-def caption_token_count(tokens: torch.Tensor) -> int:
-    """How many tokens :func:`anchor_loss` averages over (start-of-text through end-of-text of each caption)."""
-    return int((tokens.argmax(dim=-1) + 1).sum())
+    """``loss_anchor``: :func:`relative_squared_distance`, averaged over each caption's tokens, then over
+    the captions (``tokens`` ``[B, >= L]``)."""
+    return per_caption_mean(relative_squared_distance(hidden, reference), tokens).mean()
 
 
 class TextAnchor:
@@ -89,7 +93,8 @@ class TextAnchor:
     def settings(self) -> dict[str, object]:
         """What ``config.json`` records."""
         return {"layer": self.layer, "hidden_state_index": self.blocks, "weight": self.weight,
-                "loss": "mean over caption tokens (SOT..EOT, padding excluded) of ||h - h0||^2 / ||h0||^2",
+                "loss": "||h - h0||^2 / ||h0||^2 per token, mean over each caption's tokens (SOT..EOT, padding "
+                        "excluded), then over the captions",
                 "drift": "||h - h0|| / ||h0|| per token, mean over each caption's tokens, then over the captions"}
 
     def remove(self) -> None:
@@ -127,12 +132,11 @@ class TextAnchor:
         return self.frozen.transformer(self.frozen.embed_tokens(tokens), causal=True, stop_at=self.blocks)
 
     def loss_sum(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Sum over the caption tokens of ``||h - h0||^2 / ||h0||^2`` for the hidden states just captured
-        (divide by :func:`caption_token_count` of the whole batch for the mean)."""
+        """:func:`anchor_loss` of the hidden states just captured, times the number of captions (divide by the
+        number of captions of the whole batch for the mean, when ``tokens`` is a micro-batch)."""
         hidden = self.take()
-        reference = self.reference(tokens, hidden.shape[1])
-        mask = caption_mask(tokens.to(hidden.device), hidden.shape[1])
-        return relative_squared_distance(hidden, reference)[mask].sum()
+        distance = relative_squared_distance(hidden, self.reference(tokens, hidden.shape[1]))
+        return per_caption_mean(distance, tokens).sum()
 
     @torch.no_grad()
     def drift(self, model: nn.Module, tokens: torch.Tensor, device: torch.device, batch_size: int = 256) -> float:
@@ -145,8 +149,7 @@ class TextAnchor:
                 model.encode_text(batch)
             hidden = self.take()
             distance = relative_squared_distance(hidden, self.reference(batch, hidden.shape[1])).sqrt()
-            mask = caption_mask(batch, hidden.shape[1])
-            per_caption.append((distance * mask).sum(-1) / mask.sum(-1))
+            per_caption.append(per_caption_mean(distance, batch))
         return float(torch.cat(per_caption).mean()) if per_caption else 0.0
 
 

@@ -105,9 +105,10 @@ class TrainConfig:
                                             "reported, and which --anchor-weight holds in place: 'penultimate' "
                                             "(SD 2.x, SDXL), 'last' (SD 1.x) or an index as transformers numbers "
                                             "hidden_states (0: the embeddings, -2: the penultimate block)")
-    anchor_weight: float | None = _opt(None, "add W x the mean over the batch's caption tokens (start of text "
-                                             "through end of text) of ||h - h0||^2 / ||h0||^2, h the --anchor-layer "
-                                             "hidden state and h0 that of a frozen copy of the starting text tower, "
+    anchor_weight: float | None = _opt(None, "add W x ||h - h0||^2 / ||h0||^2 (h: a token's --anchor-layer "
+                                             "hidden state, h0: that of a frozen copy of the starting text tower), "
+                                             "averaged over each caption's tokens (start through end of text; "
+                                             "not the padding), then over the batch, "
                                              "so a fine-tuned text encoder stays usable by a U-Net trained on the "
                                              "original ('loss_anchor' in metrics.jsonl); e.g. 1; default: off")
     patch_dropout: float = _opt(0.0, "fraction of image patches dropped during training (FLIP)")
