@@ -257,3 +257,21 @@ def test_a_run_reports_the_drift_and_with_a_weight_the_anchor_loss(tmp_path):
     assert all("loss_anchor" not in r for r in _records(plain, "train"))
     assert all(r["anchor_drift"] > 0 for r in _records(plain, "val"))
     assert json.loads((plain / "config.json").read_text())["anchor_settings"]["weight"] == 0.0
+
+
+# ---- several processes (the frozen copy outside DDP, kept whole under FSDP2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+def test_two_processes_equal_one_with_the_anchor_loss(tmp_path, parallel):
+    from tests.train.test_distributed import _max_weight_error, _torchrun_train, _train_here, _weights
+
+    flags = ["--batch-size", "16", "--steps", "3", "--save-every", "0", "--anchor-weight", "50",
+             "--eval-every", "3", "--lr", "3e-3"]
+    _torchrun_train(tmp_path / "two", *flags, *parallel)
+    _train_here(tmp_path / "one", *flags)
+    error, key = _max_weight_error(_weights(tmp_path / "two"), _weights(tmp_path / "one"))
+    assert error <= 1e-4, (key, error)
+    drift = [_records(tmp_path / name, "val")[-1]["anchor_drift"] for name in ("two", "one")]
+    assert drift[1] > 0 and drift[0] == pytest.approx(drift[1], rel=1e-3)
