@@ -135,7 +135,7 @@ def test_anchor_loss_equals_the_hand_computation(layer):
         per_token = (h - h0).pow(2).sum(-1) / h0.pow(2).sum(-1)
         expected = ((per_token * mask).sum(-1) / mask.sum(-1)).mean()
     assert float(expected.detach()) > 1e-4  # the perturbation moved the layer (else equality proves nothing)
-    assert relative_error(got, expected) < 1e-5
+    assert relative_error(got.detach(), expected.detach()) < 1e-5
 
 
 @pytest.mark.parametrize("accum", [1, 2])
