@@ -75,7 +75,7 @@ from torch import nn
 from ..checkpoints.sd import TEXT_ENCODER_ALONE, find_text_encoders
 from ..core.errors import UserError
 from ..core.files import tensors_sha256
-from ..models.text import TextTransformer
+from ..models.text import TextTransformer, hidden_state_index
 from ..registry import get_tokenizer, load_text_tower
 from ..tokenizer import CLIPTokenizer, build_tokenizer
 
@@ -146,22 +146,6 @@ def get_preset(name: str) -> Preset:
     if name not in PRESETS:
         raise ValueError(f"unknown conditioning preset {name!r}; choose one of: {', '.join(PRESETS)}")
     return PRESETS[name]
-
-
-def hidden_state_index(layer: str | int, num_layers: int) -> int:
-    """How many blocks to run to reach ``layer`` (0 = just the embeddings; see the module docstring)."""
-    named = {"last": -1, "penultimate": -2}
-    if isinstance(layer, str):
-        if layer not in named:
-            raise ValueError(f"layer must be 'last', 'penultimate' or an int, got {layer!r}")
-        layer = named[layer]
-    elif isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
-        raise ValueError(f"layer must be 'last', 'penultimate' or an int, got {layer!r}")
-    index = int(layer) if layer >= 0 else num_layers + 1 + int(layer)
-    if not 0 <= index <= num_layers:
-        raise ValueError(f"layer {layer} does not exist in a text tower of {num_layers} blocks "
-                         f"(valid: {-num_layers - 1} .. {num_layers}; 0 is the embedding, -1 the last block)")
-    return index
 
 
 def text_tower_config(tower: TextTransformer) -> dict[str, Any]:

@@ -8,6 +8,8 @@ conditioning) and a whole CLIP model share one implementation and one key layout
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,6 +20,26 @@ from .layers import LayerNorm, Transformer, unlock_groups
 
 # The top-level attributes that make up the text tower (a CLIP adds ``visual`` and ``logit_scale``).
 TEXT_PARTS = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection")
+
+
+def hidden_state_index(layer: str | int, num_layers: int) -> int:
+    """How many blocks to run to reach ``layer`` (0 = just the embeddings), numbered as ``transformers``
+    numbers its ``hidden_states``: 0 the token + position embedding, ``i`` the output of block ``i``
+    (from 1), negative from the end: ``-1`` / ``"last"`` the last block, ``-2`` / ``"penultimate"`` the
+    one before it (what SD 2.x and SDXL read). The one rule for LDM conditioning and the trainer's
+    ``--anchor-layer``."""
+    named = {"last": -1, "penultimate": -2}
+    if isinstance(layer, str):
+        if layer not in named:
+            raise ValueError(f"layer must be 'last', 'penultimate' or an int, got {layer!r}")
+        layer = named[layer]
+    elif isinstance(layer, bool) or not isinstance(layer, numbers.Integral):  # (numpy ints are Integral)
+        raise ValueError(f"layer must be 'last', 'penultimate' or an int, got {layer!r}")
+    index = int(layer) if layer >= 0 else num_layers + 1 + int(layer)
+    if not 0 <= index <= num_layers:
+        raise ValueError(f"layer {layer} does not exist in a text tower of {num_layers} blocks "
+                         f"(valid: {-num_layers - 1} .. {num_layers}; 0 is the embedding, -1 the last block)")
+    return index
 
 
 def is_text_key(key: str) -> bool:

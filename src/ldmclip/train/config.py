@@ -99,6 +99,19 @@ class TrainConfig:
                                    "final/ holds the EMA model and final_raw/ the trained weights; default: off")
     ema_warmup: bool = _opt(True, "with --ema: decay min(D, (1+n)/(10+n)) at update n (TensorFlow's and "
                                   "latent-diffusion's warm-up), so early weights fade fast; no: D from the start")
+    # keep what the LDM reads (train/anchor.py): the drift of one text layer from its starting weights
+    anchor_layer: str = _opt("penultimate", "text layer whose drift from the starting weights (relative L2 on the "
+                                            "validation captions, 'anchor_drift' in the validation metrics) is "
+                                            "reported when fine-tuning (--pretrained), and which --anchor-weight "
+                                            "holds in place: 'penultimate' (SD 2.x, SDXL), 'last' (SD 1.x) or an "
+                                            "index as transformers numbers "
+                                            "hidden_states (0: the embeddings, -2: the penultimate block)")
+    anchor_weight: float | None = _opt(None, "add W x ||h - h0||^2 / ||h0||^2 (h: a token's --anchor-layer "
+                                             "hidden state, h0: that of a frozen copy of the starting text tower), "
+                                             "averaged over each caption's tokens (start through end of text; "
+                                             "not the padding), then over the batch, "
+                                             "so a fine-tuned text encoder stays usable by a U-Net trained on the "
+                                             "original ('loss_anchor' in metrics.jsonl); e.g. 1; default: off")
     patch_dropout: float = _opt(0.0, "fraction of image patches dropped during training (FLIP)")
     device: str = _opt("auto", "'auto' (cuda if available; cuda:LOCAL_RANK under torchrun/srun), 'cpu' or 'cuda[:N]'")
     # several processes (launched by torchrun or srun; see README "Training on many GPUs")
@@ -136,6 +149,7 @@ class TrainConfig:
                 raise UserError(f"{_flag(name)} must be a number, got {value!r}")
             if not _in_range(value, spec):
                 raise UserError(f"{_flag(name)} must be {_range_text(spec)}, got {value:g}{_HINTS.get(name, '')}")
+        parse_anchor_layer(self.anchor_layer)
         if self.sync_bn and self.fsdp:
             raise UserError("--sync-bn is for DDP; under --fsdp BatchNorm normalises with each process's own "
                             "batch statistics (drop one of the two flags)")
@@ -173,11 +187,25 @@ _RANGES: dict[str, str] = {
     "save_every": "[0,", "keep_checkpoints": "[0,", "eval_every": "[0,", "log_every": "[1,",
     "max_bad_fraction": "[0, 1]", "max_nonfinite_steps": "[1,",
     "lr_image": "[0,", "lr_text": "[0,", "layer_decay": "(0, 1]", "lock_image_unlocked_groups": "[0,",
-    "lock_text_unlocked_layers": "[0,", "ema": "(0, 1)",
+    "lock_text_unlocked_layers": "[0,", "ema": "(0, 1)", "anchor_weight": "[0,",
 }
 _OPTIONAL = frozenset({"steps", "epochs", "grad_clip", "tile_size", "lr_image", "lr_text", "layer_decay",
-                       "ema"})  # None: default / off
+                       "ema", "anchor_weight"})  # None: default / off
 _HINTS = {"steps": " (leave it out for the default)", "epochs": " (leave it out to give --steps instead)"}
+
+
+def parse_anchor_layer(value: str | int) -> str | int:
+    """``--anchor-layer`` as :func:`ldmclip.models.text.hidden_state_index` takes it: 'last', 'penultimate' or
+    an int (the flag's text '-2' or a config file's -2); whether the layer exists is checked against the model."""
+    if isinstance(value, bool):
+        raise UserError(f"--anchor-layer must be 'penultimate', 'last' or a layer index, got {value!r}")
+    if isinstance(value, int) or value in ("last", "penultimate"):
+        return value
+    try:
+        return int(str(value))
+    except ValueError:
+        raise UserError(f"--anchor-layer must be 'penultimate', 'last' or a layer index such as -2, "
+                        f"got {value!r}") from None
 
 
 def _flag(name: str) -> str:

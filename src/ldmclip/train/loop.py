@@ -37,6 +37,7 @@ from ..core.precision import autocast, resolve_precision
 from ..registry import create_model, get_tokenizer
 from ..transforms import PreprocessConfig
 from . import distributed
+from .anchor import TextAnchor, build_anchor
 from .checkpointer import Checkpointer, list_checkpoints, rng_state, set_rng_state
 from .config import TrainConfig
 from .ema import EMA
@@ -174,6 +175,7 @@ class Run:
     interrupted: bool = False
     param_groups: list[ParamGroup] = field(default_factory=list)  # what the optimizer's groups are
     ema: EMA | None = None         # --ema: the moving average of the weights (validated, saved as final/)
+    anchor: TextAnchor | None = None  # the frozen starting text tower: anchor_drift, --anchor-weight's loss
 
     @property
     def device(self) -> torch.device:
@@ -241,6 +243,7 @@ def _set_up(cfg: TrainConfig, info: distributed.DistInfo, output: Path) -> Run:
 
     # ---- model and tokenizer; speed/memory options and parallelism applied from outside the model
     clip_model = _build_model(cfg, info.device)
+    anchor = build_anchor(cfg, clip_model)  # (before DDP / FSDP2: each process keeps the copy whole)
     tokenizer = get_tokenizer(cfg.model)
     preprocess = PreprocessConfig.from_dict(clip_model.preprocess_cfg)
     if info.enabled:
@@ -276,13 +279,15 @@ def _set_up(cfg: TrainConfig, info: distributed.DistInfo, output: Path) -> Run:
     ema = EMA(clip_model, cfg.ema, cfg.ema_warmup) if cfg.ema else None
     checkpointer = Checkpointer(output / "checkpoints", model, optimizer, cfg.keep_checkpoints, info, ema=ema)
     run = Run(cfg, info, output, model, clip_model, precision, train_data, validation, total_steps, loss_fn,
-              optimizer, scheduler, scaler, checkpointer, Progress(), log=None, param_groups=param_groups, ema=ema)
+              optimizer, scheduler, scaler, checkpointer, Progress(), log=None, param_groups=param_groups, ema=ema,
+              anchor=anchor)
     if main:
         print(_start_banner(run))
         print(format_param_groups(param_groups))
         ema_settings = {"ema_settings": ema.settings()} if ema is not None else {}
+        anchor_settings = {"anchor_settings": anchor.settings()} if anchor is not None else {}
         write_json_atomic(output / "config.json", {**cfg.to_dict(), "param_groups": _group_dicts(param_groups),
-                                                   **ema_settings})
+                                                   **ema_settings, **anchor_settings})
     _resume(run)
     run.log = MetricsLog(output) if main else None
     return run
@@ -323,6 +328,9 @@ def _start_banner(run: Run) -> str:
     if run.ema is not None:
         lines.append(f"EMA:         decay {cfg.ema:g}{' with warm-up' if cfg.ema_warmup else ''}; validation and "
                      f"final/ use the EMA weights, final_raw/ gets the trained ones")
+    if run.anchor is not None and run.anchor.active:
+        lines.append(f"anchor:      {cfg.anchor_weight:g} x the drift of text layer {cfg.anchor_layer} from the starting "
+                     f"weights (loss_anchor)")
     return "\n".join(lines)
 
 
@@ -420,7 +428,8 @@ def _loop(run: Run) -> None:
 
             timer.data_ready()
             loss = contrastive_step(run.model, run.loss_fn, batch.images[:n], batch.tokens[:n], run.precision,
-                                    cfg.accum, image_frozen, text_frozen, on_forward_done=timer.forward_done)
+                                    cfg.accum, image_frozen, text_frozen, on_forward_done=timer.forward_done,
+                                    anchor=run.anchor)
             timer.backward_done()
             loss = distributed.mean_over_ranks(info, loss)  # the global loss; NaN anywhere is NaN everywhere
             if not torch.isfinite(loss):
@@ -463,6 +472,8 @@ def _log_train(run: Run, bar, loss: torch.Tensor, grad_norm: float, samples_per_
               "logit_scale": run.clip_model.logit_scale.exp().item(), "grad_norm": grad_norm,
               "samples_per_s": samples_per_s, "samples": run.progress.samples,
               "skipped": sum(run.progress.skipped.values()), **timing}
+    if run.anchor is not None and run.anchor.active:  # (this process's batch)
+        values["loss_anchor"] = run.anchor.last_loss.item()
     run.log.log(run.progress.step, "train", values)
     if bar is not None:
         bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{values['lr']:.2e}",
@@ -584,6 +595,8 @@ def _validate(run: Run) -> dict[str, float]:
     target.eval()
     with _ema_weights(run), autocast(run.precision, run.device):
         metrics = run.validation.evaluate(target, run.device)
+        if run.anchor is not None:  # how far the layer the LDM reads has moved (0 at the start)
+            metrics["anchor_drift"] = run.anchor.drift(target, run.validation.tokens, run.device)
         if is_fsdp(run.model):  # (before the raw weights are swapped back into the shards)
             run.model.reshard()
     target.train()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from .anchor import TextAnchor
 from .parallelize import gradient_sync
 from ..core.precision import autocast
 
@@ -22,7 +24,7 @@ def _forward(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor):
 
 def contrastive_step(model: nn.Module, loss_fn: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
                      precision: str, accum: int = 1, lock_image: bool = False, lock_text: bool = False,
-                     on_forward_done: Callable[[], None] | None = None) -> torch.Tensor:
+                     on_forward_done: Callable[[], None] | None = None, anchor: TextAnchor | None = None) -> torch.Tensor:
     """Forward and backward for one batch; returns the (detached) loss. Gradients accumulate in
     ``.grad``; the caller clips, steps and zeroes them.
 
@@ -39,16 +41,29 @@ def contrastive_step(model: nn.Module, loss_fn: nn.Module, images: torch.Tensor,
 
     ``on_forward_done`` is called between the forward and the backward pass (to time them apart);
     with ``accum > 1`` the passes interleave and it is not called.
+
+    ``anchor`` (when its weight is above 0): ``anchor.weight x`` the anchor loss (train/anchor.py) is
+    added, back-propagated with the contrastive loss (per micro-batch, each its share of the mean);
+    the contrastive loss is still what is returned (NaN when the anchor loss is not finite, so the
+    caller skips the step), the anchor loss is left in ``anchor.last_loss``.
     """
     device = images.device
+    anchor = anchor if anchor is not None and anchor.active else None
+    count = tokens.shape[0]  # (the anchor loss: a mean over captions)
+    if anchor is not None:
+        anchor.last_loss = None
     if accum <= 1:
         with autocast(precision, device):
-            image_features, text_features, scale_and_bias = _forward(model, images, tokens)
+            with _capturing(anchor):
+                image_features, text_features, scale_and_bias = _forward(model, images, tokens)
             loss = loss_fn(image_features.float(), text_features.float(), *scale_and_bias)
+            total = loss
+            for term in _anchor_terms(anchor, tokens, count):
+                total = total + term
         if on_forward_done is not None:
             on_forward_done()
-        loss.backward()
-        return loss.detach()
+        total.backward()
+        return _with_anchor_check(loss.detach(), anchor)
 
     image_chunks, token_chunks = images.chunk(accum), tokens.chunk(accum)
     rng_states, cached_images, cached_texts = [], [], []
@@ -74,9 +89,12 @@ def contrastive_step(model: nn.Module, loss_fn: nn.Module, images: torch.Tensor,
         _set_rng_state(device, rng_states[index])
         rows = slice(offsets[index], offsets[index + 1])
         with gradient_sync(model, index == last):
-            with autocast(precision, device):
+            with autocast(precision, device), _capturing(anchor):
                 image_features, text_features, scale_and_bias = _forward(model, image_chunk, token_chunk)
             outputs, grads = [], []
+            for term in _anchor_terms(anchor, token_chunk, count):  # this micro-batch's share of the mean
+                outputs.append(term)
+                grads.append(torch.ones_like(term))
             if not lock_image:
                 outputs.append(image_features.float())
                 grads.append(all_images.grad[rows])
@@ -90,7 +108,27 @@ def contrastive_step(model: nn.Module, loss_fn: nn.Module, images: torch.Tensor,
                         grads.append(leaf.grad.to(value.dtype))
             torch.autograd.backward(outputs, grads)
     _set_rng_state(device, final_state)
-    return loss.detach()
+    return _with_anchor_check(loss.detach(), anchor)
+
+
+def _capturing(anchor: TextAnchor | None):
+    return anchor.capture() if anchor is not None else contextlib.nullcontext()
+
+
+def _anchor_terms(anchor: TextAnchor | None, tokens: torch.Tensor, count: int) -> list[torch.Tensor]:
+    """``[weight x loss_sum / count]`` for the hidden states just captured (adding the unweighted part to
+    ``anchor.last_loss``), or ``[]`` with no anchor or when no trainable weight lies below the layer."""
+    if anchor is None:
+        return []
+    part = anchor.loss_sum(tokens) / count
+    anchor.last_loss = part.detach() if anchor.last_loss is None else anchor.last_loss + part.detach()
+    return [anchor.weight * part] if part.requires_grad else []
+
+
+def _with_anchor_check(loss: torch.Tensor, anchor: TextAnchor | None) -> torch.Tensor:
+    if anchor is None:
+        return loss
+    return torch.where(torch.isfinite(anchor.last_loss), loss, torch.full_like(loss, float("nan")))
 
 
 def _rng_state(device: torch.device):
