@@ -147,3 +147,28 @@ def test_sigkill_and_resume_on_shards_trains_on_the_same_samples(tmp_path, resam
     assert want.keys() == got.keys()
     for key in want:
         assert torch.equal(want[key], got[key]), key
+
+
+def _stream(workers: int, world_size: int = 1):
+    from ldmclip.train.data import StreamData
+
+    return StreamData(lambda epoch: None, None, 8, workers, seed=5, world_size=world_size)
+
+
+def test_a_resume_with_other_workers_says_the_epoch_is_not_continued(capsys):
+    from ldmclip.train.data import DataPosition
+
+    saved_position = DataPosition(3, 7, {0: 32, 1: 24}, 0)
+    saved = [_stream(2).stream_state(saved_position)]
+    same = _stream(2).resumed_position(DataPosition(3, 7), saved)
+    assert (same.epoch, same.batches, same.readers, same.last_reader) == (3, 7, {0: 32, 1: 24}, 0)
+    assert capsys.readouterr().err == ""
+
+    other = _stream(4).resumed_position(DataPosition(3, 7), saved)
+    assert (other.epoch, other.batches, other.readers) == (4, 0, {})
+    message = capsys.readouterr().err.strip()
+    assert len(message.splitlines()) == 1
+    assert "workers 2 -> 4" in message and "restarts at epoch 4" in message and "nothing is repeated" in message
+
+    old = _stream(2).resumed_position(DataPosition(3, 7), None)
+    assert old.epoch == 4 and "no webdataset stream position" in capsys.readouterr().err
