@@ -98,10 +98,21 @@ def _command(data: str, out: Path, extra: list[str]) -> list[str]:
     return [sys.executable, "-m", "ldmclip", "train", *COMMON, "--data", data, "--out", str(out), *extra]
 
 
-def _trained(keys: Path, up_to: int | None = None) -> list[tuple[int, str]]:
-    """(step, keys) lines of rank 0, the later line winning for a step trained twice (killed, resumed)."""
+def _torchrun(command: list[str]) -> list[str]:
+    """The same command with 2 processes (CPU, gloo)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+            "--master-port", str(port), *command[1:]]
+
+
+def _trained(keys: Path, up_to: int | None = None, rank: int = 0) -> list[tuple[int, str]]:
+    """(step, keys) lines of a rank, the later line winning for a step trained twice (killed, resumed)."""
     steps: dict[int, str] = {}
-    for line in Path(f"{keys}.rank0").read_text().splitlines():
+    for line in Path(f"{keys}.rank{rank}").read_text().splitlines():
         step, names = line.split("\t")
         if up_to is None or int(step) <= up_to:
             steps[int(step)] = names
@@ -123,26 +134,33 @@ def _kill_after_checkpoint(command: list[str], env: dict[str, str], checkpoint: 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("resampled, workers", [("no", 0), ("yes", 0), ("no", 2), ("yes", 2)])
-def test_sigkill_and_resume_on_shards_trains_on_the_same_samples(tmp_path, resampled, workers):
+@pytest.mark.parametrize("resampled, workers, processes",
+                         [("no", 0, 1), ("yes", 0, 1), ("no", 2, 1), ("yes", 2, 1), ("no", 0, 2), ("yes", 2, 2)])
+def test_sigkill_and_resume_on_shards_trains_on_the_same_samples(tmp_path, resampled, workers, processes):
     data = _write(tmp_path / "shards", 100, 10)  # 10 shards; without resampling an epoch is 12 steps
     extra = ["--steps", "16", "--save-every", "5", "--resampled", resampled, "--workers", str(workers)]
+
+    def command(out: Path, *more: str) -> list[str]:
+        plain = _command(data, out, [*extra, *more])
+        return plain if processes == 1 else _torchrun(plain)
+
     reference_keys, killed_keys = tmp_path / "reference.keys", tmp_path / "killed.keys"
-    done = subprocess.run(_command(data, tmp_path / "reference", extra), env=_env(reference_keys),
+    done = subprocess.run(command(tmp_path / "reference"), env=_env(reference_keys),
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
 
     killed = tmp_path / "killed"
     checkpoint = killed / "checkpoints" / "step_00000005.pt"
-    _kill_after_checkpoint(_command(data, killed, extra), _env(killed_keys), checkpoint, killed)
-    resumed = subprocess.run(_command(data, killed, [*extra, "--resume", str(checkpoint)]), env=_env(killed_keys),
+    _kill_after_checkpoint(command(killed), _env(killed_keys), checkpoint, killed)
+    resumed = subprocess.run(command(killed, "--resume", "latest"), env=_env(killed_keys),
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from" in resumed.stdout
 
-    expected = _trained(reference_keys)
-    assert [step for step, _ in expected] == list(range(1, 17))
-    assert _trained(killed_keys) == expected  # no sample repeated, none left out, same batches
+    for rank in range(processes):
+        expected = _trained(reference_keys, rank=rank)
+        assert [step for step, _ in expected] == list(range(1, 17))
+        assert _trained(killed_keys, rank=rank) == expected  # no sample repeated, none left out, same batches
     want, got = (load_file(str(p / "final" / "open_clip_model.safetensors")) for p in (tmp_path / "reference", killed))
     assert want.keys() == got.keys()
     for key in want:
