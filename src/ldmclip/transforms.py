@@ -420,8 +420,18 @@ class TrainTransform(_CLIPTransform):
         self._log_ratio = torch.log(torch.tensor(self.ratio))  # float32, as torchvision
         self._worker_key: int | None = None
         self._worker_generator: torch.Generator | None = None
+        self._sample_generator: torch.Generator | None = None
+
+    def seed_sample(self, sample_seed: int) -> None:
+        """Draw the next crop from a generator seeded by ``sample_seed`` (with the transform's own seed)
+        instead of the running stream: a stream that knows each sample's position (webdataset shards, on
+        an exact resume) then crops a sample the same however many came before it in this process."""
+        base = self.generator.initial_seed() if self.generator is not None else 0
+        self._sample_generator = torch.Generator().manual_seed((base * 1_000_003 + int(sample_seed)) % (2 ** 63))
 
     def _rng(self) -> torch.Generator | None:
+        if self._sample_generator is not None:
+            return self._sample_generator
         if self.generator is None:
             return None
         info = torch.utils.data.get_worker_info()

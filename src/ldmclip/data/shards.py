@@ -22,6 +22,16 @@ Splitting and shuffling, per epoch ``e`` (``set_epoch``):
 Samples are then mixed in a buffer of ``shuffle_buffer`` encoded samples (RNG seeded with
 ``(seed, e, rank, worker)``); ``shuffle_buffer=0`` keeps file order (evaluation).
 
+Exact resume (the trainer's ``--resume``): a reader is one DataLoader worker of one node, and what it
+yields in an epoch is a pure function of ``(seed, epoch, rank, worker)``. :meth:`ShardDataset.resume_at`
+gives each reader the number of items (samples and ``None`` items) it has already handed out; the reader then
+fast-forwards by replaying that many items through the same shuffle buffer while reading tar *headers*
+only (no member is extracted, no image is decoded), fills in the bytes of the samples still in the buffer,
+and goes on. ``reader_offset`` renames the readers (loader worker ``i`` plays reader ``(i + offset) % W``) so
+that a fresh DataLoader, which always starts with its worker 0, continues the round robin where it was.
+Random crops are seeded per item from the same tuple and the item's count (``seed_sample`` of the
+transform, when it has one), so a resumed reader also crops as an uninterrupted one.
+
 Bad data is skipped and counted: unreadable shards, truncated tar files (counted once per shard; the
 complete samples before the cut are kept), and bad samples are counted by reason (``samples`` module
 docs); a key seen before in the same shard is counted as ``duplicate_key`` and only its first sample is
@@ -74,6 +84,7 @@ _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")  # pipe:, http:, s3:, ... (2+
 # The raw sample entry of every member in member order, when all members are listed (ShardMembers): upper
 # case, so no member suffix (lower-cased by _split_name) can be the same name.
 _MEMBERS = "__MEMBERS__"
+_UNREAD = "__UNREAD__"  # a raw sample read in a fast-forward: headers only, its wanted members are b""
 
 
 class ShardStallError(UserError):
@@ -331,6 +342,22 @@ class ShardDataset(torch.utils.data.IterableDataset):
         # seen by the workers when they start the next epoch.
         self._epoch: Any = multiprocessing.Value("q", int(epoch), lock=False)
         self.stats = SampleStats()
+        # Exact resume (module docs): items each reader already handed out this epoch, and the renaming
+        # of loader workers into readers.
+        self.resume_items: dict[int, int] = {}
+        self.reader_offset = 0
+        self._headers_only = False  # fast-forwarding: read tar headers, extract nothing
+        self._only_keys: frozenset[str] | None = None  # filling in the buffer: extract these keys only
+
+    def resume_at(self, items: Mapping[int, int], reader_offset: int = 0) -> None:
+        """Continue each reader after the ``items[reader]`` items it has handed out in this epoch (see the
+        module docs); loader worker ``i`` reads as reader ``(i + reader_offset) % num_workers``."""
+        self.resume_items = {int(k): int(v) for k, v in items.items()}
+        self.reader_offset = int(reader_offset)
+
+    def reader_id(self, worker: int, num_workers: int) -> int:
+        """The reader a loader worker plays (module docs)."""
+        return (worker + self.reader_offset) % max(1, num_workers)
 
     # -- epoch ---------------------------------------------------------------------------------------
     @property
@@ -420,7 +447,11 @@ class ShardDataset(torch.utils.data.IterableDataset):
                         if current is not None and self._first_of_key(current, keys):
                             yield current
                         current = {"__key__": key, "__url__": url}
-                    if self._wanted is None or ext in self._wanted:
+                    wanted = self._wanted is None or ext in self._wanted
+                    if wanted and self._headers_only or (self._only_keys is not None and key not in self._only_keys):
+                        current[ext] = b"" if wanted else None  # present, not read (a fast-forward)
+                        current[_UNREAD] = True
+                    elif wanted:
                         member = tar.extractfile(info)
                         current[ext] = member.read() if member is not None else None
                     else:
@@ -503,17 +534,90 @@ class ShardDataset(torch.utils.data.IterableDataset):
         if info is not None:
             exit_with_parent()  # whatever DataLoader runs this stream: no worker outlives its parent
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        reader = self.reader_id(worker, num_workers)
         rank = self.node_info()[0] if (self.split_by_node or self.resampled) else 0
-        raw: Iterator[dict[str, Any]] = self._raw_samples(self._shard_urls(epoch, rank, worker, num_workers))
-        if self.shuffle_buffer > 1:
-            from webdataset.filters import shuffle
-
-            raw = iter(shuffle(bufsize=self.shuffle_buffer, initial=self.shuffle_initial,
-                               rng=_rng(self.seed, epoch, rank, worker, "samples"))(raw))
-        for item in raw:
+        skip = self.resume_items.get(reader, 0)
+        raw: Iterator[dict[str, Any]] = self._raw_samples(self._shard_urls(epoch, rank, reader, num_workers))
+        seeded = getattr(self.transform, "seed_sample", None)
+        count = skip
+        for item in self._shuffled(raw, _rng(self.seed, epoch, rank, reader, "samples"), skip):
+            if seeded is not None:  # the crop of item `count` of this reader, whatever came before it
+                seeded(_rng(self.seed, epoch, rank, reader, "crop", count).getrandbits(62))
+            count += 1
             yield self.decode(item)
         if has_pending():
             yield None  # carries the reasons recorded after the last batch to the collator
+
+    def _shuffled(self, raw: Iterator[dict[str, Any]], rng: random.Random, skip: int = 0
+                  ) -> Iterator[dict[str, Any]]:
+        """webdataset's shuffle buffer (``webdataset.filters._shuffle``: the same picks from the same RNG),
+        written out here so that its first ``skip`` items can be replayed without reading them: during
+        those, shards are read header by header; then the samples left in the buffer get their bytes."""
+        bufsize = max(1, self.shuffle_buffer) if self.shuffle_buffer > 1 else 1
+        initial = min(self.shuffle_initial, bufsize) if self.shuffle_buffer > 1 else 1
+        given = 0
+        if skip > 0:
+            self._start_fast_forward()
+        buf: list[dict[str, Any]] = []
+
+        def pick() -> dict[str, Any] | None:
+            nonlocal given
+            k = rng.randint(0, len(buf) - 1) if bufsize > 1 else 0
+            sample = buf[k]
+            buf[k] = buf[-1]
+            buf.pop()
+            if given < skip:
+                given += 1
+                if given == skip:
+                    self._end_fast_forward(buf)
+                return None
+            return sample
+
+        try:
+            for sample in raw:
+                buf.append(sample)
+                if len(buf) < bufsize:
+                    try:
+                        buf.append(next(raw))
+                    except StopIteration:
+                        pass
+                if len(buf) >= initial:
+                    out = pick()
+                    if out is not None:
+                        yield out
+            while buf:
+                out = pick()
+                if out is not None:
+                    yield out
+        finally:
+            if given < skip:  # the reader ended before its position: nothing left to give
+                self._end_fast_forward([])
+
+    def _start_fast_forward(self) -> None:
+        self._headers_only = True
+        self._real_stats, self.stats = self.stats, SampleStats()  # a replay counts nothing twice
+
+    def _end_fast_forward(self, buf: list[dict[str, Any]]) -> None:
+        """Back to reading bytes; the samples left in the buffer (read header-only) get theirs."""
+        self._headers_only = False
+        unread: dict[str, set[str]] = {}
+        for raw in buf:
+            if raw.get(_UNREAD):
+                unread.setdefault(raw["__url__"], set()).add(raw["__key__"])
+        filled: dict[tuple[str, str], dict[str, Any]] = {}
+        for url, keys in unread.items():
+            self._only_keys = frozenset(keys)
+            try:
+                for raw in self._read_shard(url):
+                    if raw["__key__"] in keys:
+                        filled[(url, raw["__key__"])] = raw
+            finally:
+                self._only_keys = None
+        for i, raw in enumerate(buf):
+            if raw.get(_UNREAD):
+                buf[i] = filled.get((raw["__url__"], raw["__key__"]), raw)
+        self.stats = getattr(self, "_real_stats", self.stats)
+        clear_pending()
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(shards={len(self.urls)}, shuffle_buffer={self.shuffle_buffer}, "

@@ -41,6 +41,8 @@ class TrainConfig:
     val_size: int = _opt(1000, "number of validation image–caption pairs to evaluate")
     workers: int = _opt(1, "data-loading worker processes")
     shuffle_buffer: int = _opt(2000, "shuffle buffer for webdataset shards")
+    resampled: bool = _opt(True, "webdataset shards: each worker draws shards with replacement, endlessly "
+                                 "(no: each epoch reads every shard once, split over processes and workers)")
     # schedule
     output: str | None = _opt(None, "run directory (default: runs/<model>-<timestamp>)")
     steps: int | None = _opt(None, "optimizer steps to run (default 1000 on synthetic data; or use --epochs)")

@@ -2,8 +2,10 @@
 
 Map-style data (the synthetic scenes, CSV/TSV/parquet tables) is read in a seeded permutation per
 epoch, so a data position ``(epoch, batches)`` pins down exactly what comes next: a resumed run sees
-the same batches as an uninterrupted one. Webdataset shards are a stream; on resume the stream is
-reshuffled with a new seed (as OpenCLIP does) rather than replayed.
+the same batches as an uninterrupted one. Webdataset shards are a stream whose every reader (one
+DataLoader worker of one process) is a pure function of ``(seed, epoch, rank, worker)``; the position
+``(epoch, items handed out by each reader, the reader of the last batch)`` pins down what comes next, and
+a resume fast-forwards each reader there reading tar headers only (:mod:`ldmclip.data.shards`).
 
 ``--batch-size`` is the *global* batch. With ``W`` processes, map-style data cuts each global batch
 of the permutation into ``W`` consecutive slices and process ``r`` loads slice ``r`` only: the set
@@ -16,6 +18,8 @@ processes and DataLoader workers by :mod:`ldmclip.data.shards`; each process rea
 from __future__ import annotations
 
 import math
+import os
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -37,6 +41,10 @@ DEFAULT_SYNTHETIC_STEPS = 1000
 class DataPosition:
     epoch: int = 0
     batches: int = 0  # batches already taken from this epoch
+    # webdataset shards, this process: items (samples and bad ones) each reader handed out in this epoch
+    # in the batches taken, and the reader of the last batch (-1: none yet)
+    readers: dict[int, int] = field(default_factory=dict)
+    last_reader: int = -1
 
 
 @dataclass
@@ -45,6 +53,7 @@ class TrainBatch:
     tokens: torch.Tensor
     skipped: Counter = field(default_factory=Counter)
     position_after: DataPosition = field(default_factory=DataPosition)
+    keys: list[str] = field(default_factory=list)
 
 
 class EpochPermutation(Sampler[int]):
@@ -90,7 +99,19 @@ class GlobalBatchSlices(Sampler[list[int]]):
 
 def _on_device(batch, device: torch.device, position: DataPosition) -> TrainBatch:
     return TrainBatch(batch.images.to(device, non_blocking=True), batch.tokens.to(device, non_blocking=True),
-                      Counter(batch.skipped), position)
+                      Counter(batch.skipped), position, list(batch.keys))
+
+
+KEYS_LOG_ENV = "LDMCLIP_TRAINED_KEYS"
+
+
+def record_trained_keys(keys: list[str], step: int, rank: int = 0) -> None:
+    """Debugging aid (tests of exact resume): with ``$LDMCLIP_TRAINED_KEYS=PATH`` set, append one line
+    ``step<TAB>key,key,...`` per optimizer step to ``PATH.rank<R>``: the samples it trained on."""
+    path = os.environ.get(KEYS_LOG_ENV)
+    if path:
+        with open(f"{path}.rank{rank}", "a") as file:
+            file.write(f"{step}\t{','.join(keys)}\n")
 
 
 class MapStyleData:
@@ -144,20 +165,36 @@ class MapStyleData:
             epoch, done = epoch + 1, 0
 
 
+class _CountingCollate:
+    """``collate_fn`` that tags each batch with the reader it came from and how many items it holds
+    (inside a DataLoader worker, where the batch is made)."""
+
+    def __init__(self, collate, reader_offset: int, workers: int):
+        self.collate, self.reader_offset, self.workers = collate, reader_offset, max(1, workers)
+
+    def __call__(self, samples):
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else 0
+        return (worker + self.reader_offset) % self.workers, len(samples), self.collate(samples)
+
+
 class StreamData:
-    """Batches from webdataset shards (an endless stream when resampled).
+    """Batches from webdataset shards (an endless stream when resampled), resumable exactly.
 
     ``batch_size`` is the global batch; each process reads ``batch_size / world_size`` samples a
-    step from its own shards (split by rank and worker in :mod:`ldmclip.data.shards`)."""
+    step from its own shards (split by rank and worker in :mod:`ldmclip.data.shards`). Each epoch is
+    one pass of a ``ShardDataset`` seeded with ``(seed, epoch)``; the position after each batch counts
+    the items of every reader, so :meth:`resumed_position` + :meth:`batches` continue where it was."""
 
     def __init__(self, make_dataset, collate, batch_size: int, workers: int, seed: int,
-                 rank: int = 0, world_size: int = 1, description: str = "webdataset shards"):
+                 rank: int = 0, world_size: int = 1, description: str = "webdataset shards",
+                 resampled: bool = True):
         if batch_size % world_size:
             raise UserError(f"--batch-size {batch_size} is the global batch: it must be divisible by the "
                             f"number of processes ({world_size})")
         self.make_dataset, self.collate = make_dataset, collate
         self.batch_size, self.workers, self.seed = batch_size // world_size, workers, seed
-        self.rank = rank
+        self.rank, self.world_size, self.resampled = rank, world_size, resampled
         self.description = description
 
     def total_steps(self, cfg: TrainConfig) -> int:
@@ -165,27 +202,67 @@ class StreamData:
             raise UserError("webdataset shards are a stream: say how long to train with --steps N")
         return cfg.steps
 
+    def stream_state(self, position: DataPosition) -> dict[str, Any]:
+        """What a checkpoint keeps of this process's stream (one entry per rank)."""
+        return {"epoch": position.epoch, "readers": dict(position.readers), "last_reader": position.last_reader,
+                "workers": self.workers, "world_size": self.world_size, "seed": self.seed,
+                "resampled": self.resampled, "batch_size": self.batch_size}
+
+    def resumed_position(self, position: DataPosition, saved: list[dict[str, Any]] | None,
+                         main: bool = True) -> DataPosition:
+        """This process's position from a checkpoint's per-rank stream states. When the run cannot
+        continue exactly (other processes, workers, seed, mode or batch; a checkpoint of an older
+        ldmclip), one line says so and the stream goes on at the start of the next epoch: no sample of
+        the interrupted epoch is given twice (its rest is left out)."""
+        here = self.stream_state(DataPosition())
+        problem = None
+        if not saved:
+            problem = "the checkpoint holds no webdataset stream position (an older ldmclip)"
+        else:
+            mine = saved[self.rank] if len(saved) == self.world_size else saved[0]
+            changed = [name.replace("_", " ") for name in ("world_size", "workers", "seed", "resampled", "batch_size")
+                       if mine.get(name) != here[name]]
+            if changed:
+                was = ", ".join(f"{name} {mine.get(name.replace(' ', '_'))} -> {here[name.replace(' ', '_')]}"
+                                for name in changed)
+                problem = f"the stream was split differently ({was}), so the readers' positions do not carry over"
+            else:
+                return DataPosition(position.epoch, position.batches,
+                                    {int(k): int(v) for k, v in mine["readers"].items()}, int(mine["last_reader"]))
+        if main:
+            print(f"--resume: {problem}; the shards' epoch {position.epoch} is not continued, the stream "
+                  f"restarts at epoch {position.epoch + 1} with the new split (the rest of epoch "
+                  f"{position.epoch} is left out, nothing is repeated)", file=sys.stderr, flush=True)
+        return DataPosition(position.epoch + 1, 0)
+
     def batches(self, position: DataPosition, device: torch.device) -> Iterator[TrainBatch]:
         """Endless batches. Shards that give no usable sample end the stream in a ``ShardStallError``
         naming them (raised by the shard reader, in a worker or here), never in an endless wait."""
         from ..data.samples import exit_with_parent
 
         epoch, done = position.epoch, position.batches
+        readers, last = dict(position.readers), position.last_reader
         while True:
-            # A resumed run starts a fresh pass with its own shuffle seed instead of replaying.
-            dataset = self.make_dataset(epoch=epoch * 1000 + done)
+            dataset = self.make_dataset(epoch=epoch)
+            # a fresh DataLoader starts its round robin at worker 0: that worker plays the reader after
+            # the last one (a reader with nothing left is passed over, as the uninterrupted loader does)
+            offset = (last + 1) % max(1, self.workers)
+            dataset.resume_at(readers, offset)
             loader = DataLoader(dataset, batch_size=self.batch_size, num_workers=self.workers,
-                                collate_fn=self.collate, pin_memory=device.type == "cuda",
+                                collate_fn=_CountingCollate(self.collate, offset, self.workers),
+                                pin_memory=device.type == "cuda",
                                 generator=torch.Generator().manual_seed(self.seed + epoch + 7919 * self.rank),
                                 worker_init_fn=exit_with_parent)  # no worker outlives a killed run
             produced = 0
-            for batch in loader:
+            for reader, items, batch in loader:
                 done += 1
                 produced += 1
-                yield _on_device(batch, device, DataPosition(epoch, done))
-            if produced == 0:
+                readers[reader] = readers.get(reader, 0) + items
+                last = reader
+                yield _on_device(batch, device, DataPosition(epoch, done, dict(readers), last))
+            if produced == 0 and done == 0:
                 raise UserError("the webdataset shards yielded no batch; check the --data pattern and the shards")
-            epoch, done = epoch + 1, 0
+            epoch, done, readers, last = epoch + 1, 0, {}, -1
 
 
 def build_train_data(cfg: TrainConfig, tokenizer, preprocess: PreprocessConfig, rank: int = 0,
@@ -222,10 +299,10 @@ def build_train_data(cfg: TrainConfig, tokenizer, preprocess: PreprocessConfig, 
 
     def make_dataset(epoch: int):
         return make_shard_pipeline(cfg.data, transform, shuffle_buffer=cfg.shuffle_buffer,
-                                   resampled=True, seed=cfg.seed, epoch=epoch)
+                                   resampled=cfg.resampled, seed=cfg.seed, epoch=epoch)
 
     return StreamData(make_dataset, collate, cfg.batch_size, cfg.workers, cfg.seed, rank=rank, world_size=world_size,
-                      description=_shards_description(cfg.data))
+                      description=_shards_description(cfg.data), resampled=cfg.resampled)
 
 
 def _shards_description(pattern: str) -> str:

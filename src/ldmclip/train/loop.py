@@ -41,7 +41,8 @@ from .anchor import TextAnchor, build_anchor
 from .checkpointer import Checkpointer, list_checkpoints, rng_state, set_rng_state
 from .config import TrainConfig
 from .ema import EMA
-from .data import DataPosition, MapStyleData, StreamData, Validation, build_train_data, build_validation
+from .data import (DataPosition, MapStyleData, StreamData, Validation, build_train_data, build_validation,
+                   record_trained_keys)
 from .metrics import MetricsLog, plot_training_curves
 from .optim import build_optimizer, build_scheduler
 from .param_groups import ParamGroup, build_param_groups, format_param_groups, optimizer_groups
@@ -357,6 +358,9 @@ def _resume(run: Run) -> None:
     run.scaler.load_state_dict(saved["scaler"])
     run.progress = Progress.from_dict(saved["progress"])
     _restore_rng(saved, run.info, run.cfg.seed, run.progress.step)
+    if isinstance(run.train_data, StreamData):  # each process's readers, fast-forwarded on the first batch
+        run.progress.position = run.train_data.resumed_position(run.progress.position, saved.get("stream_per_rank"),
+                                                                run.info.is_main)
     if run.info.is_main:
         print(f"resumed from {path} at step {run.progress.step}")
 
@@ -369,6 +373,8 @@ def _save(run: Run) -> Path:
                "rng": rngs[0] if info.is_main else None, "rng_per_rank": rngs, "progress": run.progress.to_dict(),
                "config": run.cfg.to_dict(), "world_size": info.world_size,
                "param_groups": _group_dicts(run.param_groups)}
+    if isinstance(run.train_data, StreamData):
+        trainer["stream_per_rank"] = distributed.gather_objects(info, run.train_data.stream_state(run.progress.position))
     return run.checkpointer.save(run.progress.step, trainer)
 
 
@@ -427,6 +433,7 @@ def _loop(run: Run) -> None:
                 continue  # a batch with no (or one) readable sample has no contrastive signal
 
             timer.data_ready()
+            record_trained_keys(batch.keys[:n], progress.step + 1, info.rank)
             loss = contrastive_step(run.model, run.loss_fn, batch.images[:n], batch.tokens[:n], run.precision,
                                     cfg.accum, image_frozen, text_frozen, on_forward_done=timer.forward_done,
                                     anchor=run.anchor)
