@@ -190,3 +190,22 @@ def test_a_resume_with_other_workers_says_the_epoch_is_not_continued(capsys):
 
     old = _stream(2).resumed_position(DataPosition(3, 7), None)
     assert old.epoch == 4 and "no webdataset stream position" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("buffer,initial", [(1, 1), (7, 3), (50, 50)])
+def test_the_shuffle_buffer_draws_what_webdatasets_draws(tmp_path, buffer, initial):
+    """The buffer keeps webdataset's policy and RNG calls (a seed gives the order OpenCLIP's pipeline gives),
+    also while it fills and drains."""
+    import random
+
+    from webdataset import filters
+
+    from ldmclip.data.shards import ShardDataset
+
+    shard = tmp_path / "one.tar"
+    shard.write_bytes(b"")  # never read: the samples below are given directly
+    reader = ShardDataset(str(shard), shuffle_buffer=buffer, shuffle_initial=initial)
+    items = [{"__key__": str(i)} for i in range(40)]
+    ours = [s["__key__"] for s in reader._shuffled(iter(items), random.Random(3))]
+    theirs = [s["__key__"] for s in filters._shuffle(iter(items), bufsize=buffer, initial=initial, rng=random.Random(3))]
+    assert ours == theirs and sorted(ours, key=int) == [str(i) for i in range(40)]

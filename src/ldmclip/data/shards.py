@@ -48,6 +48,7 @@ parent before each shard.
 
 from __future__ import annotations
 
+import itertools
 import json
 import multiprocessing
 import multiprocessing.context
@@ -550,47 +551,41 @@ class ShardDataset(torch.utils.data.IterableDataset):
 
     def _shuffled(self, raw: Iterator[dict[str, Any]], rng: random.Random, skip: int = 0
                   ) -> Iterator[dict[str, Any]]:
-        """webdataset's shuffle buffer (``webdataset.filters._shuffle``: the same picks from the same RNG),
-        written out here so that its first ``skip`` items can be replayed without reading them: during
-        those, shards are read header by header; then the samples left in the buffer get their bytes."""
-        bufsize = max(1, self.shuffle_buffer) if self.shuffle_buffer > 1 else 1
-        initial = min(self.shuffle_initial, bufsize) if self.shuffle_buffer > 1 else 1
-        given = 0
+        """The shuffle buffer, with a position: its first ``skip`` draws are replayed without reading the
+        samples (shards are read header by header meanwhile), then the samples left in the buffer get their
+        bytes. The policy is webdataset's ``shuffle(bufsize, initial)`` (webdataset.filters): the buffer
+        takes two samples per draw until it is full, draws begin once it holds ``initial``, and a draw takes
+        a uniformly random entry, swapping the last one into its place; the RNG calls are the same, so a
+        seed gives the picks that pipeline gives."""
+        size = max(1, self.shuffle_buffer) if self.shuffle_buffer > 1 else 1
+        start = min(self.shuffle_initial, size) if self.shuffle_buffer > 1 else 1
+        buffer: list[dict[str, Any]] = []
+        state = {"drawn": 0}
         if skip > 0:
             self._start_fast_forward()
-        buf: list[dict[str, Any]] = []
 
-        def pick() -> dict[str, Any] | None:
-            nonlocal given
-            k = rng.randint(0, len(buf) - 1) if bufsize > 1 else 0
-            sample = buf[k]
-            buf[k] = buf[-1]
-            buf.pop()
-            if given < skip:
-                given += 1
-                if given == skip:
-                    self._end_fast_forward(buf)
-                return None
-            return sample
+        def draw() -> Iterator[dict[str, Any]]:
+            index = rng.randint(0, len(buffer) - 1) if size > 1 else 0
+            buffer[index], buffer[-1] = buffer[-1], buffer[index]
+            sample = buffer.pop()
+            state["drawn"] += 1
+            if state["drawn"] <= skip:  # replayed: a header-only sample that was trained on before
+                if state["drawn"] == skip:
+                    self._end_fast_forward(buffer)
+                return
+            yield sample
 
         try:
             for sample in raw:
-                buf.append(sample)
-                if len(buf) < bufsize:
-                    try:
-                        buf.append(next(raw))
-                    except StopIteration:
-                        pass
-                if len(buf) >= initial:
-                    out = pick()
-                    if out is not None:
-                        yield out
-            while buf:
-                out = pick()
-                if out is not None:
-                    yield out
+                buffer.append(sample)
+                if len(buffer) < size:  # still filling: a second sample with this one
+                    buffer.extend(itertools.islice(raw, 1))
+                if len(buffer) >= start:
+                    yield from draw()
+            while buffer:
+                yield from draw()
         finally:
-            if given < skip:  # the reader ended before its position: nothing left to give
+            if state["drawn"] < skip:  # the reader ended before its position: nothing left to give
                 self._end_fast_forward([])
 
     def _start_fast_forward(self) -> None:
