@@ -233,6 +233,9 @@ def test_a_slow_dataset_shows_in_metrics_and_the_curves_and_warns_to_raise_worke
     assert list(panel.lines[0].get_ydata()) == [r["data_wait_fraction"] for r in records]
     (step_axis,) = [ax for ax in figure.axes if ax.get_ylabel() == "step time (s)"]
     assert list(step_axis.lines[0].get_ydata()) == [r["step_s"] for r in records]
+    (memory,) = [ax for ax in figure.axes if ax.get_title() == "peak memory"]
+    assert list(memory.lines[0].get_ydata()) == [r["peak_rss_mib"] / 1024 for r in records]  # CPU: no GPU curve
+    assert f"mem={records[-1]['peak_rss_mib'] / 1024:.1f}G" in printed.err  # the progress bar's postfix
     assert (tmp_path / "run" / "training_curves.png").stat().st_size > 0
     # TensorBoard has the same numbers as scalars
     accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")

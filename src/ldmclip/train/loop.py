@@ -485,7 +485,13 @@ def _log_train(run: Run, bar, loss: torch.Tensor, grad_norm: float, samples_per_
     if bar is not None:
         bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{values['lr']:.2e}",
                         scale=f"{values['logit_scale']:.1f}", sps=f"{values['samples_per_s']:.0f}",
-                        data=f"{timing['data_wait_fraction']:.0%}")
+                        data=f"{timing['data_wait_fraction']:.0%}", mem=_memory_text(timing))
+
+
+def _memory_text(timing: dict) -> str:
+    """The peak memory for the progress bar: the GPU's on CUDA, else the process's RSS."""
+    mib = timing.get("peak_cuda_mib", timing.get("peak_rss_mib"))
+    return "?" if mib is None else f"{mib / 1024:.1f}G"
 
 
 def _warn(bar, message: str | None) -> None:

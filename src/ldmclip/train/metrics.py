@@ -59,9 +59,27 @@ def _plot_timing(ax, records: list[dict[str, Any]]) -> None:
     step_time.set_ylim(bottom=0)
 
 
+_MEMORY_CURVES = (("peak_cuda_mib", "GPU (allocated)"), ("peak_rss_mib", "process (RSS)"),
+                  ("workers_peak_rss_mib", "data-loader workers (RSS)"))
+
+
+def _plot_memory(ax, records: list[dict]) -> None:
+    """Peak memory so far per window, in GiB: the GPU's on CUDA, the process's and its workers' RSS."""
+    for key, label in _MEMORY_CURVES:
+        points = [(r["step"], r[key] / 1024) for r in records if key in r]
+        if points:
+            ax.plot(*zip(*points), label=label)
+    ax.set_title("peak memory")
+    ax.set_ylabel("GiB")
+    ax.set_xlabel("step")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+
+
 def plot_training_curves(metrics_path: Path, out_path: Path) -> Path | None:
-    """Loss, learning rate, logit scale, where the time goes (data-wait fraction and step time) and
-    validation metrics against step, in one PNG."""
+    """Loss, learning rate, logit scale, where the time goes (data-wait fraction and step time), peak memory
+    and validation metrics against step, in one PNG."""
     try:
         import matplotlib
 
@@ -77,7 +95,7 @@ def plot_training_curves(metrics_path: Path, out_path: Path) -> Path | None:
     val_keys = [k for k, v in last_val.items() if k not in ("step", "kind") and not k.endswith("rank")
                 and isinstance(v, (int, float))]
     timing = [r for r in train if "data_wait_fraction" in r]  # (runs of older ldmclip versions have none)
-    count = len(panels) + (1 if timing else 0) + (1 if val_keys else 0)
+    count = len(panels) + (2 if timing else 0) + (1 if val_keys else 0)
     width = 4.2 * max(count, len(panels) + 1) + (2.5 if val_keys else 0)  # room for the legend on the right
     fig, axes = plt.subplots(1, count, figsize=(width, 3.4))
     for ax, (key, title) in zip(axes, panels):
@@ -89,6 +107,7 @@ def plot_training_curves(metrics_path: Path, out_path: Path) -> Path | None:
         ax.grid(alpha=0.3)
     if timing:
         _plot_timing(axes[len(panels)], timing)
+        _plot_memory(axes[len(panels) + 1], timing)
     if val_keys:
         ax = axes[-1]
         for key in val_keys:
