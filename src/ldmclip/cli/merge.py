@@ -79,10 +79,10 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     add_column_options(sweep, image=(None, "image-path column of the tables (default: as 'ldmclip eval')"),
                        caption=(None, "caption column of the retrieval table (default: as 'ldmclip eval')"),
                        label=(None, "label column of a zero-shot table (default: as 'ldmclip eval')"))
-    sweep.add_argument("--select", choices=list(SELECT_METRICS), default="mean",
+    sweep.add_argument("--select", choices=list(SELECT_METRICS), default="mean", metavar="METRIC",
                        help="the metric whose best alpha is kept: 'mean' (default) is the mean of zero-shot top-1 "
-                            "and the mean of the six recalls (of whichever is measured); 'mean_recall', 'top1', "
-                            "'top5', 'mean_per_class_accuracy' or one recall such as text_to_image_R@1")
+                            "and the mean of the six recalls (of whichever is measured); or one of "
+                            f"{', '.join(SELECT_METRICS[1:])}")
     sweep.add_argument("--batch-size", type=int, default=64, help="images or captions per batch")
     add_precision_option(sweep)
     add_device_option(sweep)
