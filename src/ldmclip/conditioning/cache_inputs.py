@@ -23,7 +23,6 @@ text files, ``str``/``None`` for tables); decoding and the bad-caption rules are
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -31,6 +30,7 @@ from typing import Any, Callable, Iterator, Sequence
 from ..core.errors import UserError
 from ..core.formats import input_kind
 from ..data.shards import shard_sizes as _shard_sizes
+from ..data.table import table_chunk_names
 
 __all__ = ["InputChunk", "open_inputs", "INPUT_FORMATS"]
 
@@ -135,11 +135,6 @@ def read_shard_members(url: str, members: Sequence[str], problems: Any) -> Itera
 # tables and text files
 # ----------------------------------------------------------------------------------------------------
 
-def _chunk_names(stem: str, count: int) -> list[str]:
-    stem = re.sub(r"[^A-Za-z0-9._+=-]", "_", stem).lstrip("._-") or "input"
-    return [f"{stem}-{i:05d}" for i in range(count)]
-
-
 def _table_chunks(path: Path, caption_column: str, key_column: str | None, image_column: str,
                   shard_size: int, sep: str | None) -> list[InputChunk]:
     from ..data.table import read_table
@@ -196,7 +191,7 @@ def _slices(path: Path, keys: Sequence[str], captions: Sequence[Any], shard_size
             source: dict[str, Any]) -> list[InputChunk]:
     count = (len(keys) + shard_size - 1) // shard_size
     chunks = []
-    for name, start in zip(_chunk_names(path.stem, count), range(0, len(keys), shard_size)):
+    for name, start in zip(table_chunk_names(path.stem, count), range(0, len(keys), shard_size)):
         stop = min(start + shard_size, len(keys))
 
         def read(problems: Any, start: int = start, stop: int = stop) -> Iterator[tuple[str, Any]]:

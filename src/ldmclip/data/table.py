@@ -30,8 +30,8 @@ __all__ = ["CaptionTable", "ImageList", "read_table", "read_split_file", "table_
 
 
 def table_chunk_names(stem: str, count: int) -> list[str]:
-    """Names of the ``count`` chunks of a table whose file stem is ``stem``: ``{stem}-{00000}``, ... (the
-    text cache's table chunks are named by the same rule)."""
+    """Names of the ``count`` chunks of a table or text file whose file stem is ``stem``: ``{stem}-{00000}``,
+    ... (the text cache's and ``ldmclip embed``'s chunks of one input file)."""
     import re
 
     stem = re.sub(r"[^A-Za-z0-9._+=-]", "_", stem).lstrip("._-") or "input"
