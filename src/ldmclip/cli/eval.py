@@ -147,12 +147,29 @@ def _public(result: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in result.items() if not k.startswith("_")}
 
 
+def open_eval_inputs(args: argparse.Namespace) -> tuple[Any, str, Any, Any]:
+    """``(zero-shot source, templates name, templates, retrieval source)`` of the --zeroshot / --retrieval
+    options, opened as ``ldmclip eval`` opens them (also for ``ldmclip merge --sweep``, so that its alpha 0
+    and 1 give eval's numbers). The model's image transform is set on the sources later."""
+    from ..eval import load_templates, open_retrieval, open_zero_shot
+
+    zero_source = (open_zero_shot(args.zeroshot, None, args.classnames, args.images, args.image_column,
+                                  args.label_column) if args.zeroshot else None)
+    # --templates wins; else the dataset's own (CLIP_benchmark), else OpenAI's 80.
+    templates_name = args.templates or ("dataset" if zero_source is not None and zero_source.templates else "openai")
+    templates = (None if zero_source is None else zero_source.templates if templates_name == "dataset"
+                 else load_templates(templates_name))
+    retrieval_source = (open_retrieval(args.retrieval, None, args.images, args.split, args.image_column,
+                                       args.caption_column) if args.retrieval else None)
+    return zero_source, templates_name, templates, retrieval_source
+
+
 def run(args: argparse.Namespace) -> int:
     """Print the table, write ``--json``; return the exit status."""
     from ..core.devices import resolve_device
     from ..core.precision import autocast, resolve_precision
     from ..core.version import __version__
-    from ..eval import evaluate_retrieval, evaluate_zero_shot, load_templates, open_retrieval, open_zero_shot
+    from ..eval import evaluate_retrieval, evaluate_zero_shot
     from ..registry import create_model_and_transforms, get_tokenizer
 
     if not args.zeroshot and not args.retrieval:
@@ -167,14 +184,7 @@ def run(args: argparse.Namespace) -> int:
     precision = resolve_precision(args.precision, device)
     # Inputs first, the (possibly slow) model load last: a typo in a path fails at once. The data gets
     # the model's image transform once the model (and the preprocessing its checkpoint carries) is known.
-    zero_source = (open_zero_shot(args.zeroshot, None, args.classnames, args.images, args.image_column,
-                                  args.label_column) if args.zeroshot else None)
-    # --templates wins; else the dataset's own (CLIP_benchmark), else OpenAI's 80.
-    templates_name = args.templates or ("dataset" if zero_source is not None and zero_source.templates else "openai")
-    templates = (None if zero_source is None else zero_source.templates if templates_name == "dataset"
-                 else load_templates(templates_name))
-    retrieval_source = (open_retrieval(args.retrieval, None, args.images, args.split, args.image_column,
-                                       args.caption_column) if args.retrieval else None)
+    zero_source, templates_name, templates, retrieval_source = open_eval_inputs(args)
     model, _, preprocess = create_model_and_transforms(args.model, pretrained=args.pretrained, device=device)
     model.eval()
     tokenizer = get_tokenizer(args.model)

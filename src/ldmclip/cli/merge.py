@@ -213,7 +213,8 @@ def _run_sweep(args: argparse.Namespace) -> int:
     """Evaluate each alpha in memory, write the best one's model with sweep.json and sweep.png into --out."""
     from ..core.devices import resolve_device
     from ..core.precision import autocast, resolve_precision
-    from ..eval import load_templates, open_retrieval, open_zero_shot, plot_sweep, select_alpha, sweep_interpolation
+    from ..eval import plot_sweep, select_alpha, sweep_interpolation
+    from .eval import open_eval_inputs
     from ..registry import get_tokenizer
     from ..transforms import PreprocessConfig, image_transform
 
@@ -227,13 +228,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     # The inputs as 'ldmclip eval' opens them, so that alpha 0 and 1 give its numbers on A and B.
-    zero_source = (open_zero_shot(args.zeroshot, None, args.classnames, args.images, args.image_column,
-                                  args.label_column) if args.zeroshot else None)
-    templates_name = args.templates or ("dataset" if zero_source is not None and zero_source.templates else "openai")
-    templates = (None if zero_source is None else zero_source.templates if templates_name == "dataset"
-                 else load_templates(templates_name))
-    retrieval_source = (open_retrieval(args.retrieval, None, args.images, args.split, args.image_column,
-                                       args.caption_column) if args.retrieval else None)
+    zero_source, templates_name, templates, retrieval_source = open_eval_inputs(args)
     a, b = load_checkpoint(args.a, args.model), load_checkpoint(args.b, args.model)
     if a.config.to_dict() != b.config.to_dict():
         merge_checkpoints(a, b, 0.0)  # raises the error naming the differences
