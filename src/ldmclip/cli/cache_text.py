@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
 
 from ..conditioning.cache import CACHE_DTYPES, build_text_cache
 from ..conditioning.cache_inputs import DEFAULT_SHARD_SIZE, INPUT_FORMATS, open_inputs
 from ..conditioning.variants import open_variant_inputs, parse_variants
 from ..core.errors import UserError
 from ..core.formats import carries_weights
-from ..core.launch import process_rank
+from ..core.launch import join_barrier_group, process_rank
 from .common import (TAG_HELP, add_column_options, add_device_option, add_dtype_option, add_input_format_option,
                      add_model_options, add_out_option, add_precision_option, add_quiet_option, parse_sep)
 
@@ -108,22 +107,6 @@ def _check_weights(args: argparse.Namespace, model: str, model_2: str | None, si
             "hf-hub:org/repo, or a model named hf-hub:... / local-dir:...), or --random-init for a test or benchmark.")
 
 
-def _init_distributed() -> Any:
-    """Under torchrun or srun with several ranks: a gloo process group, used only for two barriers."""
-    import datetime
-
-    import torch.distributed as dist
-
-    from ..core.launch import detect_launch, join_process_group
-
-    launch = detect_launch()
-    if launch is None or not dist.is_available() or dist.is_initialized():
-        return None
-    # Ranks that finish early wait at the final barrier for the slowest one: allow a long wait.
-    join_process_group(launch, "gloo", datetime.timedelta(days=7))
-    return dist
-
-
 def run(args: argparse.Namespace) -> int:
     """Returns 0 when every input chunk is cached, 1 when some failed (a rerun retries them). Bad options
     and a mismatching cache raise a ``UserError`` with a clear message."""
@@ -153,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         chunks = open_variant_inputs(args.input, variants, args.input_format, key_column=args.key_column,
                                      image_column=args.image_column, shard_size=args.shard_size, sep=parse_sep(args.sep))
-    dist = _init_distributed()
+    dist = join_barrier_group()
     try:
         rank, world = process_rank()
         device = resolve_device(args.device)

@@ -9,7 +9,7 @@ import sys
 
 from ..core.errors import UserError
 from ..core.formats import carries_weights
-from ..core.launch import process_rank
+from ..core.launch import join_barrier_group, process_rank
 from ..data.samples import default_workers
 from .dedup import add_dedup_options, run_dedup
 from .common import (TAG_HELP, add_column_options, add_device_option, add_dtype_option, add_image_root_option,
@@ -94,7 +94,6 @@ def run(args: argparse.Namespace) -> int:
     from ..curate.heads import load_head, parse_head_option
     from ..data.shards import expand_urls
     from ..registry import create_model_and_transforms, get_tokenizer
-    from .cache_text import _init_distributed
 
     from ..core.formats import input_kind
 
@@ -116,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"no shards in {' '.join(args.shards)}")
     check_out_not_input(args.out, urls, args.images)  # before minutes of model loading
     heads = {name: load_head(path) for name, path in heads.items()}  # an unreadable head file fails here too
-    dist = _init_distributed()
+    dist = join_barrier_group()
     try:
         rank, world = process_rank()
         device = resolve_device(args.device)

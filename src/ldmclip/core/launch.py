@@ -18,12 +18,12 @@ import re
 import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Mapping
+from typing import Any, Mapping
 
 from .errors import UserError
 
 __all__ = ["DEFAULT_PORT", "Launch", "read_launch", "detect_launch", "local_process", "process_rank", "join_process_group",
-           "slurm_first_host", "default_barrier"]
+           "slurm_first_host", "default_barrier", "join_barrier_group"]
 
 DEFAULT_PORT = 29500
 
@@ -135,3 +135,17 @@ def default_barrier() -> None:
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def join_barrier_group() -> Any:
+    """Under torchrun or srun: a gloo process group, for the barriers of commands whose ranks share only a
+    folder (cache-text, embed). Returns ``torch.distributed`` when this call made the group (the caller
+    destroys it), else None (a single process, or a group that exists already)."""
+    import torch.distributed as dist
+
+    launch = detect_launch()
+    if launch is None or not dist.is_available() or dist.is_initialized():
+        return None
+    # Ranks that finish early wait at the final barrier for the slowest one: allow a long wait.
+    join_process_group(launch, "gloo", timedelta(days=7))
+    return dist
