@@ -45,7 +45,7 @@ from ..core.files import atomic_write, write_json_atomic, write_parquet_atomic
 from ..data.samples import REASON_DUPLICATE_KEY, REASON_TRUNCATED_SHARD, SampleStats
 from ..data.shards import ShardMembers, expand_urls
 from ..data.store import ChunkStore
-from ..data.writer import _write_shard
+from ..data.writer import write_shard_file
 from .embed import check_finished
 from .where import Where, column_kind, column_values, parse_where
 
@@ -402,7 +402,7 @@ def _write_checked(temp: Path, *, samples: Iterator[tuple[str, list]], expected:
 
     stream = checked()
     counts: dict[str, int] = {}
-    _write_shard(temp, first=next(stream), rest=stream, limit=len(expected), name=name, counts=counts, mtime=_MTIME)
+    write_shard_file(temp, first=next(stream), rest=stream, limit=len(expected), name=name, counts=counts, mtime=_MTIME)
     if got != expected:
         raise UserError(f"the input shards changed while filtering ({name} was to hold {len(expected)} samples, "
                         f"{len(got)} were found in order); rerun on shards that are not being written")

@@ -47,7 +47,7 @@ from .folders import list_images
 from .samples import (REASON_EMPTY_FILE, REASON_MISSING_IMAGE, BadSample,
                       SampleStats, decode_caption, decode_image, read_image_file)
 
-__all__ = ["write_shards", "iter_image_folder", "iter_table", "REENCODE_MODES"]
+__all__ = ["write_shards", "write_shard_file", "iter_image_folder", "iter_table", "REENCODE_MODES"]
 
 REENCODE_MODES = ("auto", "always", "never")
 _KEY_DIGITS = 9
@@ -183,7 +183,7 @@ def _format_key(key: Any, counter: int) -> str:
     return key
 
 
-def _write_shard(temp: Path, *, first: tuple[str, Any], rest: Iterator[tuple[str, Any]],
+def write_shard_file(temp: Path, *, first: tuple[str, Any], rest: Iterator[tuple[str, Any]],
                  limit: int, name: str, counts: dict[str, int], mtime: int | None = None) -> None:
     """Write ``first`` and up to ``limit - 1`` more samples of ``rest`` as the tar file ``temp`` of the
     shard ``name``; ``counts[name]`` is then its number of samples.
@@ -337,7 +337,7 @@ def write_shards(
             final = out / f"{prefix}-{number:05d}.tar"
             # A hidden temporary, fsync, rename (core.files): a killed pack never leaves a partial shard
             # under a final name, and the next run removes the temporary.
-            atomic_write(final, functools.partial(_write_shard, first=first, rest=items, limit=int(max_per_shard),
+            atomic_write(final, functools.partial(write_shard_file, first=first, rest=items, limit=int(max_per_shard),
                                                   name=final.name, counts=pending))
             written.append(final)
             sizes[final.name] = pending.pop(final.name)  # only once the shard is in place
