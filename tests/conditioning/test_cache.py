@@ -20,30 +20,14 @@ import torch
 from safetensors import safe_open
 
 import ldmclip
+from tests.conditioning.conftest import TINY_MODEL, tiny_tower
 from ldmclip.cli import main
 from ldmclip.conditioning import TextConditioner, TextEmbeddingCache, build_text_cache
 from ldmclip.conditioning.cache import CACHE_DTYPES, CacheMismatchError
 from ldmclip.data import CaptionTable, Sample
 
-MODEL = "ViT-Tiny-64"
+MODEL = TINY_MODEL
 
-
-def _tower(seed: int):
-    torch.manual_seed(seed)
-    return ldmclip.create_model(MODEL)
-
-
-@pytest.fixture(scope="module")
-def sdxl():
-    """A two-tower conditioner with a pooled output, like SDXL, on tiny random towers."""
-    tok = ldmclip.get_tokenizer(MODEL)
-    cond = TextConditioner.from_preset("sdxl", _tower(1), tok, model_2=_tower(2), tokenizer_2=tok)
-    return cond.eval().requires_grad_(False)
-
-
-@pytest.fixture(scope="module")
-def sd2():
-    return TextConditioner.from_preset("sd2", _tower(1), ldmclip.get_tokenizer(MODEL)).eval().requires_grad_(False)
 
 
 def _text_file(path: Path, lines: list[bytes | str]) -> Path:
@@ -310,7 +294,7 @@ def test_refuses_to_mix_presets_models_dtypes_and_inputs(tmp_path, sdxl, sd2):
     with pytest.raises(CacheMismatchError, match="dtype"):
         _build(sdxl, src, out, shard_size=2, dtype="bf16")
     tok = ldmclip.get_tokenizer(MODEL)
-    other = TextConditioner.from_preset("sdxl", _tower(1), tok, model_2=_tower(3), tokenizer_2=tok).eval()
+    other = TextConditioner.from_preset("sdxl", tiny_tower(1), tok, model_2=tiny_tower(3), tokenizer_2=tok).eval()
     with pytest.raises(CacheMismatchError, match="towers"):
         _build(other, src, out, shard_size=2)
     with pytest.raises(CacheMismatchError, match="shard-size"):

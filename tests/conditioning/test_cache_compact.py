@@ -11,14 +11,14 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import ldmclip
+from tests.conditioning.conftest import TINY_MODEL
 from ldmclip.cli import main
-from ldmclip.conditioning import TextConditioner, TextEmbeddingCache, build_text_cache
+from ldmclip.conditioning import TextEmbeddingCache, build_text_cache
 from ldmclip.conditioning.cache import CacheMismatchError
 from ldmclip.conditioning.quantize import QMAX, QuantizedRows, dequantize, quantize
 from ldmclip.core.errors import UserError
 
-MODEL = "ViT-Tiny-64"
+MODEL = TINY_MODEL
 CAPTIONS = [f"a photo of {n} {thing}" for n in ("one", "two", "three") for thing in ("cat", "dog", "red car")]
 COMPACT = ("int8", "fp8")
 FP8_NORMAL = 2.0 ** -6       # e4m3's smallest normal value
@@ -26,17 +26,6 @@ FP8_REL = 2.0 ** -4          # half an ulp of a 3-bit mantissa, relative
 FP8_SUBNORMAL_ABS = 2.0 ** -10  # half the subnormal spacing (2**-9)
 SLACK = 1e-6                 # float32 rounding of x / scale and of q * scale
 
-
-def _tower(seed: int):
-    torch.manual_seed(seed)
-    return ldmclip.create_model(MODEL)
-
-
-@pytest.fixture(scope="module")
-def sdxl():
-    tok = ldmclip.get_tokenizer(MODEL)
-    cond = TextConditioner.from_preset("sdxl", _tower(1), tok, model_2=_tower(2), tokenizer_2=tok)
-    return cond.eval().requires_grad_(False)
 
 
 def _text_file(path: Path, lines: list[str]) -> Path:

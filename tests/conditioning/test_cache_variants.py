@@ -13,33 +13,17 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-import ldmclip
+from tests.conditioning.conftest import TINY_MODEL
 from ldmclip.cli import main
-from ldmclip.conditioning import TextConditioner, TextEmbeddingCache, build_text_cache
+from ldmclip.conditioning import TextEmbeddingCache, build_text_cache
 from ldmclip.conditioning.cache import CacheMismatchError
 from ldmclip.conditioning.cache_reader import CacheJoin
 from ldmclip.conditioning.cache_join import VariantJoin, draw_caption
 from ldmclip.core.errors import UserError
 from ldmclip.data.writer import write_shards
 
-MODEL = "ViT-Tiny-64"
+MODEL = TINY_MODEL
 
-
-def _tower(seed: int):
-    torch.manual_seed(seed)
-    return ldmclip.create_model(MODEL)
-
-
-@pytest.fixture(scope="module")
-def sdxl():
-    tok = ldmclip.get_tokenizer(MODEL)
-    cond = TextConditioner.from_preset("sdxl", _tower(1), tok, model_2=_tower(2), tokenizer_2=tok)
-    return cond.eval().requires_grad_(False)
-
-
-@pytest.fixture(scope="module")
-def sd2():
-    return TextConditioner.from_preset("sd2", _tower(1), ldmclip.get_tokenizer(MODEL)).eval().requires_grad_(False)
 
 
 def _jpeg() -> bytes:
