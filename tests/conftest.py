@@ -20,12 +20,32 @@ def shared_data_dir() -> Path | None:
     return None
 
 
-@pytest.fixture
-def flickr8k() -> Path:
+def flickr8k_folder() -> Path:
+    """The Flickr8k folder, or a skip of the calling test (or fixture) when it is absent."""
     root = shared_data_dir()
     if root is None or not (root / "flickr8k" / "captions.csv").is_file():
         pytest.skip("Flickr8k not found (set LDMCLIP_DATA to the folder holding flickr8k/)")
     return root / "flickr8k"
+
+
+def first_flickr8k_captions(n: int) -> tuple[Path, dict[str, str]]:
+    """The Flickr8k folder and ``{image file name: its first caption}`` of the first ``n`` images of
+    captions.csv, in file order (skips when Flickr8k is absent)."""
+    import csv
+
+    flickr = flickr8k_folder()
+    first: dict[str, str] = {}
+    with open(flickr / "captions.csv", newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            first.setdefault(row["image"], row["caption"])
+            if len(first) == n:
+                break
+    return flickr, first
+
+
+@pytest.fixture
+def flickr8k() -> Path:
+    return flickr8k_folder()
 
 
 @pytest.fixture(autouse=True)

@@ -3,7 +3,6 @@ byte-identical output after kill -9 + rerun and on two processes, bad input coun
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import os
@@ -61,18 +60,9 @@ def _synthetic_shards(folder: Path, n: int, per_shard: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def flickr_shards(tmp_path_factory):
-    from tests.conftest import shared_data_dir
+    from tests.conftest import first_flickr8k_captions
 
-    root = shared_data_dir()
-    if root is None or not (root / "flickr8k" / "captions.csv").is_file():
-        pytest.skip("Flickr8k not found (set LDMCLIP_DATA to the folder holding flickr8k/)")
-    flickr = root / "flickr8k"
-    first: dict[str, str] = {}
-    with open(flickr / "captions.csv", newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            first.setdefault(row["image"], row["caption"])
-            if len(first) == 24:
-                break
+    flickr, first = first_flickr8k_captions(24)
     folder = tmp_path_factory.mktemp("flickr_shards")
     items = ((name.split(".")[0], flickr / "images" / name, caption, None) for name, caption in first.items())
     return [str(p) for p in write_shards(items, folder, max_per_shard=10)], first

@@ -4,7 +4,6 @@ train` on the new shards. Each step reads what the one before wrote, as it is.""
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 from pathlib import Path
@@ -25,18 +24,9 @@ N = 20
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     """N Flickr8k photos in 2 shards, plus one of them again under another key, re-encoded as JPEG at quality 70."""
-    from tests.conftest import shared_data_dir
+    from tests.conftest import first_flickr8k_captions
 
-    root = shared_data_dir()
-    if root is None or not (root / "flickr8k" / "captions.csv").is_file():
-        pytest.skip("Flickr8k not found (set LDMCLIP_DATA to the folder holding flickr8k/)")
-    flickr = root / "flickr8k"
-    first: dict[str, str] = {}
-    with open(flickr / "captions.csv", newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            first.setdefault(row["image"], row["caption"])
-            if len(first) == N:
-                break
+    flickr, first = first_flickr8k_captions(N)
     names = list(first)
     copy = io.BytesIO()
     Image.open(flickr / "images" / names[3]).convert("RGB").save(copy, "JPEG", quality=70)
