@@ -133,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="ViT-T-8-64")
     parser.add_argument("--pretrain-steps", type=int, default=300, help="steps of the Flickr8k start model")
+    parser.add_argument("--start", type=Path, help="use this Flickr8k-trained model folder (a run's final/, e.g. "
+                                                    "from benchmarks/flickr8k_train.py) instead of training one")
     parser.add_argument("--finetune-steps", type=int, default=100, help="steps of each CIFAR-10 fine-tune")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3, help="peak lr of the start model")
@@ -159,9 +161,14 @@ def main(argv: list[str] | None = None) -> int:
     test_split = first_images(flickr / "test.txt", args.eval_images, work / "flickr_test.txt")
     val_split = first_images(flickr / "dev.txt", args.eval_images, work / "flickr_dev.txt")
 
-    seconds = {"start": train(args, work / "start", flickr / "captions.csv", flickr / "images", args.pretrain_steps,
-                              [], split=flickr / "train.txt")}
-    start = work / "start" / "final"
+    if args.start is not None:
+        if not (args.start / "open_clip_config.json").is_file():
+            raise SystemExit(f"--start {args.start}: not a model folder (no open_clip_config.json); pass a run's final/")
+        seconds, start = {"start": 0.0}, args.start
+    else:
+        seconds = {"start": train(args, work / "start", flickr / "captions.csv", flickr / "images",
+                                  args.pretrain_steps, [], split=flickr / "train.txt")}
+        start = work / "start" / "final"
     for name, extra in RECIPES.items():
         seconds[name] = train(args, work / name.replace(" ", "_"), tables["train"], cifar, args.finetune_steps, extra,
                               pretrained=start, lr=args.finetune_lr)
@@ -175,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
                                  work / f"eval_{name.split(' (')[0].replace(' ', '_')}.json")}
                for name, folder in folders.items()}
 
-    print(f"\nFine-tuning shift: {args.model}, start {args.pretrain_steps} steps on Flickr8k, "
+    origin = f"start {args.start}" if args.start else f"start {args.pretrain_steps} steps on Flickr8k"
+    print(f"\nFine-tuning shift: {args.model}, {origin}, "
           f"fine-tunes {args.finetune_steps} steps on CIFAR-10 captions, batch {args.batch_size}, seed {args.seed}")
     print(f"{'':28}{'Flickr8k R sum':>16}{'CIFAR-10 top-1':>16}{'train s':>10}")
     for name, row in results.items():

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -54,12 +55,13 @@ def openclip_train_csv(flickr: Path, out: Path) -> int:
 
 
 def run_ldmclip(args, flickr: Path, out: Path, steps: int) -> float:
+    """ldmclip's run: the shared settings, then ``--ldmclip-args`` (later options win)."""
     command = [sys.executable, "-m", "ldmclip", "train", "--model", args.model, "--data", str(flickr / "captions.csv"),
                "--images", str(flickr / "images"), "--split", str(flickr / "train.txt"), "--steps", str(steps),
                "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--wd", str(args.wd),
                "--warmup", str(args.warmup), "--grad-clip", "1.0", "--precision", args.precision,
                "--workers", str(args.workers), "--seed", str(args.seed), "--eval-every", "0", "--save-every", "0",
-               "--out", str(out), "--quiet"]
+               "--out", str(out), "--quiet", *shlex.split(args.ldmclip_args)]
     start = time.perf_counter()
     subprocess.run(command, check=True)
     return time.perf_counter() - start
@@ -112,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-images", type=int, default=None, help="score on the first N test images only")
+    parser.add_argument("--ldmclip-epochs", type=float,
+                        help="ldmclip's passes over the data (default: --epochs): spend the time it saves on more")
+    parser.add_argument("--ldmclip-args", default="",
+                        help="more `ldmclip train` options for ldmclip's run only (its recipe), e.g. '--lr 3e-3'")
     parser.add_argument("--only", choices=["ldmclip", "openclip"], help="run one side only")
     parser.add_argument("--json", help="write the results here ('-': standard output)")
     parser.add_argument("--workdir", type=Path, help="keep the runs here (default: a temporary folder)")
@@ -128,23 +134,32 @@ def main(argv: list[str] | None = None) -> int:
         steps, epochs = args.steps, 1
     else:
         steps, epochs = args.epochs * (pairs // args.batch_size), args.epochs
+    ldmclip_steps = steps if args.steps or args.ldmclip_epochs is None else round(
+        args.ldmclip_epochs * (pairs // args.batch_size))
     results: dict[str, dict] = {}
     if args.only in (None, "ldmclip"):
-        seconds = run_ldmclip(args, flickr, workdir / "ldmclip", steps)
+        seconds = run_ldmclip(args, flickr, workdir / "ldmclip", ldmclip_steps)
         weights = workdir / "ldmclip" / "final" / "open_clip_model.safetensors"
         results["ldmclip"] = {"wall_s": seconds, **test_recall(args.model, weights, flickr, args.eval_images)}
     if args.only in (None, "openclip"):
         seconds = run_openclip(args, train_csv, workdir / "openclip", epochs)
         weights = sorted((workdir / "openclip" / "run" / "checkpoints").glob("epoch_*.pt"))[-1]
         results["openclip"] = {"wall_s": seconds, **test_recall(args.model, weights, flickr, args.eval_images)}
-    print(f"\nFlickr8k, {args.model}, {steps} steps × batch {args.batch_size}, {args.precision}, seed {args.seed}")
-    keys = ["wall_s"] + [k for k in next(iter(results.values())) if "R@" in k]
-    print(f"{'':10}" + "".join(f"{k:>22}" for k in keys))
+    for row in results.values():
+        row["recall_sum"] = 100 * sum(v for k, v in row.items() if "R@" in k)
+    recipe = f" ({args.ldmclip_args})" if args.ldmclip_args else ""
+    print(f"\nFlickr8k, {args.model}, batch {args.batch_size}, {args.precision}, seed {args.seed}: "
+          f"ldmclip {ldmclip_steps} steps{recipe}, OpenCLIP {steps} steps")
+    keys = ["wall_s"] + [k for k in next(iter(results.values())) if "R@" in k] + ["recall_sum"]
+    print(f"{'':10}" + "".join(f"{k:>20}" for k in keys))
     for name, row in results.items():
-        print(f"{name:10}" + "".join(f"{row[k]:>22.3f}" for k in keys))
+        print(f"{name:10}" + "".join(f"{row[k]:>20.3f}" for k in keys))
+    if len(results) == 2:
+        print(f"recall sum ldmclip / OpenCLIP: {results['ldmclip']['recall_sum'] / results['openclip']['recall_sum']:.2f}"
+              f", wall time ldmclip / OpenCLIP: {results['ldmclip']['wall_s'] / results['openclip']['wall_s']:.2f}")
     if args.json:
-        write_json(args.json, {"steps": steps, "args": {k: str(v) for k, v in vars(args).items()},
-                               "results": results})
+        write_json(args.json, {"steps": steps, "ldmclip_steps": ldmclip_steps,
+                               "args": {k: str(v) for k, v in vars(args).items()}, "results": results})
     return 0
 
 

@@ -32,3 +32,10 @@ def test_every_row_is_trained_scored_and_reported(tmp_path):
     assert len(heldout) == 1 + 10 * 2 and len(trained) == 1 + 10 * 8
     assert not {line.split(",")[0] for line in heldout[1:]} & {line.split(",")[0] for line in trained[1:]}
     assert trained[1].endswith(",a photo of a airplane")
+
+
+def test_a_start_folder_that_is_not_a_model_is_refused_before_any_training(tmp_path):
+    with pytest.raises(SystemExit, match="not a model folder"):
+        finetune_shift.main(["--start", str(tmp_path), "--workdir", str(tmp_path / "work"), "--train-per-class", "2",
+                             "--val-per-class", "1", "--heldout-per-class", "1"])
+    assert not (tmp_path / "work" / "plain").exists()
