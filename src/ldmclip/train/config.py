@@ -20,6 +20,12 @@ def _opt(default: Any, help: str, **extra: Any) -> Any:
     return field(default=default, metadata={"help": help, **extra})
 
 
+# The built-in demo's length: about 5 minutes on a 2-core CPU with start-up and validation. Steps are what
+# buy its accuracy; no learning-rate, warm-up, batch-size or patch-dropout change beat the defaults at an
+# equal budget (benchmarks/small_budget.py; README "Faster learning per minute").
+DEFAULT_SYNTHETIC_STEPS = 1300
+
+
 @dataclass
 class TrainConfig:
     # what to train
@@ -45,7 +51,8 @@ class TrainConfig:
                                  "(no: each epoch reads every shard once, split over processes and workers)")
     # schedule
     output: str | None = _opt(None, "run directory (default: runs/<model>-<timestamp>)")
-    steps: int | None = _opt(None, "optimizer steps to run (default 1000 on synthetic data; or use --epochs)")
+    steps: int | None = _opt(None, f"optimizer steps to run (default {DEFAULT_SYNTHETIC_STEPS} on synthetic data; "
+                                   "or use --epochs)")
     epochs: float | None = _opt(None, "passes over the data (CSV data only); converted to steps")
     batch_size: int = _opt(64, "contrastive batch size: the GLOBAL batch, over all processes and accumulation "
                                "micro-batches (each of W processes loads batch_size/W samples a step; the "

@@ -31,10 +31,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ..core.errors import UserError
 from ..core.formats import is_table
 from ..transforms import EvalTransform, PreprocessConfig, image_transform
-from .config import TrainConfig
+from .config import DEFAULT_SYNTHETIC_STEPS, TrainConfig
 
 SYNTHETIC = "synthetic"
-DEFAULT_SYNTHETIC_STEPS = 1000
 
 
 @dataclass
