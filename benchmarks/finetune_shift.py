@@ -152,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, help="keep the runs here (default: a temporary folder)")
     args = parser.parse_args(argv)
 
+    if args.start is not None and not (args.start / "open_clip_config.json").is_file():
+        raise SystemExit(f"--start {args.start}: not a model folder (no open_clip_config.json); pass a run's final/")
     flickr, cifar = find_flickr8k(), find_cifar10()
     if flickr is None or cifar is None:
         raise SystemExit("Flickr8k or cifar10-test not found: set LDMCLIP_DATA to the folder that holds both")
@@ -162,8 +164,6 @@ def main(argv: list[str] | None = None) -> int:
     val_split = first_images(flickr / "dev.txt", args.eval_images, work / "flickr_dev.txt")
 
     if args.start is not None:
-        if not (args.start / "open_clip_config.json").is_file():
-            raise SystemExit(f"--start {args.start}: not a model folder (no open_clip_config.json); pass a run's final/")
         seconds, start = {"start": 0.0}, args.start
     else:
         seconds = {"start": train(args, work / "start", flickr / "captions.csv", flickr / "images",

@@ -127,15 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="flickr8k-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     train_csv = workdir / "train_openclip.tsv"
-    pairs = openclip_train_csv(flickr, train_csv)
+    steps_per_epoch = openclip_train_csv(flickr, train_csv) // args.batch_size
     if args.steps:  # OpenCLIP counts epochs: use a subset CSV holding exactly steps × batch rows
         lines = train_csv.read_text(encoding="utf-8").splitlines()
         train_csv.write_text("\n".join(lines[: 1 + args.steps * args.batch_size]) + "\n", encoding="utf-8")
         steps, epochs = args.steps, 1
     else:
-        steps, epochs = args.epochs * (pairs // args.batch_size), args.epochs
-    ldmclip_steps = steps if args.steps or args.ldmclip_epochs is None else round(
-        args.ldmclip_epochs * (pairs // args.batch_size))
+        steps, epochs = args.epochs * steps_per_epoch, args.epochs
+    ldmclip_steps = steps if args.steps or args.ldmclip_epochs is None else round(args.ldmclip_epochs * steps_per_epoch)
     results: dict[str, dict] = {}
     if args.only in (None, "ldmclip"):
         seconds = run_ldmclip(args, flickr, workdir / "ldmclip", ldmclip_steps)

@@ -25,8 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 from benchmarks.common import write_json  # noqa: E402
+from ldmclip.train.config import TrainConfig  # noqa: E402
 
-DEFAULT_BATCH = 64  # TrainConfig.batch_size; the variants that change it keep the samples seen equal
+DEFAULT_BATCH = TrainConfig.batch_size  # the variants that change it keep the samples seen equal
 LOGIT_SCALE_RULE = "- pattern: logit_scale\n  lr: 1.0e-2\n"
 
 VARIANTS: dict[str, list[str]] = {  # name -> the `ldmclip train` options that differ from the defaults
@@ -59,7 +60,7 @@ def run_train(out: Path, options: list[str]) -> dict:
 
 
 def repeat_default(args, work: Path) -> dict:
-    """Plain ``ldmclip train`` (only --out and --seed given), ``--repeat`` times with seeds 0, 1, ..."""
+    """Plain ``ldmclip train`` (only --out, --seed and, when given, --steps), ``--repeat`` times with seeds 0, 1, ..."""
     runs = []
     for seed in range(args.repeat):
         options = ["--seed", str(seed)] + (["--steps", str(args.steps)] if args.steps else [])
@@ -95,13 +96,14 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--repeat", type=int, default=3, help="runs of the plain default (seeds 0..N-1)")
     mode.add_argument("--variants", action="store_true", help="one run per recipe in VARIANTS instead")
     parser.add_argument("--only", help="with --variants: comma-separated names of the variants to run")
-    parser.add_argument("--steps", type=int, help="steps at batch 64 (default: ldmclip train's own default)")
+    parser.add_argument("--steps", type=int,
+                        help=f"steps at batch {DEFAULT_BATCH} (default: ldmclip train's own default)")
     parser.add_argument("--seed", type=int, default=0, help="with --variants: the seed of every run")
     parser.add_argument("--json", help="write the results here ('-': standard output)")
     parser.add_argument("--workdir", type=Path, help="keep the runs here (default: a temporary folder)")
     args = parser.parse_args(argv)
     if args.variants and not args.steps:
-        parser.error("--variants needs --steps (the budget every variant gets, in steps at batch 64)")
+        parser.error(f"--variants needs --steps (the budget every variant gets, in steps at batch {DEFAULT_BATCH})")
     work = args.workdir or Path(tempfile.mkdtemp(prefix="small-budget-"))
     work.mkdir(parents=True, exist_ok=True)
     results = compare_variants(args, work) if args.variants else repeat_default(args, work)
