@@ -38,7 +38,9 @@ VARIANTS: dict[str, list[str]] = {  # name -> the `ldmclip train` options that d
     "beta2 0.95": ["--beta2", "0.95"],
     "batch 32": ["--batch-size", "32"],
     "batch 128": ["--batch-size", "128"],
-    "patch dropout 0.5": ["--patch-dropout", "0.5"],
+    # the demo's model until 2026-12-02, and FLIP's patch dropout, which needs a ViT's patches
+    "ViT-T-8-64": ["--model", "ViT-T-8-64"],
+    "ViT-T-8-64 patch dropout 0.5": ["--model", "ViT-T-8-64", "--patch-dropout", "0.5"],
     "logit_scale lr 1e-2": ["--param-groups", "{logit_scale_rule}"],
     "torch.compile": ["--compile"],
 }

@@ -5,6 +5,7 @@ load in OpenCLIP and back; the config's ResNet/ViT choice and its mistakes."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -82,8 +83,16 @@ def test_large_resnet_config_equals_openclip(name):
     _check_config(name, batch=1)
 
 
-def test_every_packaged_resnet_config_is_openclips():
-    names = [n for n in ldmclip.list_models() if n.startswith("RN")]
+def test_the_demo_resnet_loads_in_openclip_with_the_same_features():
+    """RN-T-64 (the default of ``ldmclip train``) is ldmclip's own config, not one of OpenCLIP's: its JSON,
+    added to OpenCLIP, builds the same model (its head width of 32, not the default 64, included)."""
+    packaged = Path(ldmclip.__file__).parent / "model_configs" / "RN-T-64.json"
+    open_clip.add_model_config(packaged)
+    _check_config("RN-T-64", batch=3)
+
+
+def test_every_packaged_resnet_config_of_openclip_is_openclips():
+    names = [n for n in ldmclip.list_models() if n.startswith("RN") and n != "RN-T-64"]
     assert sorted(names) == sorted(FAST + SLOW)
     for name in names:
         theirs = open_clip.get_model_config(name)
