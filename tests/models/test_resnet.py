@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import ldmclip
+from ldmclip.cli import main
 from ldmclip.core.errors import UserError
 from ldmclip.models import CLIP, CLIPConfig, ModifiedResNet
 from tests.conftest import relative_error
@@ -168,7 +169,6 @@ def test_layers_list_with_a_patch_size_is_a_clear_error():
 
 
 def test_layers_list_with_a_patch_size_in_a_json_file_names_the_file(tmp_path, capsys):
-    from ldmclip.cli import main
 
     raw = json.loads(json.dumps(TINY_RN))
     raw["vision_cfg"]["patch_size"] = 16
@@ -190,8 +190,15 @@ def test_resnet_config_without_patch_size_is_a_resnet_and_round_trips():
 
 def test_patch_dropout_on_a_resnet_is_refused_and_zero_is_accepted(tmp_path):
     assert isinstance(ldmclip.create_model(_tiny_rn_json(tmp_path), patch_dropout=0.0).visual, ModifiedResNet)
-    with pytest.raises(UserError, match="patch_dropout=0.5 needs a ViT image tower"):
+    with pytest.raises(UserError, match="patch_dropout=0.5 needs a ViT image tower.*choose a ViT model"):
         ldmclip.create_model(_tiny_rn_json(tmp_path), patch_dropout=0.5)
+
+
+def test_patch_dropout_with_the_default_resnet_demo_is_one_line_before_any_run_folder(tmp_path, capsys):
+    assert main(["train", "--patch-dropout", "0.5", "--steps", "1", "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "choose a ViT model (e.g. ViT-T-8-64" in err, err
+    assert not (tmp_path / "run").exists()
 
 
 def test_image_size_override_resizes_the_attention_pool():
@@ -242,7 +249,6 @@ def test_a_checkpoint_at_another_image_size_loads_with_its_attention_pool_resamp
 
 
 def test_export_of_the_text_tower_works_and_a_whole_resnet_clip_is_refused(tmp_path, capsys):
-    from ldmclip.cli import main
 
     CLIP(CLIPConfig.from_dict(TINY_RN)).save_pretrained(tmp_path / "tiny")
     model = f"local-dir:{tmp_path / 'tiny'}"

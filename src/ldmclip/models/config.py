@@ -89,7 +89,8 @@ class VisionConfig:
                                 f"least {RESNET_REDUCTION} pixels")
             if self.patch_dropout:
                 raise UserError(f"patch_dropout={self.patch_dropout} needs a ViT image tower; this config's is a "
-                                f"ResNet (vision_cfg.layers={self.layers}), which has no patches to drop")
+                                f"ResNet (vision_cfg.layers={self.layers}), which has no patches to drop; choose a ViT "
+                                f"model (e.g. ViT-T-8-64 at 64 px) or leave patch dropout at 0")
         elif self.patch_size is None:
             raise UserError("vision_cfg.patch_size is null but layers is one number (a ViT tower): give the "
                              "patch size, or layers as a list of four stages for a ResNet")
