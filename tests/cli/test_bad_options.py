@@ -20,6 +20,8 @@ from ldmclip.train.config import TrainConfig
     ("--lr", "-1", "--lr must be at least 0, got -1"),
     ("--beta2", "1", "--beta2 must be from 0 to 1 (less than 1), got 1"),
     ("--patch-dropout", "1.5", "--patch-dropout must be from 0 to 1 (less than 1), got 1.5"),
+    ("--layer-decay", "0", "--layer-decay must be more than 0 and at most 1, got 0"),
+    ("--ema", "1", "--ema must be more than 0 and less than 1, got 1"),
     ("--workers", "-1", "--workers must be at least 0, got -1"),
     ("--val-size", "0", "--val-size must be at least 1, got 0"),
 ])

@@ -235,4 +235,6 @@ def _range_text(spec: str) -> str:
     low, high = (part.strip() for part in spec.split(","))
     if not high:
         return f"at least {low[1:]}" if low[0] == "[" else f"more than {low[1:]}"
+    if low[0] == "(":  # an open lower end cannot read "from": 0 is not allowed in (0, 1]
+        return f"more than {low[1:]} and " + (f"at most {high[:-1]}" if high[-1] == "]" else f"less than {high[:-1]}")
     return f"from {low[1:]} to {high[:-1]}" + ("" if high[-1] == "]" else f" (less than {high[:-1]})")
