@@ -7,6 +7,7 @@ Each run is a tiny ViT (ViT-Tiny-64) for a few steps; the distributed ones reuse
 from __future__ import annotations
 
 import random
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -47,6 +48,18 @@ def ema_run(tmp_path_factory) -> Path:
     output = tmp_path_factory.mktemp("ema") / "run"
     _train_here(output, *FLAGS, "--ema", str(DECAY))
     return output
+
+
+def test_resuming_with_another_decay_goes_on_at_the_new_one_and_says_so(ema_run, tmp_path, capsys):
+    output = tmp_path / "run"
+    shutil.copytree(ema_run, output)
+    shutil.rmtree(output / "final")
+    for later in (4, 5):
+        (output / "checkpoints" / f"step_{later:08d}.pt").unlink()
+    capsys.readouterr()
+    _train_here(output, *FLAGS, "--ema", "0.5", "--resume", "latest")
+    assert "the EMA goes on at --ema 0.5, not the 0.3 the checkpoint's run used" in capsys.readouterr().out
+    assert _checkpoint(output, 5)["config"]["ema"] == 0.5
 
 
 def test_the_decay_warms_up_then_stays():

@@ -354,6 +354,7 @@ def _resume(run: Run) -> None:
         return
     path, saved = found
     _check_resumed_groups(run, saved.get("param_groups"))
+    _note_changed_ema_decay(run, saved.get("config"))
     run.scheduler.load_state_dict(saved["scheduler"])
     run.scaler.load_state_dict(saved["scaler"])
     run.progress = Progress.from_dict(saved["progress"])
@@ -363,6 +364,14 @@ def _resume(run: Run) -> None:
                                                                 run.info.is_main)
     if run.info.is_main:
         print(f"resumed from {path} at step {run.progress.step}")
+
+
+def _note_changed_ema_decay(run: Run, saved_config: dict[str, Any] | None) -> None:
+    """The EMA goes on from the checkpoint's average at the decay given now; a different one is allowed
+    (to lengthen a run, say) but is said out loud."""
+    before = (saved_config or {}).get("ema")
+    if run.info.is_main and run.ema is not None and before is not None and before != run.cfg.ema:
+        print(f"--resume: the EMA goes on at --ema {run.cfg.ema:g}, not the {before:g} the checkpoint's run used")
 
 
 def _save(run: Run) -> Path:
