@@ -169,7 +169,6 @@ def test_layers_list_with_a_patch_size_is_a_clear_error():
 
 
 def test_layers_list_with_a_patch_size_in_a_json_file_names_the_file(tmp_path, capsys):
-
     raw = json.loads(json.dumps(TINY_RN))
     raw["vision_cfg"]["patch_size"] = 16
     (tmp_path / "mixed.json").write_text(json.dumps(raw))
@@ -249,7 +248,6 @@ def test_a_checkpoint_at_another_image_size_loads_with_its_attention_pool_resamp
 
 
 def test_export_of_the_text_tower_works_and_a_whole_resnet_clip_is_refused(tmp_path, capsys):
-
     CLIP(CLIPConfig.from_dict(TINY_RN)).save_pretrained(tmp_path / "tiny")
     model = f"local-dir:{tmp_path / 'tiny'}"
     assert main(["export", "--format", "transformers", "--with-projection", "--model", model,
